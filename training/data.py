@@ -1,0 +1,275 @@
+"""Image data sources: every source yields uint8 images (N, H, W) and their number of grey levels.
+
+Sources are named by a spec string:
+  digits          scikit-learn's built-in 8x8 digits, 17 levels, the seed text's split by index
+  idx:PATH        an MNIST-format IDX image file (gzipped or not), 256 levels, seeded split
+  folder:PATH     a folder of PNG/JPEG files, converted to greyscale, 256 levels, seeded split
+  npy:PATH        one integer array (N, H, W), 256 levels unless told, seeded split
+  npz:PATH        arrays 'train'/'val'/'test' (a fixed split) or one array 'images'; an optional
+                  scalar 'levels' declares the number of grey levels
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DIGITS_SPLIT = {"train": [0, 1000], "val": [1000, 1350], "test": [1350, None]}
+
+
+class DataError(ValueError):
+    """A data source that cannot be read or does not hold what it must."""
+
+
+@dataclass
+class ImageData:
+    """Train / validation / test images of one source, as uint8 grey levels in [0, levels)."""
+
+    train: np.ndarray  # (N_train, H, W) uint8
+    val: np.ndarray  # (N_val, H, W) uint8
+    test: np.ndarray  # (N_test, H, W) uint8
+    levels: int
+    source: str
+    split: dict[str, Any] = field(default_factory=dict)  # how the split was made, for the manifest
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.train.shape[1]), int(self.train.shape[2])
+
+    @property
+    def dim(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def flat(self, part: str) -> np.ndarray:
+        """One split as (N, D) int64, the form the networks take."""
+        images = getattr(self, part)
+        return images.reshape(len(images), -1).astype(np.int64)
+
+
+def requantize(images: np.ndarray, levels_in: int, levels_out: int) -> np.ndarray:
+    """Map grey levels [0, levels_in) onto [0, levels_out) by equal-width bins."""
+    if levels_in == levels_out:
+        return images.astype(np.uint8)
+    out = (images.astype(np.int64) * levels_out) // levels_in
+    return out.astype(np.uint8)
+
+
+def check_levels(images: np.ndarray, levels: int, where: str) -> np.ndarray:
+    """Refuse non-integer dtypes and values outside [0, levels); return uint8 images."""
+    if not np.issubdtype(images.dtype, np.integer):
+        raise DataError(
+            f"{where}: dtype {images.dtype} is not an integer type; store grey levels as integers (uint8)"
+        )
+    if images.ndim != 3:
+        raise DataError(f"{where}: expected images of shape (N, H, W), got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise DataError(f"{where}: holds no images")
+    lo, hi = int(images.min()), int(images.max())
+    if lo < 0 or hi >= levels:
+        raise DataError(
+            f"{where}: values range over [{lo}, {hi}] but the declared levels are 0..{levels - 1}"
+        )
+    return images.astype(np.uint8)
+
+
+def seeded_split(
+    images: np.ndarray, fractions: list[float], seed: int, source: str, levels: int
+) -> ImageData:
+    """A deterministic random train/val/test split of one array of images."""
+    n = len(images)
+    if n < 3:
+        raise DataError(f"{source}: needs at least 3 images to split into train/val/test, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(fractions[1] * n)))
+    n_test = max(1, int(round(fractions[2] * n)))
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise DataError(f"{source}: too few images ({n}) for a train/val/test split")
+    parts = np.split(images[order], [n_train, n_train + n_val])
+    split = {"kind": "seeded", "seed": seed, "fractions": list(fractions), "sizes": [len(p) for p in parts]}
+    return ImageData(parts[0], parts[1], parts[2], levels, source, split)
+
+
+# --- readers -------------------------------------------------------------------------------
+
+
+def load_digits(classes: list[int] | None = None) -> ImageData:
+    """scikit-learn's bundled 8x8 digits, split by index as the seed text does."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = bunch.images.astype(np.uint8)  # values 0..16
+    labels = bunch.target
+    (a, b), (c, d), (e, _) = DIGITS_SPLIT["train"], DIGITS_SPLIT["val"], DIGITS_SPLIT["test"]
+    parts = [(images[a:b], labels[a:b]), (images[c:d], labels[c:d]), (images[e:], labels[e:])]
+    if classes is not None:
+        keep = set(int(k) for k in classes)
+        parts = [(x[np.isin(y, list(keep))], y[np.isin(y, list(keep))]) for x, y in parts]
+    split = {"kind": "index", "train": DIGITS_SPLIT["train"], "val": DIGITS_SPLIT["val"],
+             "test": DIGITS_SPLIT["test"], "classes": classes}
+    return ImageData(parts[0][0], parts[1][0], parts[2][0], 17, "digits", split)
+
+
+def digits_labels(part: str) -> np.ndarray:
+    """Class labels of one digits split (for evaluations that need them)."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    lo, hi = DIGITS_SPLIT[part]
+    return sk_load_digits().target[lo:hi]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX (MNIST-format) unsigned-byte image file, gzipped or not, as (N, H, W) uint8."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{path}: corrupt gzip stream: {exc}") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code != 0x08:
+        raise DataError(f"{path}: IDX element type 0x{dtype_code:02x} is not unsigned byte (0x08)")
+    if ndim != 3:
+        raise DataError(f"{path}: IDX holds {ndim}-dimensional data; images need 3 (N, H, W)")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path}: IDX header declares {dims} = {expected} bytes of data but the file holds "
+            f"{len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def read_folder(path: Path, image_size: list[int] | None) -> np.ndarray:
+    """Read every PNG/JPEG under a folder (sorted by name) as greyscale uint8 (N, H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_dir():
+        raise DataError(f"{path}: not a folder")
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"{path}: holds no PNG or JPEG files")
+    images: list[np.ndarray] = []
+    first_shape: tuple[int, int] | None = None
+    for file in files:
+        try:
+            with Image.open(file) as img:
+                grey = img.convert("L")
+                if image_size is not None:
+                    grey = grey.resize((image_size[1], image_size[0]), Image.Resampling.LANCZOS)
+                array = np.asarray(grey, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"{file}: cannot decode image: {exc}") from exc
+        if first_shape is None:
+            first_shape = array.shape
+        elif array.shape != first_shape:
+            raise DataError(
+                f"{file}: size {array.shape[1]}x{array.shape[0]} differs from {files[0].name}'s "
+                f"{first_shape[1]}x{first_shape[0]}; pass --image-size H W to resize all images"
+            )
+        images.append(array)
+    return np.stack(images)
+
+
+def _load_array_file(path: Path) -> Any:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read as a numpy file: {exc}") from exc
+
+
+def load_source(
+    spec: str,
+    *,
+    image_size: list[int] | None = None,
+    classes: list[int] | None = None,
+    split_seed: int = 0,
+    split_fractions: list[float] | None = None,
+) -> ImageData:
+    """Load a data source by its spec string (see the module docstring)."""
+    fractions = split_fractions or [0.8, 0.1, 0.1]
+    if spec == "digits":
+        return load_digits(classes)
+    if classes is not None:
+        raise DataError("--classes is only supported for the digits source, which has labels")
+    kind, sep, target = spec.partition(":")
+    if not sep or not target:
+        raise DataError(f"unknown data source {spec!r}; use digits, idx:PATH, folder:PATH, npy:PATH or npz:PATH")
+    path = Path(target).expanduser()
+    if kind != "folder" and not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if kind == "idx":
+        images = check_levels(read_idx(path), 256, str(path))
+        return seeded_split(images, fractions, split_seed, spec, 256)
+    if kind == "folder":
+        images = check_levels(read_folder(path, image_size), 256, str(path))
+        return seeded_split(images, fractions, split_seed, spec, 256)
+    if kind == "npy":
+        array = _load_array_file(path)
+        if not isinstance(array, np.ndarray):
+            raise DataError(f"{path}: expected a .npy array, found an archive (use npz:{path})")
+        return seeded_split(check_levels(array, 256, str(path)), fractions, split_seed, spec, 256)
+    if kind == "npz":
+        archive = _load_array_file(path)
+        if not hasattr(archive, "files"):
+            raise DataError(f"{path}: expected a .npz archive")
+        with archive:
+            keys = set(archive.files)
+            levels = int(archive["levels"]) if "levels" in keys else 256
+            if not 2 <= levels <= 256:
+                raise DataError(f"{path}: 'levels' must lie in [2, 256], got {levels}")
+            if {"train", "val", "test"} <= keys:
+                parts = [check_levels(archive[k], levels, f"{path}[{k}]") for k in ("train", "val", "test")]
+                shapes = {p.shape[1:] for p in parts}
+                if len(shapes) != 1:
+                    raise DataError(f"{path}: train/val/test image shapes differ: {sorted(shapes)}")
+                split = {"kind": "fixed", "sizes": [len(p) for p in parts]}
+                return ImageData(parts[0], parts[1], parts[2], levels, spec, split)
+            if "images" in keys:
+                images = check_levels(archive["images"], levels, f"{path}[images]")
+                return seeded_split(images, fractions, split_seed, spec, levels)
+            raise DataError(
+                f"{path}: found arrays {sorted(keys)}; expected 'train', 'val' and 'test' or one 'images'"
+            )
+    raise DataError(f"unknown data source kind {kind!r} in {spec!r}; use idx, folder, npy or npz")
+
+
+def prepare(
+    spec: str,
+    *,
+    levels: int | None = None,
+    image_size: list[int] | None = None,
+    classes: list[int] | None = None,
+    split_seed: int = 0,
+    split_fractions: list[float] | None = None,
+) -> ImageData:
+    """Load a source and requantize it to `levels` grey levels if asked."""
+    data = load_source(
+        spec, image_size=image_size, classes=classes, split_seed=split_seed, split_fractions=split_fractions
+    )
+    for name in ("train", "val", "test"):
+        if len(getattr(data, name)) == 0:
+            raise DataError(f"{spec}: the {name} split is empty")
+    if levels is not None and levels != data.levels:
+        if levels > data.levels:
+            raise DataError(f"cannot requantize {data.levels} grey levels up to {levels}")
+        for name in ("train", "val", "test"):
+            setattr(data, name, requantize(getattr(data, name), data.levels, levels))
+        data.split["requantized_from"] = data.levels
+        data.levels = levels
+    return data
