@@ -1,0 +1,52 @@
+"""Prometheus metrics (one registry per app, so tests and several apps do not collide)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("vae_requests_total", "HTTP requests by endpoint, method and status",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram("vae_request_seconds", "request latency by endpoint", ["endpoint"],
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                 registry=self.registry)
+        self.images_scored = Counter("vae_images_scored_total", "images scored by /score", ["model"],
+                                     registry=self.registry)
+        self.errors = Counter("vae_errors_total", "responses with status >= 400 by endpoint and status",
+                              ["endpoint", "status"], registry=self.registry)
+
+
+class MetricsMiddleware:
+    """Counts requests and errors and times them, labelled by the route template (not the raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            code = str(status["code"])
+            self.metrics.requests.labels(endpoint, scope["method"], code).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            if status["code"] >= 400:
+                self.metrics.errors.labels(endpoint, code).inc()
