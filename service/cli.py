@@ -13,8 +13,10 @@ def main(argv: list[str] | None = None) -> int:
     from service.main import create_app
     from service.settings import Settings
 
-    p = argparse.ArgumentParser(prog="vae-serve", description="Serve VAE model versions over HTTP "
-                                "(settings also come from VAE_* environment variables).")
+    p = argparse.ArgumentParser(
+        prog="vae-serve",
+        description="Serve VAE model versions over HTTP (settings also come from VAE_* environment variables).",
+    )
     p.add_argument("--models", type=Path, help="model repository directory (VAE_MODELS_DIR)")
     p.add_argument("--host", help="bind address (VAE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (VAE_PORT, default 8000)")
@@ -22,13 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (VAE_INTRA_OP_THREADS; 0 = all CPUs)")
     p.add_argument("--log-level", help="debug, info, warning, error (VAE_LOG_LEVEL)")
     args = p.parse_args(argv)
-    overrides = {k: v for k, v in {"models_dir": args.models, "host": args.host, "port": args.port,
-                                   "default_model": args.default_model, "intra_op_threads": args.threads,
-                                   "log_level": args.log_level}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "models_dir": args.models,
+            "host": args.host,
+            "port": args.port,
+            "default_model": args.default_model,
+            "intra_op_threads": args.threads,
+            "log_level": args.log_level,
+        }.items()
+        if v is not None
+    }
     settings = Settings(**overrides)
     if not settings.models_dir.is_dir():
-        print(f"vae-serve: error: models directory {settings.models_dir} does not exist "
-              "(train one with `vae-train --dataset digits --out models/digits/1`)", file=sys.stderr)
+        print(
+            f"vae-serve: error: models directory {settings.models_dir} does not exist "
+            "(train one with `vae-train --dataset digits --out models/digits/1`)",
+            file=sys.stderr,
+        )
         return 2
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0

@@ -46,8 +46,9 @@ def install_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         details = [{"where": _loc(e.get("loc", ())), "message": e.get("msg", "")} for e in errors[:20]]
-        return error_response(422, "invalid_request", first.get("msg", "invalid request"),
-                              _loc(first.get("loc", ())), details=details)
+        return error_response(
+            422, "invalid_request", first.get("msg", "invalid request"), _loc(first.get("loc", ())), details=details
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

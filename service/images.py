@@ -36,8 +36,12 @@ def decode_image_bytes(data: bytes, height: int, width: int, levels: int, where:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise APIError(422, "invalid_image", f"cannot decode the image as PNG or JPEG: {exc}", where) from exc
     if grey.size != (width, height):
-        raise APIError(422, "wrong_shape",
-                       f"image is {grey.size[0]}x{grey.size[1]} (WxH) but the model expects {width}x{height}", where)
+        raise APIError(
+            422,
+            "wrong_shape",
+            f"image is {grey.size[0]}x{grey.size[1]} (WxH) but the model expects {width}x{height}",
+            where,
+        )
     return pixels_to_levels(np.asarray(grey), levels).reshape(-1)
 
 
@@ -56,14 +60,19 @@ def parse_image(item: Any, height: int, width: int, levels: int, where: str) -> 
         raise APIError(422, "wrong_shape", f"rows of different lengths: {exc}", where) from exc
     dim = height * width
     if array.shape not in ((height, width), (dim,)):
-        raise APIError(422, "wrong_shape",
-                       f"image has shape {list(array.shape)}; expected [{height}, {width}] or [{dim}]", where)
+        raise APIError(
+            422, "wrong_shape", f"image has shape {list(array.shape)}; expected [{height}, {width}] or [{dim}]", where
+        )
     if array.dtype.kind not in "iu":
         raise APIError(422, "invalid_value", f"pixel values must be integers, got {array.dtype}", where)
     lo, hi = int(array.min()), int(array.max())
     if lo < 0 or hi >= levels:
-        raise APIError(422, "out_of_range",
-                       f"pixel values range over [{lo}, {hi}]; this model takes grey levels 0..{levels - 1}", where)
+        raise APIError(
+            422,
+            "out_of_range",
+            f"pixel values range over [{lo}, {hi}]; this model takes grey levels 0..{levels - 1}",
+            where,
+        )
     return array.reshape(-1).astype(np.int64)
 
 

@@ -11,15 +11,28 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("vae_requests_total", "HTTP requests by endpoint, method and status",
-                                ["endpoint", "method", "status"], registry=self.registry)
-        self.latency = Histogram("vae_request_seconds", "request latency by endpoint", ["endpoint"],
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-                                 registry=self.registry)
-        self.images_scored = Counter("vae_images_scored_total", "images scored by /score", ["model"],
-                                     registry=self.registry)
-        self.errors = Counter("vae_errors_total", "responses with status >= 400 by endpoint and status",
-                              ["endpoint", "status"], registry=self.registry)
+        self.requests = Counter(
+            "vae_requests_total",
+            "HTTP requests by endpoint, method and status",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "vae_request_seconds",
+            "request latency by endpoint",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.images_scored = Counter(
+            "vae_images_scored_total", "images scored by /score", ["model"], registry=self.registry
+        )
+        self.errors = Counter(
+            "vae_errors_total",
+            "responses with status >= 400 by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
 
 
 class MetricsMiddleware:

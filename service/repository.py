@@ -80,8 +80,12 @@ class ModelRepository:
         if version is None:
             return versions[max(versions)]
         if version not in versions:
-            raise APIError(404, "unknown_version",
-                           f"model {name!r} has no version {version} (served: {sorted(versions)})", "version")
+            raise APIError(
+                404,
+                "unknown_version",
+                f"model {name!r} has no version {version} (served: {sorted(versions)})",
+                "version",
+            )
         return versions[version]
 
 
@@ -115,8 +119,10 @@ def load_version(version_dir: Path, settings: Settings) -> ModelVersion:
             raise ModelLoadError(f"{fname} is named in the manifest but missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise ModelLoadError(f"{fname}: sha256 {actual[:16]}... does not match the manifest "
-                                 f"({expected[:16]}...): the file was modified or corrupted")
+            raise ModelLoadError(
+                f"{fname}: sha256 {actual[:16]}... does not match the manifest "
+                f"({expected[:16]}...): the file was modified or corrupted"
+            )
     try:
         runtime = ModelRuntime(version_dir, manifest, settings.threads(), settings.inter_op_threads)
         runtime.warm_up()

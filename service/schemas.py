@@ -18,8 +18,11 @@ class ModelRef(BaseModel):
 
 
 class ImagesRequest(ModelRef):
-    images: list[ImageInput] = Field(..., min_length=1, description="images as grey levels 0..levels-1 "
-                                     "(H x W or flat D integers) or base64-encoded PNG/JPEG strings")
+    images: list[ImageInput] = Field(
+        ...,
+        min_length=1,
+        description="images as grey levels 0..levels-1 (H x W or flat D integers) or base64-encoded PNG/JPEG strings",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -34,15 +37,19 @@ class EncodeResponse(ModelInfo):
 
 class DecodeRequest(ModelRef):
     z: list[list[float]] = Field(..., min_length=1, description="latents, (B, latent_dim), finite")
-    mode: DecodeMode = Field("mean", description="mean: expected grey level (rounded); mode: most likely level; "
-                             "sample: a seeded draw; probs: also return every pixel's distribution")
+    mode: DecodeMode = Field(
+        "mean",
+        description="mean: expected grey level (rounded); mode: most likely level; "
+        "sample: a seeded draw; probs: also return every pixel's distribution",
+    )
     seed: int = Field(0, ge=0, description="seed of the draw for mode=sample")
 
 
 class ImagesResponse(ModelInfo):
     images: list[list[list[int]]] = Field(..., description="integer grey levels, (B, H, W)")
     probs: list[list[list[list[float]]]] | None = Field(
-        None, description="mode=probs only: per-pixel probability of each level, (B, H, W, levels)")
+        None, description="mode=probs only: per-pixel probability of each level, (B, H, W, levels)"
+    )
 
 
 class SampleRequest(ModelRef):
@@ -64,8 +71,12 @@ class ScoreRequest(ImagesRequest):
     num_samples: int = Field(1000, ge=1, description="importance samples K (at most the max K setting)")
     seed: int = Field(0, ge=0, description="seed of the importance samples")
     score: str | None = Field(None, description="OOD score to use (default: the model's calibrated default)")
-    fpr: float | None = Field(None, gt=0, lt=1, description="target false-positive rate of the OOD threshold "
-                              "(default: the model's default, 0.01)")
+    fpr: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="target false-positive rate of the OOD threshold (default: the model's default, 0.01)",
+    )
 
 
 class ImageScore(BaseModel):

@@ -31,8 +31,9 @@ SCORES: dict[str, tuple[ScoreFn, str]] = {
 DEFAULT_FPR = 0.01
 
 
-def score_images(mv: ModelVersion, x: np.ndarray, k: int, seed: int, score: str | None, fpr: float | None,
-                 chunk_elements: int) -> dict[str, Any]:
+def score_images(
+    mv: ModelVersion, x: np.ndarray, k: int, seed: int, score: str | None, fpr: float | None, chunk_elements: int
+) -> dict[str, Any]:
     """The /score response body for images x (B, D)."""
     rt = mv.runtime
     calib = mv.manifest.get("calibration") or {}
@@ -41,9 +42,12 @@ def score_images(mv: ModelVersion, x: np.ndarray, k: int, seed: int, score: str 
     if name not in SCORES:
         raise APIError(422, "unknown_score", f"unknown score {name!r}; choose one of {sorted(SCORES)}", "score")
     if score is not None and calibrated and name not in calibrated:
-        raise APIError(422, "uncalibrated_score",
-                       f"model {mv.name}/{mv.version} has no calibration for score {name!r} "
-                       f"(calibrated: {sorted(calibrated)})", "score")
+        raise APIError(
+            422,
+            "uncalibrated_score",
+            f"model {mv.name}/{mv.version} has no calibration for score {name!r} (calibrated: {sorted(calibrated)})",
+            "score",
+        )
     fpr = fpr if fpr is not None else calib.get("default_fpr", DEFAULT_FPR)
     stats = rt.importance_stats(x, k, seed, chunk_elements)
     fn, units = SCORES[name]
@@ -54,16 +58,26 @@ def score_images(mv: ModelVersion, x: np.ndarray, k: int, seed: int, score: str 
     nll = -stats.log_likelihood
     results = []
     for i in range(len(x)):
-        results.append({
-            "log_likelihood_nats": float(stats.log_likelihood[i]),
-            "nll_nats": float(nll[i]),
-            "nll_bits_per_dim": float(nll[i] / (rt.dim * math.log(2.0))),
-            "elbo_nats": float(stats.elbo[i]),
-            "ess": float(stats.ess[i]),
-            "score": float(values[i]),
-            "threshold": threshold,
-            "p_value": None if p_values[i] is None else float(p_values[i]),
-            "is_ood": None if cal is None else bool(values[i] > threshold),
-        })
-    return {"model": mv.name, "version": mv.version, "num_samples": k, "seed": seed, "score_name": name,
-            "score_units": units, "fpr": fpr if cal else None, "results": results}
+        results.append(
+            {
+                "log_likelihood_nats": float(stats.log_likelihood[i]),
+                "nll_nats": float(nll[i]),
+                "nll_bits_per_dim": float(nll[i] / (rt.dim * math.log(2.0))),
+                "elbo_nats": float(stats.elbo[i]),
+                "ess": float(stats.ess[i]),
+                "score": float(values[i]),
+                "threshold": threshold,
+                "p_value": None if p_values[i] is None else float(p_values[i]),
+                "is_ood": None if cal is None else bool(values[i] > threshold),
+            }
+        )
+    return {
+        "model": mv.name,
+        "version": mv.version,
+        "num_samples": k,
+        "seed": seed,
+        "score_name": name,
+        "score_units": units,
+        "fpr": fpr if cal else None,
+        "results": results,
+    }

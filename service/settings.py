@@ -23,14 +23,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore")
 
     models_dir: Path = Field(Path("models"), description="model repository: <name>/<version>/manifest.json")
-    default_model: str | None = Field(None, description="model served when a request names none "
-                                      "(default: the only model, or 'digits' when several)")
+    default_model: str | None = Field(
+        None, description="model served when a request names none (default: the only model, or 'digits' when several)"
+    )
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per graph run; 0 = CPUs available")
     inter_op_threads: int = Field(1, ge=1)
     max_batch: int = Field(256, ge=1, description="most images (or latents, or samples) in one request")
     max_k: int = Field(10000, ge=1, description="most importance samples K a /score request may ask for")
     k_chunk_elements: int = Field(
-        20000, ge=1, description="importance samples x images per log_weights run: bounds /score memory")
+        20000, ge=1, description="importance samples x images per log_weights run: bounds /score memory"
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

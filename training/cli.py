@@ -28,12 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
         "model version (ONNX graphs + manifest.json).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dataset", default=None,
-                   help="digits | idx:PATH | folder:PATH | npy:PATH | npz:PATH (default: digits)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="model version directory <models>/<name>/<version> (default: models/<dataset>/1)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="named starting configuration; 'seed' is the seed text's exact setup")
+    p.add_argument(
+        "--dataset", default=None, help="digits | idx:PATH | folder:PATH | npy:PATH | npz:PATH (default: digits)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="model version directory <models>/<name>/<version> (default: models/<dataset>/1)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="named starting configuration; 'seed' is the seed text's exact setup",
+    )
     p.add_argument("--config", type=Path, default=None, help="JSON file of TrainConfig fields")
     p.add_argument("--force", action="store_true", help="overwrite an existing model version")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -69,9 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CONFIG_FLAGS = [
-    "levels", "image_size", "classes", "split_seed", "likelihood", "prior", "components", "latent_dim",
-    "hidden", "depth", "dropout", "input_scale", "beta", "warmup", "iw_train", "lr", "weight_decay",
-    "batch_size", "epochs", "patience", "ema", "max_minutes", "seed", "eval_k",
+    "levels",
+    "image_size",
+    "classes",
+    "split_seed",
+    "likelihood",
+    "prior",
+    "components",
+    "latent_dim",
+    "hidden",
+    "depth",
+    "dropout",
+    "input_scale",
+    "beta",
+    "warmup",
+    "iw_train",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "patience",
+    "ema",
+    "max_minutes",
+    "seed",
+    "eval_k",
 ]
 
 
@@ -93,24 +123,36 @@ def default_out(dataset: str) -> Path:
     return Path("models") / name / "1"
 
 
-def run(cfg: TrainConfig, out: Path, *, force: bool = False, plots: bool = True, progress: bool = True,
-        log=print) -> dict[str, Any]:
+def run(
+    cfg: TrainConfig, out: Path, *, force: bool = False, plots: bool = True, progress: bool = True, log=print
+) -> dict[str, Any]:
     """Train, evaluate and export; return the manifest."""
-    data = prepare(cfg.dataset, levels=cfg.levels, image_size=cfg.image_size, classes=cfg.classes,
-                   split_seed=cfg.split_seed, split_fractions=cfg.split_fractions)
+    data = prepare(
+        cfg.dataset,
+        levels=cfg.levels,
+        image_size=cfg.image_size,
+        classes=cfg.classes,
+        split_seed=cfg.split_seed,
+        split_fractions=cfg.split_fractions,
+    )
     if cfg.likelihood == "bernoulli" and data.levels != 2:
-        raise ConfigError(f"the bernoulli likelihood needs binary images; {cfg.dataset} has {data.levels} "
-                          "levels: add --levels 2")
-    log(f"data: {cfg.dataset}, images {data.shape[0]}x{data.shape[1]}, {data.levels} levels, "
-        f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}")
+        raise ConfigError(
+            f"the bernoulli likelihood needs binary images; {cfg.dataset} has {data.levels} levels: add --levels 2"
+        )
+    log(
+        f"data: {cfg.dataset}, images {data.shape[0]}x{data.shape[1]}, {data.levels} levels, "
+        f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}"
+    )
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} already holds a model version; pick a new version or pass --force")
     work = out.parent / f".{out.name}-work"
     work.mkdir(parents=True, exist_ok=True)
     try:
         result = train(cfg, data, out_dir=work, progress=progress)
-        log(f"trained {result.epochs_run} epochs in {result.seconds:.1f} s ({result.stopped_because}); "
-            f"best validation loss {result.best_val_loss:.3f} nats at epoch {result.best_epoch}")
+        log(
+            f"trained {result.epochs_run} epochs in {result.seconds:.1f} s ({result.stopped_because}); "
+            f"best validation loss {result.best_val_loss:.3f} nats at epoch {result.best_epoch}"
+        )
         t0 = time.monotonic()
         x_test = torch.from_numpy(data.flat("test"))
         metrics = evaluate(result.model, x_test, k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed)
@@ -128,17 +170,30 @@ def run(cfg: TrainConfig, out: Path, *, force: bool = False, plots: bool = True,
             "best_val_loss_nats": round(result.best_val_loss, 4),
             "torch_version": torch.__version__,
         }
-        data_info = {"source": cfg.dataset, "image_shape": list(data.shape), "split": data.split,
-                     "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)}}
-        manifest = write_version(result.model, out, verify_images=data.flat("test")[:256], metrics=metrics,
-                                 training=training, data_info=data_info, extra_files=extra, force=force)
+        data_info = {
+            "source": cfg.dataset,
+            "image_shape": list(data.shape),
+            "split": data.split,
+            "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        }
+        manifest = write_version(
+            result.model,
+            out,
+            verify_images=data.flat("test")[:256],
+            metrics=metrics,
+            training=training,
+            data_info=data_info,
+            extra_files=extra,
+            force=force,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     m = manifest["metrics"]
     log(f"test -ELBO (K=1): {m['neg_elbo']['nats']:.3f} nats = {m['neg_elbo']['bits_per_dim']:.4f} bits/dim")
     log(f"test NLL (K={m['nll']['K']}): {m['nll']['nats']:.3f} nats = {m['nll']['bits_per_dim']:.4f} bits/dim")
     log(f"active units: {m['active_units']} of {cfg.latent_dim}")
-    log(f"export parity: max |torch - onnxruntime| = {manifest['export_check']['max_abs_diff_log_likelihood_nats']:.2e} nats")
+    parity = manifest["export_check"]["max_abs_diff_log_likelihood_nats"]
+    log(f"export parity: max |torch - onnxruntime| = {parity:.2e} nats")
     log(f"wrote {out}")
     return manifest
 

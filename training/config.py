@@ -91,9 +91,7 @@ class TrainConfig:
             raise ConfigError(f"ema must lie in [0, 1), got {self.ema}")
         if self.beta < 0 or self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0:
             raise ConfigError("beta, warmup and weight_decay must be >= 0 and lr > 0")
-        if self.image_size is not None and (
-            len(self.image_size) != 2 or min(self.image_size) < 1
-        ):
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ConfigError(f"image_size must be [H, W] with positive sides, got {self.image_size}")
         fr = self.split_fractions
         if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1.0) > 1e-6:

@@ -63,24 +63,18 @@ def requantize(images: np.ndarray, levels_in: int, levels_out: int) -> np.ndarra
 def check_levels(images: np.ndarray, levels: int, where: str) -> np.ndarray:
     """Refuse non-integer dtypes and values outside [0, levels); return uint8 images."""
     if not np.issubdtype(images.dtype, np.integer):
-        raise DataError(
-            f"{where}: dtype {images.dtype} is not an integer type; store grey levels as integers (uint8)"
-        )
+        raise DataError(f"{where}: dtype {images.dtype} is not an integer type; store grey levels as integers (uint8)")
     if images.ndim != 3:
         raise DataError(f"{where}: expected images of shape (N, H, W), got shape {images.shape}")
     if images.shape[0] == 0:
         raise DataError(f"{where}: holds no images")
     lo, hi = int(images.min()), int(images.max())
     if lo < 0 or hi >= levels:
-        raise DataError(
-            f"{where}: values range over [{lo}, {hi}] but the declared levels are 0..{levels - 1}"
-        )
+        raise DataError(f"{where}: values range over [{lo}, {hi}] but the declared levels are 0..{levels - 1}")
     return images.astype(np.uint8)
 
 
-def seeded_split(
-    images: np.ndarray, fractions: list[float], seed: int, source: str, levels: int
-) -> ImageData:
+def seeded_split(images: np.ndarray, fractions: list[float], seed: int, source: str, levels: int) -> ImageData:
     """A deterministic random train/val/test split of one array of images."""
     n = len(images)
     if n < 3:
@@ -111,8 +105,13 @@ def load_digits(classes: list[int] | None = None) -> ImageData:
     if classes is not None:
         keep = set(int(k) for k in classes)
         parts = [(x[np.isin(y, list(keep))], y[np.isin(y, list(keep))]) for x, y in parts]
-    split = {"kind": "index", "train": DIGITS_SPLIT["train"], "val": DIGITS_SPLIT["val"],
-             "test": DIGITS_SPLIT["test"], "classes": classes}
+    split = {
+        "kind": "index",
+        "train": DIGITS_SPLIT["train"],
+        "val": DIGITS_SPLIT["val"],
+        "test": DIGITS_SPLIT["test"],
+        "classes": classes,
+    }
     return ImageData(parts[0][0], parts[1][0], parts[2][0], 17, "digits", split)
 
 
@@ -149,8 +148,7 @@ def read_idx(path: Path) -> np.ndarray:
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
         raise DataError(
-            f"{path}: IDX header declares {dims} = {expected} bytes of data but the file holds "
-            f"{len(raw) - header}"
+            f"{path}: IDX header declares {dims} = {expected} bytes of data but the file holds {len(raw) - header}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -243,9 +241,7 @@ def load_source(
             if "images" in keys:
                 images = check_levels(archive["images"], levels, f"{path}[images]")
                 return seeded_split(images, fractions, split_seed, spec, levels)
-            raise DataError(
-                f"{path}: found arrays {sorted(keys)}; expected 'train', 'val' and 'test' or one 'images'"
-            )
+            raise DataError(f"{path}: found arrays {sorted(keys)}; expected 'train', 'val' and 'test' or one 'images'")
     raise DataError(f"unknown data source kind {kind!r} in {spec!r}; use idx, folder, npy or npz")
 
 

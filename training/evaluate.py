@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +18,44 @@ def bits_per_dim(nats: float | np.ndarray, dim: int) -> Any:
     return nats / (dim * math.log(2.0))
 
 
+LogWeightsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, D), eps (K, B, L)) -> (K, B)
+
+
 @torch.no_grad()
-def log_likelihood(
-    model: VAE, x: torch.Tensor, k: int, chunk: int = 100, seed: int = 0, batch: int = 256
+def importance_log_likelihood(
+    log_weights: LogWeightsFn,
+    x: torch.Tensor,
+    latent_dim: int,
+    k: int,
+    chunk: int = 100,
+    seed: int = 0,
+    batch: int = 256,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Importance-sampled log p(x) in nats per image: log (1/K) sum_k w_k, with K split in chunks.
 
-    Memory holds at most `chunk` x `batch` samples at once, whatever K is.
+    `log_weights(x, eps)` gives log p(x, z) - log q(z|x) at z = reparameterised eps. Memory holds at
+    most `chunk` x `batch` samples at once, whatever K is; the sum is accumulated in float64.
     """
-    model.eval()
     gen = torch.Generator().manual_seed(seed)
     out = []
-    latent = model.cfg.latent_dim
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
         acc = torch.full((len(xb),), -math.inf, dtype=torch.float64)
         done = 0
         while done < k:
             n = min(chunk, k - done)
-            log_w = model.log_weights(xb, torch.randn(n, len(xb), latent, generator=gen))
+            log_w = log_weights(xb, torch.randn(n, len(xb), latent_dim, generator=gen, dtype=dtype))
             acc = torch.logaddexp(acc, torch.logsumexp(log_w.double(), dim=0))
             done += n
         out.append(acc - math.log(k))
     return torch.cat(out)
+
+
+def log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int = 100, seed: int = 0) -> torch.Tensor:
+    """A VAE's importance-sampled log p(x) per image in nats, K = k."""
+    model.eval()
+    return importance_log_likelihood(model.log_weights, x, model.cfg.latent_dim, k, chunk, seed)
 
 
 @torch.no_grad()
@@ -48,7 +64,9 @@ def elbo(model: VAE, x: torch.Tensor, seed: int = 0, batch: int = 512) -> torch.
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     parts = [
-        model.log_weights(x[i : i + batch], torch.randn(1, len(x[i : i + batch]), model.cfg.latent_dim, generator=gen))[0]
+        model.log_weights(x[i : i + batch], torch.randn(1, len(x[i : i + batch]), model.cfg.latent_dim, generator=gen))[
+            0
+        ]
         for i in range(0, len(x), batch)
     ]
     return torch.cat(parts).double()
@@ -89,9 +107,9 @@ def save_plots(model: VAE, images: np.ndarray, out_dir: Path, seed: int = 0, n: 
     real = images[:n]
     with torch.no_grad():
         z = model.prior.sample(n, gen)
-        samples = torch.multinomial(
-            model.decoder.probs(z).reshape(-1, levels), 1, generator=gen
-        ).reshape(n, h, w).numpy()
+        samples = (
+            torch.multinomial(model.decoder.probs(z).reshape(-1, levels), 1, generator=gen).reshape(n, h, w).numpy()
+        )
         mu, _ = model.encoder(torch.from_numpy(real.reshape(len(real), -1).astype(np.int64)))
         recon = model.decoder.probs(mu).argmax(-1).reshape(len(real), h, w).numpy()
 

@@ -82,13 +82,25 @@ def export_ready(model: VAE) -> VAE:
     return frozen
 
 
-def _onnx_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-                 dynamic: dict[str, dict[int, str]]) -> None:
+def _onnx_export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic: dict[str, dict[int, str]],
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), input_names=inputs, output_names=outputs,
-            dynamic_axes=dynamic, opset_version=OPSET, dynamo=False,
+            module,
+            args,
+            str(path),
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
         )
 
 
@@ -98,23 +110,42 @@ def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
     x = torch.zeros(2, dim, dtype=torch.int64)
     z = torch.zeros(2, latent)
     eps = torch.zeros(3, 2, latent)
-    _onnx_export(EncoderGraph(model), (x,), out / "encoder.onnx", ["x"], ["mu", "log_var"],
-                 {"x": {0: "batch"}, "mu": {0: "batch"}, "log_var": {0: "batch"}})
-    _onnx_export(DecoderGraph(model), (z,), out / "decoder.onnx", ["z"], ["probs"],
-                 {"z": {0: "batch"}, "probs": {0: "batch"}})
-    _onnx_export(LogWeightsGraph(model), (x, eps), out / "log_weights.onnx", ["x", "eps"], ["log_w"],
-                 {"x": {0: "batch"}, "eps": {0: "K", 1: "batch"}, "log_w": {0: "K", 1: "batch"}})
+    _onnx_export(
+        EncoderGraph(model),
+        (x,),
+        out / "encoder.onnx",
+        ["x"],
+        ["mu", "log_var"],
+        {"x": {0: "batch"}, "mu": {0: "batch"}, "log_var": {0: "batch"}},
+    )
+    _onnx_export(
+        DecoderGraph(model), (z,), out / "decoder.onnx", ["z"], ["probs"], {"z": {0: "batch"}, "probs": {0: "batch"}}
+    )
+    _onnx_export(
+        LogWeightsGraph(model),
+        (x, eps),
+        out / "log_weights.onnx",
+        ["x", "eps"],
+        ["log_w"],
+        {"x": {0: "batch"}, "eps": {0: "K", 1: "batch"}, "log_w": {0: "K", 1: "batch"}},
+    )
     lv = model.levels
     return {
-        "encoder": {"file": "encoder.onnx",
-                    "inputs": {"x": ["batch", dim, "int64"]},
-                    "outputs": {"mu": ["batch", latent, "float32"], "log_var": ["batch", latent, "float32"]}},
-        "decoder": {"file": "decoder.onnx",
-                    "inputs": {"z": ["batch", latent, "float32"]},
-                    "outputs": {"probs": ["batch", dim, lv, "float32"]}},
-        "log_weights": {"file": "log_weights.onnx",
-                        "inputs": {"x": ["batch", dim, "int64"], "eps": ["K", "batch", latent, "float32"]},
-                        "outputs": {"log_w": ["K", "batch", "float32"]}},
+        "encoder": {
+            "file": "encoder.onnx",
+            "inputs": {"x": ["batch", dim, "int64"]},
+            "outputs": {"mu": ["batch", latent, "float32"], "log_var": ["batch", latent, "float32"]},
+        },
+        "decoder": {
+            "file": "decoder.onnx",
+            "inputs": {"z": ["batch", latent, "float32"]},
+            "outputs": {"probs": ["batch", dim, lv, "float32"]},
+        },
+        "log_weights": {
+            "file": "log_weights.onnx",
+            "inputs": {"x": ["batch", dim, "int64"], "eps": ["K", "batch", latent, "float32"]},
+            "outputs": {"log_w": ["K", "batch", "float32"]},
+        },
     }
 
 
@@ -123,15 +154,18 @@ def _logmeanexp(a: np.ndarray, axis: int = 0) -> np.ndarray:
     return (m + np.log(np.exp(a - m).mean(axis=axis, keepdims=True))).squeeze(axis)
 
 
-def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0,
-           tolerance: float = PARITY_TOLERANCE_NATS) -> dict[str, Any]:
+def verify(
+    model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0, tolerance: float = PARITY_TOLERANCE_NATS
+) -> dict[str, Any]:
     """Compare torch and onnxruntime on real images; raise ExportError beyond `tolerance` nats."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = {name: ort.InferenceSession(str(out / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"])
-            for name in ("encoder", "decoder", "log_weights")}
+    sess = {
+        name: ort.InferenceSession(str(out / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"])
+        for name in ("encoder", "decoder", "log_weights")
+    }
     rng = np.random.default_rng(seed)
     eps = rng.standard_normal((k, len(x), model.cfg.latent_dim)).astype(np.float32)
     with torch.no_grad():
@@ -196,8 +230,10 @@ def write_version(
     try:
         graphs = export_graphs(frozen, staging)
         check = verify(frozen, staging, verify_images)
-        torch.save({"config": model.cfg.to_dict(), "dim": model.dim, "levels": model.levels,
-                    "state_dict": model.state_dict()}, staging / "checkpoint.pt")
+        torch.save(
+            {"config": model.cfg.to_dict(), "dim": model.dim, "levels": model.levels, "state_dict": model.state_dict()},
+            staging / "checkpoint.pt",
+        )
         for fname, src in (extra_files or {}).items():
             shutil.copyfile(src, staging / fname)
         log_w, means, log_vars = (t.double().numpy() for t in frozen.prior.mixture())
@@ -206,7 +242,7 @@ def write_version(
             "format_version": MANIFEST_FORMAT,
             "name": name,
             "version": version,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "image": {"height": h, "width": w, "dim": h * w, "levels": model.levels},
             "likelihood": model.cfg.likelihood,
             "latent_dim": model.cfg.latent_dim,
@@ -258,4 +294,3 @@ def verify_files(version_dir: Path) -> dict[str, Any]:
         if actual != digest:
             raise ExportError(f"{path}: sha256 {actual} does not match the manifest's {digest} (tampered?)")
     return manifest
-

@@ -114,8 +114,14 @@ def train(
             elapsed = time.monotonic() - start
             bar.set_postfix(train=f"{train_loss:.2f}", val=f"{val_loss:.2f}", best=f"{best_loss:.2f}")
             if log_file is not None:
-                row = {"epoch": epoch + 1, "beta": beta, "train_loss": train_loss, "val_loss": val_loss,
-                       "best": improved, "seconds": round(elapsed, 3)}
+                row = {
+                    "epoch": epoch + 1,
+                    "beta": beta,
+                    "train_loss": train_loss,
+                    "val_loss": val_loss,
+                    "best": improved,
+                    "seconds": round(elapsed, 3),
+                }
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
             if stale >= cfg.patience:

@@ -16,8 +16,11 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded, sha256-verified and warmed up",
-            responses={503: {"description": "not ready"}})
+@router.get(
+    "/readyz",
+    summary="Readiness: models loaded, sha256-verified and warmed up",
+    responses={503: {"description": "not ready"}},
+)
 def readyz(request: Request) -> JSONResponse:
     repo = getattr(request.app.state, "repository", None)
     ready = bool(repo and repo.ready)

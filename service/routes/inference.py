@@ -33,8 +33,12 @@ from service.settings import Settings
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc}
-    for code, desc in [(404, "unknown model or version"), (413, "request body too large"),
-                       (422, "invalid input: shape, range, limits"), (503, "not ready")]
+    for code, desc in [
+        (404, "unknown model or version"),
+        (413, "request body too large"),
+        (422, "invalid input: shape, range, limits"),
+        (503, "not ready"),
+    ]
 }
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "JSON by default; a PNG grid with Accept: image/png"}
@@ -49,8 +53,7 @@ router = APIRouter(tags=["inference"], responses=ERRORS)
 
 def check_batch(n: int, settings: Settings, field: str) -> None:
     if n > settings.max_batch:
-        raise APIError(422, "batch_too_large", f"{n} items exceed the limit of {settings.max_batch} per request",
-                       field)
+        raise APIError(422, "batch_too_large", f"{n} items exceed the limit of {settings.max_batch} per request", field)
 
 
 def images_in(mv: ModelVersion, items: list[Any], settings: Settings) -> np.ndarray:
@@ -62,16 +65,21 @@ def images_in(mv: ModelVersion, items: list[Any], settings: Settings) -> np.ndar
 def uploads_in(mv: ModelVersion, files: list[UploadFile], settings: Settings) -> np.ndarray:
     check_batch(len(files), settings, "files")
     rt = mv.runtime
-    return np.stack([decode_image_bytes(f.file.read(), rt.height, rt.width, rt.levels,
-                                        f"files[{i}] ({f.filename})") for i, f in enumerate(files)])
+    return np.stack(
+        [
+            decode_image_bytes(f.file.read(), rt.height, rt.width, rt.levels, f"files[{i}] ({f.filename})")
+            for i, f in enumerate(files)
+        ]
+    )
 
 
 def wants_png(request: Request) -> bool:
     return "image/png" in request.headers.get("accept", "")
 
 
-def images_out(request: Request, mv: ModelVersion, probs: np.ndarray, mode: DecodeMode, seed: int, scale: int,
-               **extra: Any) -> Response | dict[str, Any]:
+def images_out(
+    request: Request, mv: ModelVersion, probs: np.ndarray, mode: DecodeMode, seed: int, scale: int, **extra: Any
+) -> Response | dict[str, Any]:
     """Per-pixel distributions (B, D, levels) -> the JSON body or a PNG."""
     rt = mv.runtime
     rng = np.random.default_rng(seed)
@@ -90,8 +98,9 @@ def latents_in(mv: ModelVersion, z: list[list[float]], settings: Settings) -> np
     latent = mv.runtime.latent_dim
     for i, row in enumerate(z):
         if len(row) != latent:
-            raise APIError(422, "wrong_shape", f"latent has {len(row)} values; this model's latent_dim is {latent}",
-                           f"z[{i}]")
+            raise APIError(
+                422, "wrong_shape", f"latent has {len(row)} values; this model's latent_dim is {latent}", f"z[{i}]"
+            )
     with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
         array = np.asarray(z, dtype=np.float64).astype(np.float32)
     bad = ~np.isfinite(array)
@@ -118,9 +127,13 @@ def encode(req: ImagesRequest, repo: RepoDep, settings: SettingsDep) -> dict[str
 
 
 @router.post("/encode/upload", response_model=EncodeResponse, summary="/encode for uploaded PNG/JPEG files")
-def encode_upload(repo: RepoDep, settings: SettingsDep, files: Annotated[list[UploadFile], File()],
-                  model: Annotated[str | None, Form()] = None,
-                  version: Annotated[int | None, Form(ge=1)] = None) -> dict[str, Any]:
+def encode_upload(
+    repo: RepoDep,
+    settings: SettingsDep,
+    files: Annotated[list[UploadFile], File()],
+    model: Annotated[str | None, Form()] = None,
+    version: Annotated[int | None, Form(ge=1)] = None,
+) -> dict[str, Any]:
     mv = repo.get(model, version)
     return _encode(mv, uploads_in(mv, files, settings))
 
@@ -137,8 +150,9 @@ def decode(req: DecodeRequest, request: Request, repo: RepoDep, settings: Settin
     return images_out(request, mv, probs, req.mode, req.seed, scale)
 
 
-@router.post("/sample", response_model=SampleResponse, responses=PNG_RESPONSE,
-             summary="Images sampled from the prior (seeded)")
+@router.post(
+    "/sample", response_model=SampleResponse, responses=PNG_RESPONSE, summary="Images sampled from the prior (seeded)"
+)
 def sample(req: SampleRequest, request: Request, repo: RepoDep, settings: SettingsDep, scale: ScaleQuery = 1) -> Any:
     mv = repo.get(req.model, req.version)
     check_batch(req.n, settings, "n")
@@ -149,22 +163,36 @@ def sample(req: SampleRequest, request: Request, repo: RepoDep, settings: Settin
     return images_out(request, mv, probs, req.mode, req.seed + 1, scale, z=z.tolist())
 
 
-@router.post("/reconstruct", response_model=ImagesResponse, responses=PNG_RESPONSE,
-             summary="Encode, then decode the posterior mean")
-def reconstruct(req: ReconstructRequest, request: Request, repo: RepoDep, settings: SettingsDep,
-                scale: ScaleQuery = 1) -> Any:
+@router.post(
+    "/reconstruct",
+    response_model=ImagesResponse,
+    responses=PNG_RESPONSE,
+    summary="Encode, then decode the posterior mean",
+)
+def reconstruct(
+    req: ReconstructRequest, request: Request, repo: RepoDep, settings: SettingsDep, scale: ScaleQuery = 1
+) -> Any:
     mv = repo.get(req.model, req.version)
     return _reconstruct(request, mv, images_in(mv, req.images, settings), req.mode, req.seed, scale)
 
 
-@router.post("/reconstruct/upload", response_model=ImagesResponse, responses=PNG_RESPONSE,
-             summary="/reconstruct for uploaded PNG/JPEG files")
-def reconstruct_upload(request: Request, repo: RepoDep, settings: SettingsDep,
-                       files: Annotated[list[UploadFile], File()],
-                       model: Annotated[str | None, Form()] = None,
-                       version: Annotated[int | None, Form(ge=1)] = None,
-                       mode: Annotated[DecodeMode, Form()] = "mode",
-                       seed: Annotated[int, Form(ge=0)] = 0, scale: ScaleQuery = 1) -> Any:
+@router.post(
+    "/reconstruct/upload",
+    response_model=ImagesResponse,
+    responses=PNG_RESPONSE,
+    summary="/reconstruct for uploaded PNG/JPEG files",
+)
+def reconstruct_upload(
+    request: Request,
+    repo: RepoDep,
+    settings: SettingsDep,
+    files: Annotated[list[UploadFile], File()],
+    model: Annotated[str | None, Form()] = None,
+    version: Annotated[int | None, Form(ge=1)] = None,
+    mode: Annotated[DecodeMode, Form()] = "mode",
+    seed: Annotated[int, Form(ge=0)] = 0,
+    scale: ScaleQuery = 1,
+) -> Any:
     mv = repo.get(model, version)
     return _reconstruct(request, mv, uploads_in(mv, files, settings), mode, seed, scale)
 
@@ -174,29 +202,45 @@ def _reconstruct(request: Request, mv: ModelVersion, x: np.ndarray, mode: Decode
     return images_out(request, mv, mv.runtime.decode(mu), mode, seed, scale)
 
 
-@router.post("/score", response_model=ScoreResponse,
-             summary="Importance-sampled likelihood (nats, bits/dim), ELBO, ESS and the OOD flag")
+@router.post(
+    "/score",
+    response_model=ScoreResponse,
+    summary="Importance-sampled likelihood (nats, bits/dim), ELBO, ESS and the OOD flag",
+)
 def score(req: ScoreRequest, repo: RepoDep, settings: SettingsDep, metrics: MetricsDep) -> dict[str, Any]:
     mv = repo.get(req.model, req.version)
-    return _score(mv, images_in(mv, req.images, settings), req.num_samples, req.seed, req.score, req.fpr,
-                  settings, metrics)
+    return _score(
+        mv, images_in(mv, req.images, settings), req.num_samples, req.seed, req.score, req.fpr, settings, metrics
+    )
 
 
 @router.post("/score/upload", response_model=ScoreResponse, summary="/score for uploaded PNG/JPEG files")
-def score_upload(repo: RepoDep, settings: SettingsDep, metrics: MetricsDep,
-                 files: Annotated[list[UploadFile], File()],
-                 model: Annotated[str | None, Form()] = None,
-                 version: Annotated[int | None, Form(ge=1)] = None,
-                 num_samples: Annotated[int, Form(ge=1)] = 1000,
-                 seed: Annotated[int, Form(ge=0)] = 0,
-                 score: Annotated[str | None, Form()] = None,
-                 fpr: Annotated[float | None, Form(gt=0, lt=1)] = None) -> dict[str, Any]:
+def score_upload(
+    repo: RepoDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    files: Annotated[list[UploadFile], File()],
+    model: Annotated[str | None, Form()] = None,
+    version: Annotated[int | None, Form(ge=1)] = None,
+    num_samples: Annotated[int, Form(ge=1)] = 1000,
+    seed: Annotated[int, Form(ge=0)] = 0,
+    score: Annotated[str | None, Form()] = None,
+    fpr: Annotated[float | None, Form(gt=0, lt=1)] = None,
+) -> dict[str, Any]:
     mv = repo.get(model, version)
     return _score(mv, uploads_in(mv, files, settings), num_samples, seed, score, fpr, settings, metrics)
 
 
-def _score(mv: ModelVersion, x: np.ndarray, k: int, seed: int, score_name: str | None, fpr: float | None,
-           settings: Settings, metrics: Any) -> dict[str, Any]:
+def _score(
+    mv: ModelVersion,
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    score_name: str | None,
+    fpr: float | None,
+    settings: Settings,
+    metrics: Any,
+) -> dict[str, Any]:
     if k > settings.max_k:
         raise APIError(422, "k_too_large", f"num_samples {k} exceeds the limit of {settings.max_k}", "num_samples")
     body = score_images(mv, x, k, seed, score_name, fpr, settings.k_chunk_elements)

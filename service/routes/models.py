@@ -17,14 +17,18 @@ def list_models(repo: RepoDep) -> dict:
     out = []
     for name, versions in sorted(repo.models.items()):
         newest = max(versions)
-        out.append({
-            "name": name,
-            "versions": sorted(versions),
-            "newest": newest,
-            "default": name == repo.default_name(),
-            "manifests": {str(v): {k: val for k, val in mv.manifest.items() if k not in _BRIEF_OMIT}
-                          for v, mv in sorted(versions.items())},
-        })
+        out.append(
+            {
+                "name": name,
+                "versions": sorted(versions),
+                "newest": newest,
+                "default": name == repo.default_name(),
+                "manifests": {
+                    str(v): {k: val for k, val in mv.manifest.items() if k not in _BRIEF_OMIT}
+                    for v, mv in sorted(versions.items())
+                },
+            }
+        )
     return {"models": out}
 
 
