@@ -17,7 +17,7 @@ import torch
 from training.config import INPUT_SCALES, LIKELIHOODS, PRESETS, PRIORS, ConfigError, TrainConfig, read_config_file
 from training.data import DataError, prepare
 from training.evaluate import evaluate, save_plots
-from training.export import ExportError, write_version
+from training.export import ExportError, parse_version_dir, write_version
 from training.train import TrainingDiverged, train
 
 
@@ -127,6 +127,7 @@ def run(
     cfg: TrainConfig, out: Path, *, force: bool = False, plots: bool = True, progress: bool = True, log=print
 ) -> dict[str, Any]:
     """Train, evaluate and export; return the manifest."""
+    parse_version_dir(out)  # refuse a bad output path before spending time on training
     data = prepare(
         cfg.dataset,
         levels=cfg.levels,

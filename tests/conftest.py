@@ -1,0 +1,26 @@
+"""Shared fixtures: a small digits model trained, evaluated and exported once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY = dict(hidden=64, latent_dim=8, epochs=40, patience=10, eval_k=100, seed=0, prior="mog", components=4)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding digits/1, trained for real on the built-in digits."""
+    from training.cli import run
+    from training.config import PRESETS, TrainConfig
+
+    root = tmp_path_factory.mktemp("models")
+    cfg = TrainConfig.from_dict({**PRESETS["default"], **TINY, "dataset": "digits"})
+    run(cfg, root / "digits" / "1", plots=False, progress=False, log=lambda *_: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def version_dir(models_dir: Path) -> Path:
+    return models_dir / "digits" / "1"
