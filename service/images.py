@@ -1,7 +1,8 @@
 """Image codecs: JSON arrays, base64 PNG and uploaded PNG/JPEG in; integer arrays and PNG out.
 
-8-bit pixels p map to grey levels as floor(p * levels / 256), the same bins training uses to
-requantize; levels map back to pixels as round(l * 255 / (levels - 1)). The two round-trip exactly.
+8-bit pixels p map to the nearest grey level, floor(p (levels - 1) / 255 + 1/2) (as training's
+requantize does), and levels back to pixels as floor(l 255 / (levels - 1) + 1/2); for any number of
+levels the two round-trip exactly.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from service.errors import APIError
 
 
 def pixels_to_levels(pixels: np.ndarray, levels: int) -> np.ndarray:
-    return (pixels.astype(np.int64) * levels) // 256
+    return np.floor(pixels.astype(np.float64) * (levels - 1) / 255.0 + 0.5).astype(np.int64)
 
 
 def levels_to_pixels(images: np.ndarray, levels: int) -> np.ndarray:
-    return np.rint(images.astype(np.float64) * 255.0 / (levels - 1)).astype(np.uint8)
+    return np.floor(images.astype(np.float64) * 255.0 / (levels - 1) + 0.5).astype(np.uint8)
 
 
 def decode_image_bytes(data: bytes, height: int, width: int, levels: int, where: str) -> np.ndarray:

@@ -53,10 +53,11 @@ class ImageData:
 
 
 def requantize(images: np.ndarray, levels_in: int, levels_out: int) -> np.ndarray:
-    """Map grey levels [0, levels_in) onto [0, levels_out) by equal-width bins."""
+    """Map grey levels [0, levels_in) onto [0, levels_out): the nearest level on the [0, 1] scale,
+    floor(x (levels_out - 1) / (levels_in - 1) + 1/2). The service maps uploaded 8-bit pixels the same way."""
     if levels_in == levels_out:
         return images.astype(np.uint8)
-    out = (images.astype(np.int64) * levels_out) // levels_in
+    out = np.floor(images.astype(np.float64) * (levels_out - 1) / (levels_in - 1) + 0.5)
     return out.astype(np.uint8)
 
 

@@ -40,16 +40,33 @@ def test_png_folder_source_end_to_end(tmp_path):
     folder.mkdir()
     for i, img in enumerate(synthetic(40, 10, 10)):
         Image.fromarray(img).save(folder / f"{i:03d}.png")
-    m = run_ok(["--dataset", f"folder:{folder}", "--image-size", "5", "5", "--levels", "2",
-                "--likelihood", "bernoulli"], tmp_path / "models" / "png" / "1")
+    m = run_ok(
+        ["--dataset", f"folder:{folder}", "--image-size", "5", "5", "--levels", "2", "--likelihood", "bernoulli"],
+        tmp_path / "models" / "png" / "1",
+    )
     assert m["likelihood"] == "bernoulli" and m["image"]["levels"] == 2 and m["image"]["dim"] == 25
 
 
 def test_npz_source_end_to_end_with_vamp_and_iwae(tmp_path):
     imgs = synthetic() // 32
     np.savez(tmp_path / "d.npz", train=imgs[:40], val=imgs[40:50], test=imgs[50:], levels=8)
-    m = run_ok(["--dataset", f"npz:{tmp_path / 'd.npz'}", "--prior", "vamp", "--components", "3",
-                "--iw-train", "3", "--warmup", "2", "--beta", "0.5"], tmp_path / "models" / "npz" / "1")
+    m = run_ok(
+        [
+            "--dataset",
+            f"npz:{tmp_path / 'd.npz'}",
+            "--prior",
+            "vamp",
+            "--components",
+            "3",
+            "--iw-train",
+            "3",
+            "--warmup",
+            "2",
+            "--beta",
+            "0.5",
+        ],
+        tmp_path / "models" / "npz" / "1",
+    )
     assert m["prior"]["kind"] == "vamp" and m["prior"]["components"] == 3 and m["data"]["split"]["kind"] == "fixed"
 
 

@@ -64,7 +64,9 @@ def test_wrong_posterior_lies_below_and_converges(ppca):
     wrong_rep = make_log_weights(w, b, (mean + 0.3).repeat(reps, 1), torch.diag(torch.diag(cov)) * 2.0)
     gaps = []
     for k in (1, 10, 100, 1000):
-        est = importance_log_likelihood(wrong_rep, x_rep, L, k, chunk=250, seed=2, batch=len(x_rep), dtype=torch.float64)
+        est = importance_log_likelihood(
+            wrong_rep, x_rep, L, k, chunk=250, seed=2, batch=len(x_rep), dtype=torch.float64
+        )
         mean_est = est.reshape(reps, len(x)).mean(0)
         assert torch.all(mean_est < exact), f"K={k}: the mean estimate lies above the true log-likelihood"
         gaps.append((exact - mean_est).mean().item())

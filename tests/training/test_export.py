@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from training.config import TrainConfig
-from training.export import ExportError, export_graphs, export_ready, load_checkpoint, verify, verify_files, write_version
+from training.export import (
+    ExportError,
+    export_graphs,
+    export_ready,
+    load_checkpoint,
+    verify,
+    verify_files,
+    write_version,
+)
 from training.model import VAE
 
 
@@ -56,8 +64,14 @@ def test_write_version_refuses_on_parity_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "export_graphs", drifting_export)
     out = tmp_path / "m" / "1"
     with pytest.raises(ExportError, match="nothing written"):
-        write_version(model, out, verify_images=np.zeros((4, 64), dtype=np.int64), metrics={}, training={},
-                      data_info={"image_shape": [8, 8]})
+        write_version(
+            model,
+            out,
+            verify_images=np.zeros((4, 64), dtype=np.int64),
+            metrics={},
+            training={},
+            data_info={"image_shape": [8, 8]},
+        )
     assert not out.exists() and not list((tmp_path / "m").iterdir())
 
 

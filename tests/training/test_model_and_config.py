@@ -45,8 +45,14 @@ def test_log_densities_match_torch_distributions():
 @pytest.mark.parametrize("likelihood,levels", [("categorical", 17), ("bernoulli", 2)])
 def test_vae_shapes_and_frozen_prior(prior, likelihood, levels):
     torch.manual_seed(0)
-    cfg = TrainConfig(prior=prior, likelihood=likelihood, components=5, hidden=16, latent_dim=3,
-                      levels=levels if likelihood == "bernoulli" else None)
+    cfg = TrainConfig(
+        prior=prior,
+        likelihood=likelihood,
+        components=5,
+        hidden=16,
+        latent_dim=3,
+        levels=levels if likelihood == "bernoulli" else None,
+    )
     vae = VAE(cfg, dim=10, levels=levels).eval()
     x = torch.randint(0, levels, (4, 10))
     eps = torch.randn(6, 4, 3)

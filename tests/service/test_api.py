@@ -1,0 +1,265 @@
+"""The real app through TestClient on the model trained in this test session."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service.conftest import make_client
+
+
+def png_b64(img: np.ndarray, levels: int = 17) -> str:
+    pixels = np.rint(img.astype(float) * 255 / (levels - 1)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def error_of(resp, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["status"] == status and err["message"]
+    if code:
+        assert err["code"] == code, err
+    return err
+
+
+# --- health, models, metrics ------------------------------------------------------------------
+
+
+def test_health_ready_and_models(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["models"] == {"digits": [1]}
+    models = client.get("/v1/models").json()["models"]
+    assert models[0]["name"] == "digits" and models[0]["newest"] == 1 and models[0]["default"]
+    brief = models[0]["manifests"]["1"]
+    assert brief["image"]["levels"] == 17 and brief["metrics"]["nll"]["K"] == 100
+    full = client.get("/v1/models/digits/1").json()
+    assert "sha256" not in json.dumps(full["files"]) and len(full["files"]["encoder.onnx"]) == 64
+    error_of(client.get("/v1/models/digits/7"), 404, "unknown_version")
+
+
+def test_openapi_documents_every_endpoint(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in [
+        "/encode",
+        "/decode",
+        "/sample",
+        "/reconstruct",
+        "/score",
+        "/healthz",
+        "/readyz",
+        "/v1/models",
+        "/metrics",
+        "/encode/upload",
+        "/score/upload",
+        "/reconstruct/upload",
+    ]:
+        assert p in paths, p
+    assert client.get("/docs").status_code == 200
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def test_encode_accepts_every_input_form(client, test_images):
+    img = test_images[0]
+    forms = [img.tolist(), img.reshape(-1).tolist(), png_b64(img), "data:image/png;base64," + png_b64(img)]
+    outs = [client.post("/encode", json={"images": [f]}) for f in forms]
+    for r in outs:
+        assert r.status_code == 200, r.text
+    mus = [np.array(r.json()["mu"]) for r in outs]
+    latent = client.get("/v1/models/digits/1").json()["latent_dim"]
+    assert mus[0].shape == (1, latent)
+    for mu in mus[1:]:
+        np.testing.assert_allclose(mu, mus[0], atol=1e-6)  # PNG levels round-trip exactly
+    up = client.post("/encode/upload", files=[("files", ("a.png", base64.b64decode(png_b64(img)), "image/png"))])
+    assert up.status_code == 200
+    np.testing.assert_allclose(up.json()["mu"], mus[0], atol=1e-6)
+
+
+def test_jpeg_and_rgb_uploads_are_converted(client, test_images):
+    rgb = np.stack([np.rint(test_images[1] * 255 / 16).astype(np.uint8)] * 3, axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    r = client.post(
+        "/score/upload",
+        files=[("files", ("a.jpg", buf.getvalue(), "image/jpeg"))],
+        data={"num_samples": "50", "seed": "3"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["num_samples"] == 50 and math.isfinite(r.json()["results"][0]["nll_nats"])
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["mean", "mode", "sample", "probs"])
+def test_decode_modes(client, mode):
+    latent = client.get("/v1/models/digits/1").json()["latent_dim"]
+    r = client.post("/decode", json={"z": [[0.0] * latent, [0.5] * latent], "mode": mode, "seed": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    images = np.array(body["images"])
+    assert images.shape == (2, 8, 8) and images.min() >= 0 and images.max() <= 16
+    if mode == "probs":
+        probs = np.array(body["probs"])
+        assert probs.shape == (2, 8, 8, 17)
+        np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-4)
+        np.testing.assert_array_equal(images, probs.argmax(-1))
+    else:
+        assert body["probs"] is None
+
+
+def test_png_outputs_decode_to_the_right_size(client, test_images):
+    r = client.post("/sample", json={"n": 1}, headers={"accept": "image/png"})
+    assert r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (8, 8)
+    r = client.post("/sample?scale=3", json={"n": 6}, headers={"accept": "image/png"})
+    grid = Image.open(io.BytesIO(r.content))
+    assert grid.size == ((3 * 9 - 1) * 3, (2 * 9 - 1) * 3)  # 3 columns x 2 rows with 1-pixel gaps, x3
+    latent = client.get("/v1/models/digits/1").json()["latent_dim"]
+    r = client.post("/decode", json={"z": [[0.0] * latent]}, headers={"accept": "image/png"})
+    assert Image.open(io.BytesIO(r.content)).size == (8, 8)
+    r = client.post("/reconstruct", json={"images": [test_images[0].tolist()]}, headers={"accept": "image/png"})
+    assert Image.open(io.BytesIO(r.content)).size == (8, 8)
+
+
+def test_sample_is_seeded_across_calls_and_restarts(client, models_dir):
+    a = client.post("/sample", json={"n": 5, "seed": 11}).json()
+    b = client.post("/sample", json={"n": 5, "seed": 11}).json()
+    c = client.post("/sample", json={"n": 5, "seed": 12}).json()
+    assert a == b and a["images"] != c["images"]
+    assert np.array(a["z"]).shape[0] == 5
+    with make_client(models_dir) as fresh:  # a restarted service
+        assert fresh.post("/sample", json={"n": 5, "seed": 11}).json() == a
+
+
+def test_reconstruct_json_and_upload(client, test_images):
+    imgs = test_images[:3]
+    r = client.post("/reconstruct", json={"images": imgs.tolist()})
+    rec = np.array(r.json()["images"])
+    assert rec.shape == (3, 8, 8)
+    assert np.abs(rec - imgs).mean() < 3.0  # a trained model reconstructs roughly
+    files = [("files", (f"{i}.png", base64.b64decode(png_b64(im)), "image/png")) for i, im in enumerate(imgs)]
+    up = client.post("/reconstruct/upload", files=files)
+    assert up.json()["images"] == r.json()["images"]
+
+
+# --- score ------------------------------------------------------------------------------------
+
+
+def test_score_fields_and_determinism(client, models_dir, test_images):
+    req = {"images": test_images[:4].tolist(), "num_samples": 300, "seed": 5}
+    a = client.post("/score", json=req).json()
+    assert a["num_samples"] == 300 and a["seed"] == 5
+    for res in a["results"]:
+        assert math.isclose(res["nll_nats"], -res["log_likelihood_nats"])
+        assert math.isclose(res["nll_bits_per_dim"], res["nll_nats"] / (64 * math.log(2)))
+        assert res["elbo_nats"] <= res["log_likelihood_nats"] + 1e-6  # Jensen: mean log w <= log mean w
+        assert 1.0 <= res["ess"] <= 300
+    assert client.post("/score", json=req).json() == a
+    # a different chunking of K gives identical numbers (the noise is one stream)
+    with make_client(models_dir, k_chunk_elements=7) as small_chunks:
+        chunked = small_chunks.post("/score", json=req).json()["results"]
+    for key in ("log_likelihood_nats", "elbo_nats", "ess"):
+        np.testing.assert_allclose([r[key] for r in chunked], [r[key] for r in a["results"]], rtol=1e-10)
+    assert client.post("/score", json={**req, "seed": 6}).json() != a
+
+
+def test_score_matches_training_evaluation(client, version_dir, test_images):
+    """The service's mean NLL over the test split (K=1000) agrees with torch's within 0.05 nats."""
+    import torch
+
+    from training.evaluate import log_likelihood
+    from training.export import load_checkpoint
+
+    model = load_checkpoint(version_dir)
+    x = torch.from_numpy(test_images.reshape(len(test_images), -1).astype(np.int64))
+    torch_nll = -log_likelihood(model, x, k=1000, seed=123).mean().item()
+    nlls = []
+    for i in range(0, len(test_images), 64):
+        r = client.post("/score", json={"images": test_images[i : i + 64].tolist(), "num_samples": 1000, "seed": i})
+        nlls += [res["nll_nats"] for res in r.json()["results"]]
+    service_nll = float(np.mean(nlls))
+    assert abs(service_nll - torch_nll) < 0.05, (service_nll, torch_nll)
+
+
+# --- errors: every client mistake is a 4xx with the one error shape ----------------------------
+
+
+@pytest.mark.parametrize(
+    "body,code,where",
+    [
+        ({"images": [[[0] * 7] * 8]}, "wrong_shape", "images[0]"),
+        ({"images": [[0] * 63]}, "wrong_shape", "images[0]"),
+        ({"images": [[[0] * 8] * 7 + [[0] * 7]]}, "wrong_shape", "images[0]"),
+        ({"images": [[[0] * 8] * 8, [[17] * 8] * 8]}, "out_of_range", "images[1]"),
+        ({"images": [[[-1] * 8] * 8]}, "out_of_range", "images[0]"),
+        ({"images": ["not base64!"]}, "invalid_image", "images[0]"),
+        ({"images": [base64.b64encode(b"hello world").decode()]}, "invalid_image", "images[0]"),
+        ({"images": []}, "invalid_request", "body.images"),
+        ({"images": [[[0] * 8] * 8], "extra": 1}, "invalid_request", "body.extra"),
+    ],
+)
+def test_bad_images(client, body, code, where):
+    assert error_of(client.post("/encode", json=body), 422, code)["where"] == where
+
+
+def test_wrong_png_size(client):
+    big = png_b64(np.zeros((10, 10), dtype=np.uint8))
+    assert "8x8" in error_of(client.post("/score", json={"images": [big]}), 422, "wrong_shape")["message"]
+    raw = base64.b64decode(big)
+    error_of(client.post("/encode/upload", files=[("files", ("x.png", raw, "image/png"))]), 422, "wrong_shape")
+    error_of(client.post("/encode/upload", files=[("files", ("x.png", b"junk", "image/png"))]), 422, "invalid_image")
+
+
+def test_bad_latents(client):
+    latent = client.get("/v1/models/digits/1").json()["latent_dim"]
+    raw = '{"z": [[' + ",".join(["NaN"] * latent) + "]]}"
+    err = error_of(client.post("/decode", content=raw, headers={"content-type": "application/json"}), 422)
+    assert err["code"] in ("non_finite", "invalid_request")
+    error_of(client.post("/decode", json={"z": [[1e39] * latent]}), 422, "non_finite")
+    error_of(client.post("/decode", json={"z": [[0.0] * (latent + 1)]}), 422, "wrong_shape")
+    error_of(client.post("/decode", json={"z": [[0.0] * latent], "mode": "median"}), 422, "invalid_request")
+    error_of(
+        client.post("/decode", json={"z": [[3e38, -3e38] * (latent // 2)]}), 422, "non_finite"
+    )  # float32 overflow inside
+
+
+def test_limits_and_unknowns(client):
+    img = [[0] * 8] * 8
+    error_of(client.post("/encode", json={"images": [img], "model": "nope"}), 404, "unknown_model")
+    error_of(client.post("/encode", json={"images": [img], "version": 9}), 404, "unknown_version")
+    error_of(client.post("/score", json={"images": [img], "num_samples": 5001}), 422, "k_too_large")
+    error_of(client.post("/score", json={"images": [img], "num_samples": 0}), 422, "invalid_request")
+    error_of(client.post("/score", json={"images": [img], "fpr": 1.5}), 422, "invalid_request")
+    error_of(client.post("/score", json={"images": [img], "score": "magic"}), 422, "unknown_score")
+    error_of(client.post("/encode", json={"images": [img] * 65}), 422, "batch_too_large")
+    error_of(client.post("/sample", json={"n": 65}), 422, "batch_too_large")
+    error_of(client.post("/sample", json={"n": 2, "seed": -1}), 422, "invalid_request")
+    error_of(client.post("/encode", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    error_of(
+        client.post("/encode", content=b"x" * (300 * 1024), headers={"content-type": "application/json"}),
+        413,
+        "body_too_large",
+    )
+    error_of(client.get("/nope"), 404)
+    error_of(client.get("/encode"), 405)
+
+
+def test_metrics_count_requests_and_scores(client, test_images):
+    client.post("/score", json={"images": test_images[:2].tolist(), "num_samples": 10})
+    client.post("/encode", json={"images": [[[99] * 8] * 8]})
+    text = client.get("/metrics").text
+    assert 'vae_requests_total{endpoint="/score",method="POST",status="200"}' in text
+    assert 'vae_images_scored_total{model="digits"}' in text
+    assert 'vae_errors_total{endpoint="/encode",status="422"}' in text
+    assert 'vae_request_seconds_bucket{endpoint="/score"' in text
