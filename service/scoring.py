@@ -7,6 +7,7 @@ in models/README.md. Higher always means more anomalous.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -17,16 +18,45 @@ from service.errors import APIError
 from service.repository import ModelVersion
 from service.runtime import ImportanceStats, ModelRuntime
 
-ScoreFn = Callable[[ModelRuntime, np.ndarray, ImportanceStats], np.ndarray]
+ScoreFn = Callable[[ModelRuntime, np.ndarray, ImportanceStats, dict[str, Any]], np.ndarray]
 
 
-def nll_bits_per_dim(rt: ModelRuntime, x: np.ndarray, st: ImportanceStats) -> np.ndarray:
+def nll_bits_per_dim(rt: ModelRuntime, x: np.ndarray, st: ImportanceStats, calib: dict[str, Any]) -> np.ndarray:
     return rt.bits_per_dim(-st.log_likelihood)
+
+
+def compressed_bits(x: np.ndarray) -> np.ndarray:
+    """Bits of each image (B, D) under zlib level 9 of its raw grey-level bytes (the contract's compressor)."""
+    return np.array([8 * len(zlib.compress(row.astype(np.uint8).tobytes(), 9)) for row in x], dtype=np.float64)
+
+
+def complexity_corrected(rt: ModelRuntime, x: np.ndarray, st: ImportanceStats, calib: dict[str, Any]) -> np.ndarray:
+    return nll_bits_per_dim(rt, x, st, calib) - compressed_bits(x) / rt.dim
+
+
+def typicality(rt: ModelRuntime, x: np.ndarray, st: ImportanceStats, calib: dict[str, Any]) -> np.ndarray:
+    if "typicality_center_bpd" not in calib:
+        raise APIError(422, "uncalibrated_score", "the typicality score needs a calibrated model", "score")
+    return np.abs(nll_bits_per_dim(rt, x, st, calib) - calib["typicality_center_bpd"])
+
+
+def combined(rt: ModelRuntime, x: np.ndarray, st: ImportanceStats, calib: dict[str, Any]) -> np.ndarray:
+    if "standardize" not in calib:
+        raise APIError(422, "uncalibrated_score", "the combined score needs a calibrated model", "score")
+    parts = {"nll_bpd": nll_bits_per_dim, "complexity": complexity_corrected}
+    z = [
+        (fn(rt, x, st, calib) - calib["standardize"][name][0]) / calib["standardize"][name][1]
+        for name, fn in parts.items()
+    ]
+    return np.maximum.reduce(z)
 
 
 #: name -> (function, units). The manifest's calibration block says which of these a model calibrated.
 SCORES: dict[str, tuple[ScoreFn, str]] = {
     "nll_bpd": (nll_bits_per_dim, "bits/dim"),
+    "complexity": (complexity_corrected, "bits/dim"),
+    "typicality": (typicality, "bits/dim"),
+    "combined": (combined, "std units"),
 }
 DEFAULT_FPR = 0.01
 
@@ -51,7 +81,7 @@ def score_images(
     fpr = fpr if fpr is not None else calib.get("default_fpr", DEFAULT_FPR)
     stats = rt.importance_stats(x, k, seed, chunk_elements)
     fn, units = SCORES[name]
-    values = fn(rt, x, stats)
+    values = fn(rt, x, stats, calib)
     cal = ScoreCalibration.from_manifest(name, calibrated[name]) if name in calibrated else None
     threshold = cal.threshold(fpr) if cal else None
     p_values = cal.p_values(values) if cal else [None] * len(x)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-TINY = dict(hidden=64, latent_dim=8, epochs=40, patience=10, eval_k=100, seed=0, prior="mog", components=4)
+TINY = dict(
+    hidden=64, latent_dim=8, epochs=40, patience=10, eval_k=100, seed=0, components=4, iw_train=2, ema=0.99, dropout=0.0
+)
 
 
 @pytest.fixture(scope="session")

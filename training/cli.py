@@ -14,10 +14,20 @@ from typing import Any
 
 import torch
 
-from training.config import INPUT_SCALES, LIKELIHOODS, PRESETS, PRIORS, ConfigError, TrainConfig, read_config_file
+from training.config import (
+    INPUT_SCALES,
+    LIKELIHOODS,
+    OOD_SCORES,
+    PRESETS,
+    PRIORS,
+    ConfigError,
+    TrainConfig,
+    read_config_file,
+)
 from training.data import DataError, prepare
 from training.evaluate import evaluate, save_plots
 from training.export import ExportError, parse_version_dir, write_version
+from training.ood import calibrate
 from training.train import TrainingDiverged, train
 
 
@@ -73,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", type=float, help="weight-averaging decay (0 disables)")
     g.add_argument("--max-minutes", type=float, help="wall-clock training budget")
     g.add_argument("--seed", type=int)
-    g.add_argument("--eval-k", type=int, help="importance samples K for the test NLL")
+    g.add_argument("--eval-k", type=int, help="importance samples K for the test NLL and the OOD calibration")
+    g.add_argument("--ood-score", choices=OOD_SCORES, help="default OOD score of /score")
     return p
 
 
@@ -102,6 +113,7 @@ CONFIG_FLAGS = [
     "max_minutes",
     "seed",
     "eval_k",
+    "ood_score",
 ]
 
 
@@ -158,6 +170,11 @@ def run(
         x_test = torch.from_numpy(data.flat("test"))
         metrics = evaluate(result.model, x_test, k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed)
         metrics["seconds"] = round(time.monotonic() - t0, 2)
+        t0 = time.monotonic()
+        calibration = calibrate(
+            result.model, data.flat("val"), k=cfg.eval_k, seed=cfg.seed + 2, default_score=cfg.ood_score
+        )
+        calibration["seconds"] = round(time.monotonic() - t0, 2)
         extra = {"metrics.jsonl": work / "metrics.jsonl"}
         if plots:
             for name in save_plots(result.model, data.test, work, seed=cfg.seed):
@@ -185,6 +202,7 @@ def run(
             training=training,
             data_info=data_info,
             extra_files=extra,
+            calibration=calibration,
             force=force,
         )
     finally:

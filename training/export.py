@@ -90,6 +90,9 @@ def _onnx_export(
     outputs: list[str],
     dynamic: dict[str, dict[int, str]],
 ) -> None:
+    # The exporter restores the module's mode afterwards, recursively: a wrapper left in train mode
+    # would switch the wrapped model's dropout back on.
+    module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -1,0 +1,226 @@
+"""`vae-ood-eval MODEL_DIR`: how well each OOD score separates test data from generated OOD sets.
+
+Everything is generated or ships with the dependencies (scikit-learn's digits and sample images);
+nothing is downloaded. Writes ood_report.md and ood_roc.png beside the model and a summary into
+its manifest (and the two files' sha256 into its file list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import TrainConfig
+from training.data import digits_labels, prepare
+from training.export import load_checkpoint, sha256_file, verify_files
+from training.ood import nll_bits_per_dim, scores_from_nll
+
+HELD_OUT_IN, HELD_OUT_OUT = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
+
+
+def ood_sets(test: np.ndarray, levels: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Generated OOD images shaped like `test` (N, H, W) with grey levels 0..levels-1."""
+    rng = np.random.default_rng(seed)
+    n, h, w = test.shape
+    top = levels - 1
+    yy, xx = np.mgrid[0:h, 0:w]
+    blobs = np.zeros((n, h, w))
+    for i in range(n):  # 1-3 wide Gaussian blobs: smooth, low-complexity images
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            s = rng.uniform(1.5, 3.5) * max(h, w) / 8
+            blobs[i] += rng.uniform(0.5, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    blobs = np.rint(top * blobs / blobs.reshape(n, -1).max(1)[:, None, None])
+    return {
+        "noise": rng.integers(0, levels, size=(n, h, w)),
+        "inverted": top - test.astype(np.int64),
+        "constant": np.repeat(np.arange(n) % levels, h * w).reshape(n, h, w),
+        "shuffled": np.stack([rng.permutation(img.reshape(-1)).reshape(h, w) for img in test]),
+        "smooth": blobs,
+        "natural": natural_patches(n, h, w, levels, rng),
+    }
+
+
+def natural_patches(n: int, h: int, w: int, levels: int, rng: np.random.Generator) -> np.ndarray:
+    """Patches of scikit-learn's bundled sample photos, greyscale, reduced to (h, w) and the model's levels."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [np.asarray(Image.fromarray(img).convert("L")) for img in load_sample_images().images]
+    out = np.empty((n, h, w), dtype=np.int64)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        size = int(rng.integers(4 * h, 12 * h))
+        y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+        patch = Image.fromarray(photo[y : y + size, x : x + size]).resize((w, h), Image.Resampling.BOX)
+        out[i] = np.floor(np.asarray(patch, dtype=np.float64) * (levels - 1) / 255 + 0.5)
+    return out
+
+
+def roc_metrics(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float]:
+    """AUROC, AUPR (OOD as the positive class) and the FPR at 95% TPR."""
+    from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+    y = np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))]
+    s = np.r_[scores_in, scores_out]
+    fpr, tpr, _ = roc_curve(y, s)
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "aupr": float(average_precision_score(y, s)),
+        "fpr_at_95_tpr": float(fpr[np.searchsorted(tpr, 0.95, side="left")]),
+    }
+
+
+def score_all(model, images: np.ndarray, k: int, seed: int, calib: dict[str, Any]) -> dict[str, np.ndarray]:
+    x = images.reshape(len(images), -1).astype(np.int64)
+    nll = nll_bits_per_dim(model, x, k, seed)
+    return scores_from_nll(nll, x, calib["typicality_center_bpd"], calib["standardize"])
+
+
+def held_out_class_scores(cfg: TrainConfig, k: int, seed: int, minutes: float, log) -> dict[str, Any]:
+    """Train the same configuration on digits 0-4 only; score test digits 0-4 (in) against 5-9 (out)."""
+    from training.cli import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sub = cfg.replace(classes=HELD_OUT_IN, max_minutes=minutes, eval_k=min(cfg.eval_k, k))
+        log(f"held-out classes: training on digits {HELD_OUT_IN} (budget {minutes} min)")
+        manifest = run(sub, Path(tmp) / "heldout" / "1", plots=False, progress=False, log=lambda *_: None)
+        model = load_checkpoint(Path(tmp) / "heldout" / "1")
+    calib = manifest["calibration"]
+    test = prepare("digits").test
+    labels = digits_labels("test")
+    inside = score_all(model, test[np.isin(labels, HELD_OUT_IN)], k, seed, calib)
+    outside = score_all(model, test[np.isin(labels, HELD_OUT_OUT)], k, seed + 1, calib)
+    return {"in": inside, "out": outside}
+
+
+def evaluate_model(
+    model_dir: Path, k: int = 1000, seed: int = 0, held_out: bool = True, held_out_minutes: float = 2.0, log=print
+) -> dict[str, Any]:
+    manifest = verify_files(model_dir)
+    calib = manifest.get("calibration")
+    if not calib:
+        raise SystemExit(f"{model_dir}: the manifest has no calibration block; re-export the model")
+    model = load_checkpoint(model_dir)
+    cfg = model.cfg
+    data = prepare(
+        cfg.dataset,
+        levels=cfg.levels,
+        image_size=cfg.image_size,
+        classes=cfg.classes,
+        split_seed=cfg.split_seed,
+        split_fractions=cfg.split_fractions,
+    )
+    t0 = time.monotonic()
+    log(f"scoring the test split ({len(data.test)} images, K={k})")
+    test_scores = score_all(model, data.test, k, seed, calib)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    curves: dict[str, tuple[dict, dict]] = {}
+    for i, (name, images) in enumerate(ood_sets(data.test, data.levels, seed).items()):
+        log(f"scoring OOD set {name!r}")
+        out_scores = score_all(model, images, k, seed + 10 + i, calib)
+        results[name] = {s: roc_metrics(test_scores[s], out_scores[s]) for s in test_scores}
+        curves[name] = (test_scores, out_scores)
+    if held_out and cfg.dataset == "digits" and cfg.classes is None:
+        ho = held_out_class_scores(cfg, k, seed + 100, held_out_minutes, log)
+        results["held_out_classes"] = {s: roc_metrics(ho["in"][s], ho["out"][s]) for s in ho["in"]}
+        curves["held_out_classes"] = (ho["in"], ho["out"])
+    flagged = {}
+    for s, block in calib["scores"].items():
+        flagged[s] = {fpr: float(np.mean(test_scores[s] > thr)) for fpr, thr in block["thresholds"].items()}
+    summary = {
+        "K": k,
+        "seed": seed,
+        "test_images": int(len(data.test)),
+        "default_score": calib["default_score"],
+        "results": results,
+        "test_flagged_fraction": flagged,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    write_outputs(model_dir, manifest, summary, curves)
+    return summary
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    scores = list(next(iter(summary["results"].values())))
+    lines = [
+        f"# OOD evaluation (K={summary['K']} importance samples, {summary['test_images']} test images in-distribution)",
+        "",
+        f"Default score: `{summary['default_score']}`. Higher score = more anomalous; OOD is the positive class.",
+        "",
+        "| OOD set | " + " | ".join(f"{s} AUROC / AUPR / FPR@95TPR" for s in scores) + " |",
+        "|---|" + "---|" * len(scores),
+    ]
+    for name, per_score in summary["results"].items():
+        cells = [f"{m['auroc']:.3f} / {m['aupr']:.3f} / {m['fpr_at_95_tpr']:.3f}" for m in per_score.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Fraction of the in-distribution test split flagged at the calibrated thresholds:",
+        "",
+        "| score | " + " | ".join(f"fpr {f}" for f in next(iter(summary["test_flagged_fraction"].values()))) + " |",
+        "|---|" + "---|" * len(next(iter(summary["test_flagged_fraction"].values()))),
+    ]
+    for s, per in summary["test_flagged_fraction"].items():
+        lines.append(f"| {s} | " + " | ".join(f"{v:.3%}" for v in per.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(model_dir: Path, manifest: dict, summary: dict, curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    (model_dir / "ood_report.md").write_text(markdown(summary))
+    names = list(curves)
+    cols = 4
+    rows = int(np.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        s_in, s_out = curves[name]
+        for score in s_in:
+            y = np.r_[np.zeros(len(s_in[score])), np.ones(len(s_out[score]))]
+            fpr, tpr, _ = roc_curve(y, np.r_[s_in[score], s_out[score]])
+            auc = summary["results"][name][score]["auroc"]
+            ax.plot(fpr, tpr, label=f"{score} ({auc:.3f})")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_title(name)
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes.ravel()[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(model_dir / "ood_roc.png", dpi=80)
+    plt.close(fig)
+    manifest["ood_eval"] = summary
+    for fname in ("ood_report.md", "ood_roc.png"):
+        manifest["files"][fname] = sha256_file(model_dir / fname)
+    (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vae-ood-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", type=Path, help="a model version directory, e.g. models/digits/1")
+    p.add_argument("--k", type=int, default=1000, help="importance samples K per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-held-out", action="store_true", help="skip the held-out-class model (digits)")
+    p.add_argument("--held-out-minutes", type=float, default=2.0, help="training budget of the held-out model")
+    args = p.parse_args(argv)
+    summary = evaluate_model(args.model_dir, args.k, args.seed, not args.no_held_out, args.held_out_minutes)
+    print(markdown(summary))
+    print(f"wrote {args.model_dir / 'ood_report.md'} and {args.model_dir / 'ood_roc.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
