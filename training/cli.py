@@ -24,7 +24,7 @@ from training.config import (
     TrainConfig,
     read_config_file,
 )
-from training.data import DataError, prepare
+from training.data import DataError, prepare_config
 from training.evaluate import evaluate, save_plots
 from training.export import ExportError, parse_version_dir, write_version
 from training.ood import calibrate
@@ -140,14 +140,7 @@ def run(
 ) -> dict[str, Any]:
     """Train, evaluate and export; return the manifest."""
     parse_version_dir(out)  # refuse a bad output path before spending time on training
-    data = prepare(
-        cfg.dataset,
-        levels=cfg.levels,
-        image_size=cfg.image_size,
-        classes=cfg.classes,
-        split_seed=cfg.split_seed,
-        split_fractions=cfg.split_fractions,
-    )
+    data = prepare_config(cfg)
     if cfg.likelihood == "bernoulli" and data.levels != 2:
         raise ConfigError(
             f"the bernoulli likelihood needs binary images; {cfg.dataset} has {data.levels} levels: add --levels 2"

@@ -270,3 +270,15 @@ def prepare(
         data.split["requantized_from"] = data.levels
         data.levels = levels
     return data
+
+
+def prepare_config(cfg: Any) -> ImageData:
+    """The data a TrainConfig names (its dataset, levels, image size, classes and split)."""
+    return prepare(
+        cfg.dataset,
+        levels=cfg.levels,
+        image_size=cfg.image_size,
+        classes=cfg.classes,
+        split_seed=cfg.split_seed,
+        split_fractions=cfg.split_fractions,
+    )

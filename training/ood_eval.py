@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from training.config import TrainConfig
-from training.data import digits_labels, prepare
+from training.data import digits_labels, prepare, prepare_config
 from training.export import load_checkpoint, sha256_file, verify_files
 from training.ood import nll_bits_per_dim, scores_from_nll
 
@@ -110,14 +110,7 @@ def evaluate_model(
         raise SystemExit(f"{model_dir}: the manifest has no calibration block; re-export the model")
     model = load_checkpoint(model_dir)
     cfg = model.cfg
-    data = prepare(
-        cfg.dataset,
-        levels=cfg.levels,
-        image_size=cfg.image_size,
-        classes=cfg.classes,
-        split_seed=cfg.split_seed,
-        split_fractions=cfg.split_fractions,
-    )
+    data = prepare_config(cfg)
     t0 = time.monotonic()
     log(f"scoring the test split ({len(data.test)} images, K={k})")
     test_scores = score_all(model, data.test, k, seed, calib)
