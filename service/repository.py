@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.calibration import ScoreCalibration
 from service.errors import APIError
 from service.runtime import ModelRuntime
 from service.settings import Settings
@@ -33,6 +34,7 @@ class ModelVersion:
     path: Path
     manifest: dict[str, Any]
     runtime: ModelRuntime
+    calibrations: dict[str, ScoreCalibration] = field(default_factory=dict)  # parsed once, at load
 
 
 @dataclass
@@ -128,4 +130,6 @@ def load_version(version_dir: Path, settings: Settings) -> ModelVersion:
         runtime.warm_up()
     except Exception as exc:  # onnxruntime raises several types for a bad graph
         raise ModelLoadError(f"cannot load the ONNX graphs: {exc}") from exc
-    return ModelVersion(version_dir.parent.name, version, version_dir, manifest, runtime)
+    blocks = (manifest.get("calibration") or {}).get("scores", {})
+    calibrations = {name: ScoreCalibration.from_manifest(name, block) for name, block in blocks.items()}
+    return ModelVersion(version_dir.parent.name, version, version_dir, manifest, runtime, calibrations)

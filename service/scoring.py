@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from service.calibration import ScoreCalibration
 from service.errors import APIError
 from service.repository import ModelVersion
 from service.runtime import ImportanceStats, ModelRuntime
@@ -82,7 +81,7 @@ def score_images(
     stats = rt.importance_stats(x, k, seed, chunk_elements)
     fn, units = SCORES[name]
     values = fn(rt, x, stats, calib)
-    cal = ScoreCalibration.from_manifest(name, calibrated[name]) if name in calibrated else None
+    cal = mv.calibrations.get(name)
     threshold = cal.threshold(fpr) if cal else None
     p_values = cal.p_values(values) if cal else [None] * len(x)
     nll = -stats.log_likelihood
