@@ -7,18 +7,27 @@ from pathlib import Path
 import pytest
 
 TINY = dict(
-    hidden=64, latent_dim=8, epochs=40, patience=10, eval_k=100, seed=0, components=4, iw_train=2, ema=0.99, dropout=0.0
+    hidden=64,
+    latent_dim=8,
+    epochs=80,
+    patience=10,
+    eval_k=100,
+    seed=0,
+    components=4,
+    iw_train=2,
+    ema=0.99,
+    dropout=0.0,
 )
 
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository holding digits/1, trained for real on the built-in digits."""
-    from training.cli import run
-    from training.config import PRESETS, TrainConfig
+    from training.config import TrainConfig
+    from training.pipeline import run
 
     root = tmp_path_factory.mktemp("models")
-    cfg = TrainConfig.from_dict({**PRESETS["default"], **TINY, "dataset": "digits"})
+    cfg = TrainConfig.from_dict({**TINY, "dataset": "digits"})
     run(cfg, root / "digits" / "1", plots=False, progress=False, log=lambda *_: None)
     return root
 

@@ -1,90 +1,117 @@
-"""Training configuration: one dataclass that owns its JSON round trip, plus named presets.
+"""Training configuration: one dataclass that owns its JSON round trip and its command-line flags.
 
-A checkpoint or a model version rebuilds its networks from the config saved beside it, so every
-field here is plain JSON (str, int, float, bool, list or None).
+The field defaults ARE the default configuration (what `vae-train` with no flags trains); presets are
+named overrides. A few fields default to "auto" (None for numbers) and are chosen from the data by
+`resolve` before training: the likelihood from the number of grey levels, the batch size and the
+epoch cap from the number of training images. A checkpoint or a model version stores the resolved
+config, so every field here is plain JSON (str, int, float, bool, list or None).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LIKELIHOODS = ("categorical", "bernoulli")
+LIKELIHOODS = ("auto", "categorical", "bernoulli", "logistic_mixture")
 PRIORS = ("standard", "mog", "vamp")
 INPUT_SCALES = ("unit", "raw")
 OOD_SCORES = ("nll_bpd", "complexity", "typicality", "combined")
+CATEGORICAL_MAX_LEVELS = 3  # "auto": categorical up to this many levels, logistic mixture above (README: measured)
 
 
 class ConfigError(ValueError):
     """A configuration value or file that cannot be used."""
 
 
+def opt(default: Any, help: str, group: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    """A config field with its command-line help (the CLI's flags are built from these)."""
+    meta = {"help": help, "group": group, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "digits"
-    levels: int | None = None  # requantize to this many grey levels; None keeps the source's
-    image_size: list[int] | None = None  # [H, W] resize for folder sources
-    classes: list[int] | None = None  # keep only these labels (digits only)
-    split_seed: int = 0  # seeded split for sources that have no fixed one
-    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    dataset: str = opt("digits", "digits | idx:PATH | folder:PATH | npy:PATH | npz:PATH", "data")
+    levels: int | None = opt(None, "requantize to N grey levels (2 for binary images); default: the source's", "data")
+    image_size: list[int] | None = opt(None, "[H, W]: resize folder images", "data")
+    classes: list[int] | None = opt(None, "keep only these digit classes (digits only)", "data")
+    split_seed: int = opt(0, "seed of the train/val/test split where the source fixes none", "data")
+    split_fractions: list[float] = opt([0.8, 0.1, 0.1], "train/val/test fractions of a seeded split", "data")
     # model
-    likelihood: str = "categorical"
-    prior: str = "standard"
-    components: int = 16  # mixture components (mog) or pseudo-inputs (vamp)
-    latent_dim: int = 16
-    hidden: int = 256
-    depth: int = 2  # hidden layers in the encoder and in the decoder
-    dropout: float = 0.0  # dropout on the hidden layers while training
-    input_scale: str = "unit"  # encoder input: "unit" ([0, 1]) or "raw" (grey level numbers)
+    likelihood: str = opt(
+        "auto",
+        f"per-pixel p(x|z); auto: bernoulli for 2 levels, categorical up to {CATEGORICAL_MAX_LEVELS}, "
+        "logistic_mixture above",
+        "model",
+        LIKELIHOODS,
+    )
+    logistic_components: int = opt(2, "mixture components per pixel of the logistic_mixture likelihood", "model")
+    prior: str = opt("mog", "p(z): standard Gaussian, learnable Gaussian mixture, VampPrior", "model", PRIORS)
+    components: int = opt(32, "mixture components (mog) or pseudo-inputs (vamp)", "model")
+    latent_dim: int = opt(16, "latent dimensions L", "model")
+    hidden: int = opt(512, "width of the hidden layers", "model")
+    depth: int = opt(2, "hidden layers in the encoder and in the decoder", "model")
+    dropout: float = opt(0.2, "dropout on the hidden layers while training", "model")
+    input_scale: str = opt(
+        "unit", "encoder input: grey levels scaled to [0, 1], or raw level numbers", "model", INPUT_SCALES
+    )
     # objective
-    beta: float = 1.0
-    warmup: int = 0  # epochs of linear KL warm-up from 0 to beta
-    iw_train: int = 1  # K_train: 1 is the ELBO, >1 the importance-weighted bound
+    beta: float = opt(1.0, "weight of the KL term", "objective")
+    warmup: int = opt(0, "epochs of linear KL warm-up from 0 to beta", "objective")
+    iw_train: int = opt(5, "K_train importance samples of the training bound (1 = ELBO, >1 = IWAE)", "objective")
     # optimisation
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    epochs: int = 1000
-    patience: int = 20
-    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 disables it
-    max_minutes: float | None = None  # wall-clock budget for training, early stopping aside
-    seed: int = 0
+    lr: float = opt(1e-3, "Adamax learning rate", "optimisation")
+    weight_decay: float = opt(0.0, "L2 weight decay", "optimisation")
+    batch_size: int | None = opt(None, "images per step; auto: 64, up to 256 for large data sets", "optimisation")
+    max_steps: int = opt(30000, "optimisation-step budget; the epoch cap is derived from it", "optimisation")
+    epochs: int | None = opt(None, "epoch cap; auto: max_steps / steps per epoch", "optimisation")
+    patience: int = opt(20, "stop after this many epochs without a better validation loss", "optimisation")
+    ema: float = opt(0.999, "decay of the weight average (warmed up; 0 disables it)", "optimisation")
+    max_minutes: float | None = opt(
+        None, "wall-clock training budget (off by default: results then depend on the machine's speed)", "optimisation"
+    )
+    seed: int = opt(0, "seed of initialisation, batches and noise", "optimisation")
     # evaluation and export
-    eval_k: int = 1000  # importance samples for the test NLL
-    eval_chunk: int = 100  # importance samples per forward pass while evaluating
-    ood_score: str = "combined"  # the default OOD score /score uses (see models/README.md)
+    eval_k: int = opt(1000, "importance samples K for the test NLL and the OOD calibration", "evaluation")
+    eval_chunk: int = opt(250, "importance samples per forward pass while evaluating", "evaluation")
+    ood_score: str = opt("combined", "default OOD score of /score", "evaluation", OOD_SCORES)
+    max_model_mb: float = opt(100.0, "refuse, before training, a model whose weights exceed this many MB", "evaluation")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        if self.likelihood not in LIKELIHOODS:
-            raise ConfigError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
-        if self.prior not in PRIORS:
-            raise ConfigError(f"prior must be one of {PRIORS}, got {self.prior!r}")
-        positive = {
-            "components": self.components,
-            "latent_dim": self.latent_dim,
-            "hidden": self.hidden,
-            "depth": self.depth,
-            "iw_train": self.iw_train,
-            "batch_size": self.batch_size,
-            "epochs": self.epochs,
-            "patience": self.patience,
-            "eval_k": self.eval_k,
-            "eval_chunk": self.eval_chunk,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
+        for name, allowed in (
+            ("likelihood", LIKELIHOODS),
+            ("prior", PRIORS),
+            ("input_scale", INPUT_SCALES),
+            ("ood_score", OOD_SCORES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = [
+            "logistic_components",
+            "components",
+            "latent_dim",
+            "hidden",
+            "depth",
+            "iw_train",
+            "max_steps",
+            "patience",
+            "eval_k",
+            "eval_chunk",
+        ]
+        for name in positive + ["batch_size", "epochs"]:
+            value = getattr(self, name)
+            if (value is not None or name in positive) and (type(value) is not int or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.input_scale not in INPUT_SCALES:
-            raise ConfigError(f"input_scale must be one of {INPUT_SCALES}, got {self.input_scale!r}")
-        if self.ood_score not in OOD_SCORES:
-            raise ConfigError(f"ood_score must be one of {OOD_SCORES}, got {self.ood_score!r}")
         if self.levels is not None and not 2 <= self.levels <= 256:
             raise ConfigError(f"levels must be between 2 and 256, got {self.levels}")
         if self.likelihood == "bernoulli" and self.levels not in (None, 2):
@@ -95,11 +122,34 @@ class TrainConfig:
             raise ConfigError(f"ema must lie in [0, 1), got {self.ema}")
         if self.beta < 0 or self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0:
             raise ConfigError("beta, warmup and weight_decay must be >= 0 and lr > 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.max_model_mb <= 0:
+            raise ConfigError(f"max_model_mb must be positive, got {self.max_model_mb}")
         if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ConfigError(f"image_size must be [H, W] with positive sides, got {self.image_size}")
         fr = self.split_fractions
         if len(fr) != 3 or min(fr) <= 0 or abs(sum(fr) - 1.0) > 1e-6:
             raise ConfigError(f"split_fractions must be three positive numbers summing to 1, got {fr}")
+
+    # choices made from the data ----------------------------------------------------------------
+    def resolve(self, levels: int, n_train: int) -> TrainConfig:
+        """A copy with every "auto" choice made for data of `levels` grey levels and `n_train` images."""
+        likelihood = self.likelihood
+        if likelihood == "auto":
+            if levels == 2:
+                likelihood = "bernoulli"
+            elif levels <= CATEGORICAL_MAX_LEVELS:
+                likelihood = "categorical"
+            else:
+                likelihood = "logistic_mixture"
+        if likelihood == "bernoulli" and levels != 2:
+            raise ConfigError(
+                f"the bernoulli likelihood needs binary images; the data has {levels} levels: add --levels 2"
+            )
+        batch = self.batch_size or auto_batch_size(n_train)
+        epochs = self.epochs or max(1, math.ceil(self.max_steps / math.ceil(n_train / batch)))
+        return self.replace(likelihood=likelihood, batch_size=batch, epochs=epochs)
 
     # JSON round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -107,8 +157,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - field_names())
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**data)
@@ -124,6 +173,15 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def auto_batch_size(n_train: int) -> int:
+    """64 for small data sets, doubling with the data up to 256 (about 200 images per step of the epoch)."""
+    return int(min(256, max(64, 2 ** round(math.log2(max(n_train, 1) / 200)))))
+
+
+def field_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The fields a JSON config file sets (a partial config is fine); unknown keys are an error."""
     try:
@@ -132,14 +190,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a JSON object")
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(TrainConfig)})
+    unknown = sorted(set(data) - field_names())
     if unknown:
         raise ConfigError(f"config file {path}: unknown keys: {', '.join(unknown)}")
     return data
 
 
 #: The seed text's exact setup: D=64, hidden 256, latent 16, standard Gaussian prior, categorical
-#: decoder over 17 levels, Adamax lr 1e-3, batch 64, early stopping with patience 20.
+#: decoder over 17 levels fed raw level numbers, Adamax lr 1e-3, batch 64, early stopping with patience 20.
 SEED_PRESET: dict[str, Any] = dict(
     likelihood="categorical",
     prior="standard",
@@ -158,17 +216,4 @@ SEED_PRESET: dict[str, Any] = dict(
     ema=0.0,
 )
 
-#: Our default, chosen by the sweep recorded in README.md ("Default model"): a learnable mixture prior,
-#: the IWAE bound with K_train=5, dropout, wider layers and an EMA of the weights, capped at 3 minutes.
-DEFAULT_PRESET: dict[str, Any] = dict(
-    SEED_PRESET,
-    prior="mog",
-    components=32,
-    hidden=512,
-    dropout=0.2,
-    iw_train=5,
-    ema=0.999,
-    max_minutes=3.0,
-)
-
-PRESETS: dict[str, dict[str, Any]] = {"seed": SEED_PRESET, "default": DEFAULT_PRESET}
+PRESETS: dict[str, dict[str, Any]] = {"default": {}, "seed": SEED_PRESET}

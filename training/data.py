@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from vae_contract.formulas import requantize
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 DIGITS_SPLIT = {"train": [0, 1000], "val": [1000, 1350], "test": [1350, None]}
 
@@ -50,15 +52,6 @@ class ImageData:
         """One split as (N, D) int64, the form the networks take."""
         images = getattr(self, part)
         return images.reshape(len(images), -1).astype(np.int64)
-
-
-def requantize(images: np.ndarray, levels_in: int, levels_out: int) -> np.ndarray:
-    """Map grey levels [0, levels_in) onto [0, levels_out): the nearest level on the [0, 1] scale,
-    floor(x (levels_out - 1) / (levels_in - 1) + 1/2). The service maps uploaded 8-bit pixels the same way."""
-    if levels_in == levels_out:
-        return images.astype(np.uint8)
-    out = np.floor(images.astype(np.float64) * (levels_out - 1) / (levels_in - 1) + 0.5)
-    return out.astype(np.uint8)
 
 
 def check_levels(images: np.ndarray, levels: int, where: str) -> np.ndarray:

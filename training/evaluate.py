@@ -12,31 +12,32 @@ import numpy as np
 import torch
 
 from training.model import VAE
-
-
-def bits_per_dim(nats: float | np.ndarray, dim: int) -> Any:
-    return nats / (dim * math.log(2.0))
-
+from vae_contract.formulas import bits_per_dim, images_from_probs
 
 LogWeightsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, D), eps (K, B, L)) -> (K, B)
+MAX_ROWS = 1 << 16  # images x samples per forward pass while evaluating
+MAX_ELEMENTS = 1 << 25  # decoder outputs per forward pass while evaluating (128 MB of float32)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def importance_log_likelihood(
     log_weights: LogWeightsFn,
     x: torch.Tensor,
     latent_dim: int,
     k: int,
-    chunk: int = 100,
+    chunk: int = 250,
     seed: int = 0,
-    batch: int = 256,
+    batch: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Importance-sampled log p(x) in nats per image: log (1/K) sum_k w_k, with K split in chunks.
 
     `log_weights(x, eps)` gives log p(x, z) - log q(z|x) at z = reparameterised eps. Memory holds at
-    most `chunk` x `batch` samples at once, whatever K is; the sum is accumulated in float64.
+    most `chunk` x `batch` samples at once (batch from MAX_ROWS by default), whatever K is; the sum is
+    accumulated in float64.
     """
+    chunk = min(chunk, k)
+    batch = batch or max(1, MAX_ROWS // chunk)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(x), batch):
@@ -52,34 +53,35 @@ def importance_log_likelihood(
     return torch.cat(out)
 
 
-def log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int = 100, seed: int = 0) -> torch.Tensor:
+def log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0) -> torch.Tensor:
     """A VAE's importance-sampled log p(x) per image in nats, K = k."""
     model.eval()
-    return importance_log_likelihood(model.log_weights, x, model.cfg.latent_dim, k, chunk, seed)
+    # the decoder's output per sample sets how many (image, sample) rows fit one pass
+    rows = max(1, MAX_ELEMENTS // (model.dim * model.decoder.out_per_pixel))
+    batch = max(1, rows // min(chunk, k))
+    return importance_log_likelihood(model.log_weights, x, model.cfg.latent_dim, k, chunk, seed, batch=batch)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def elbo(model: VAE, x: torch.Tensor, seed: int = 0, batch: int = 512) -> torch.Tensor:
     """One-sample ELBO per image in nats (the number the seed text reports, negated)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    parts = [
-        model.log_weights(x[i : i + batch], torch.randn(1, len(x[i : i + batch]), model.cfg.latent_dim, generator=gen))[
-            0
-        ]
-        for i in range(0, len(x), batch)
-    ]
+    parts = []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        parts.append(model.log_weights(xb, torch.randn(1, len(xb), model.cfg.latent_dim, generator=gen))[0])
     return torch.cat(parts).double()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def active_units(model: VAE, x: torch.Tensor, threshold: float = 0.01) -> int:
     """Latent units whose posterior mean varies across the data: Cov_x(E_q[z_u]) > threshold (Burda et al.)."""
     mu, _ = model.encoder(x)
     return int((mu.var(dim=0) > threshold).sum())
 
 
-def evaluate(model: VAE, x_test: torch.Tensor, k: int = 1000, chunk: int = 100, seed: int = 0) -> dict[str, Any]:
+def evaluate(model: VAE, x_test: torch.Tensor, k: int = 1000, chunk: int = 250, seed: int = 0) -> dict[str, Any]:
     """Test metrics with units and K spelled out; what the manifest records."""
     dim = x_test.shape[1]
     neg_elbo = -elbo(model, x_test, seed=seed).mean().item()
@@ -94,8 +96,11 @@ def evaluate(model: VAE, x_test: torch.Tensor, k: int = 1000, chunk: int = 100, 
     }
 
 
-def save_plots(model: VAE, images: np.ndarray, out_dir: Path, seed: int = 0, n: int = 64) -> list[str]:
-    """real.png, samples.png, reconstructions.png and learning_curve.png; returns the file names."""
+def save_plots(
+    model: VAE, images: np.ndarray, out_dir: Path, seed: int = 0, n: int = 64, sample_mode: str = "mean"
+) -> list[str]:
+    """real.png, samples.png (prior samples shown as `sample_mode`, as /sample does), reconstructions.png and
+    learning_curve.png; returns the file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,13 +110,12 @@ def save_plots(model: VAE, images: np.ndarray, out_dir: Path, seed: int = 0, n: 
     levels = model.levels
     gen = torch.Generator().manual_seed(seed)
     real = images[:n]
-    with torch.no_grad():
+    with torch.inference_mode():
         z = model.prior.sample(n, gen)
-        samples = (
-            torch.multinomial(model.decoder.probs(z).reshape(-1, levels), 1, generator=gen).reshape(n, h, w).numpy()
-        )
+        rng = np.random.default_rng(seed)
+        samples = images_from_probs(model.decoder.probs(z).numpy(), sample_mode, rng).reshape(n, h, w)
         mu, _ = model.encoder(torch.from_numpy(real.reshape(len(real), -1).astype(np.int64)))
-        recon = model.decoder.probs(mu).argmax(-1).reshape(len(real), h, w).numpy()
+        recon = images_from_probs(model.decoder.probs(mu).numpy(), "mode").reshape(len(real), h, w)
 
     def grid(batch: np.ndarray, path: Path, title: str) -> None:
         cols = 8
@@ -122,24 +126,24 @@ def save_plots(model: VAE, images: np.ndarray, out_dir: Path, seed: int = 0, n: 
             if i < len(batch):
                 ax.imshow(batch[i], cmap="gray", vmin=0, vmax=levels - 1)
         fig.suptitle(title)
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=80, metadata={"Software": None})
         plt.close(fig)
 
     names = ["real.png", "samples.png", "reconstructions.png"]
     grid(real, out_dir / names[0], "test images")
-    grid(samples, out_dir / names[1], "samples from the prior")
+    grid(samples, out_dir / names[1], f"samples from the prior ({sample_mode} of p(x|z))")
     grid(recon, out_dir / names[2], "reconstructions (mode of p(x|mu))")
     metrics_file = out_dir / "metrics.jsonl"
     if metrics_file.exists():
         rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], label="train")
-        ax.plot([r["epoch"] for r in rows], [r["val_loss"] for r in rows], label="validation")
+        ax.plot([r["epoch"] for r in rows], [r["val_loss"] for r in rows], label="validation (best of raw/average)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss (nats)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out_dir / "learning_curve.png", dpi=80)
+        fig.savefig(out_dir / "learning_curve.png", dpi=80, metadata={"Software": None})
         plt.close(fig)
         names.append("learning_curve.png")
     return names

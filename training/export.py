@@ -1,8 +1,9 @@
-"""Export a trained VAE to a model version directory: ONNX graphs + manifest.json (see models/README.md).
+"""Export a trained VAE to a model version directory: ONNX graphs, one weights file, manifest.json.
 
-The export is verified: torch and onnxruntime are run on the same real images and the same noise, and
+The export is verified: torch and onnxruntime run on the same real images and the same noise, and
 nothing is written if the importance-sampled log-likelihood differs by more than `tolerance` nats on
-any image.
+any image. The three graphs and the torch checkpoint share one `weights.bin` (each distinct tensor
+stored once, as ONNX external data), so a version holds its weights once. See models/README.md.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import copy
 import datetime as dt
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -21,11 +23,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.config import TrainConfig
 from training.model import VAE
+from vae_contract.formulas import ImportanceAccumulator, importance_noise
+from vae_contract.manifest import (
+    MANIFEST_FORMAT,
+    ManifestError,
+    parse_version,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
 
-MANIFEST_FORMAT = 1
 PARITY_TOLERANCE_NATS = 1e-3
 OPSET = 18
+WEIGHTS = "weights.bin"
+CHECKPOINT = "checkpoint.json"
+GRAPH_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "log_weights": "log_weights.onnx"}
+CHECK_IMAGES, CHECK_K, CHECK_SEED = 32, 1000, 0
+INLINE_BYTES = 1024  # initializers smaller than this stay inside their graph
 
 
 class ExportError(RuntimeError):
@@ -65,14 +82,6 @@ class LogWeightsGraph(nn.Module):
         return self.vae.log_weights(x, eps)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_ready(model: VAE) -> VAE:
     """A copy in eval mode whose prior is frozen to the Gaussian mixture the manifest records."""
     frozen = copy.deepcopy(model).eval()
@@ -108,48 +117,94 @@ def _onnx_export(
 
 
 def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
-    """Write encoder.onnx, decoder.onnx and log_weights.onnx; return their contract entries."""
-    latent, dim = model.cfg.latent_dim, model.dim
+    """Write encoder.onnx, decoder.onnx and log_weights.onnx (weights inline); return their contract entries."""
+    latent, dim, lv = model.cfg.latent_dim, model.dim, model.levels
     x = torch.zeros(2, dim, dtype=torch.int64)
     z = torch.zeros(2, latent)
     eps = torch.zeros(3, 2, latent)
     _onnx_export(
         EncoderGraph(model),
         (x,),
-        out / "encoder.onnx",
+        out / GRAPH_FILES["encoder"],
         ["x"],
         ["mu", "log_var"],
         {"x": {0: "batch"}, "mu": {0: "batch"}, "log_var": {0: "batch"}},
     )
     _onnx_export(
-        DecoderGraph(model), (z,), out / "decoder.onnx", ["z"], ["probs"], {"z": {0: "batch"}, "probs": {0: "batch"}}
+        DecoderGraph(model),
+        (z,),
+        out / GRAPH_FILES["decoder"],
+        ["z"],
+        ["probs"],
+        {"z": {0: "batch"}, "probs": {0: "batch"}},
     )
     _onnx_export(
         LogWeightsGraph(model),
         (x, eps),
-        out / "log_weights.onnx",
+        out / GRAPH_FILES["log_weights"],
         ["x", "eps"],
         ["log_w"],
         {"x": {0: "batch"}, "eps": {0: "K", 1: "batch"}, "log_w": {0: "K", 1: "batch"}},
     )
-    lv = model.levels
     return {
         "encoder": {
-            "file": "encoder.onnx",
+            "file": GRAPH_FILES["encoder"],
             "inputs": {"x": ["batch", dim, "int64"]},
             "outputs": {"mu": ["batch", latent, "float32"], "log_var": ["batch", latent, "float32"]},
         },
         "decoder": {
-            "file": "decoder.onnx",
+            "file": GRAPH_FILES["decoder"],
             "inputs": {"z": ["batch", latent, "float32"]},
             "outputs": {"probs": ["batch", dim, lv, "float32"]},
         },
         "log_weights": {
-            "file": "log_weights.onnx",
+            "file": GRAPH_FILES["log_weights"],
             "inputs": {"x": ["batch", dim, "int64"], "eps": ["K", "batch", latent, "float32"]},
             "outputs": {"log_w": ["K", "batch", "float32"]},
         },
     }
+
+
+def share_weights(out: Path, graph_files: list[str], tensors: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Move the graphs' large initializers and the torch tensors into one weights.bin, each distinct tensor once.
+
+    The graphs keep pointing at their initializers as ONNX external data (location, offset, length);
+    the returned index does the same for the torch tensors (the checkpoint).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    blobs: dict[str, tuple[int, int]] = {}
+    with (out / WEIGHTS).open("wb") as fh:
+
+        def put(raw: bytes) -> tuple[int, int]:
+            key = hashlib.sha256(raw).hexdigest()
+            if key not in blobs:
+                fh.write(b"\0" * (-fh.tell() % 64))  # 64-byte alignment for memory-mapping readers
+                blobs[key] = (fh.tell(), len(raw))
+                fh.write(raw)
+            return blobs[key]
+
+        for fname in graph_files:
+            graph = onnx.load(str(out / fname))
+            for init in graph.graph.initializer:
+                array = numpy_helper.to_array(init)
+                if array.nbytes < INLINE_BYTES:
+                    continue
+                offset, length = put(np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+                for data_field in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
+                    init.ClearField(data_field)
+                init.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+                    entry = init.external_data.add()
+                    entry.key, entry.value = key, value
+            onnx.save(graph, str(out / fname))
+        index = {}
+        for name, array in tensors.items():
+            a = np.ascontiguousarray(array, dtype=np.float32)
+            offset, length = put(a.tobytes())
+            index[name] = {"offset": offset, "length": length, "shape": list(a.shape), "dtype": "float32"}
+    return index
 
 
 def _logmeanexp(a: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -157,20 +212,26 @@ def _logmeanexp(a: np.ndarray, axis: int = 0) -> np.ndarray:
     return (m + np.log(np.exp(a - m).mean(axis=axis, keepdims=True))).squeeze(axis)
 
 
-def verify(
-    model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0, tolerance: float = PARITY_TOLERANCE_NATS
-) -> dict[str, Any]:
-    """Compare torch and onnxruntime on real images; raise ExportError beyond `tolerance` nats."""
+def _sessions(out: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    sess = {
-        name: ort.InferenceSession(str(out / f"{name}.onnx"), opts, providers=["CPUExecutionProvider"])
-        for name in ("encoder", "decoder", "log_weights")
+    return {
+        name: ort.InferenceSession(str(out / fname), opts, providers=["CPUExecutionProvider"])
+        for name, fname in GRAPH_FILES.items()
     }
-    rng = np.random.default_rng(seed)
-    eps = rng.standard_normal((k, len(x), model.cfg.latent_dim)).astype(np.float32)
+
+
+def verify(
+    model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0, tolerance: float = PARITY_TOLERANCE_NATS
+) -> dict[str, Any]:
+    """Compare torch and onnxruntime on real images; raise ExportError beyond `tolerance` nats."""
+    sess = _sessions(out)
+    eps = np.broadcast_to(
+        importance_noise(seed, k, model.cfg.latent_dim)[:, None, :], (k, len(x), model.cfg.latent_dim)
+    )
+    eps = np.ascontiguousarray(eps)
     with torch.no_grad():
         xt = torch.from_numpy(x)
         lw_torch = model.log_weights(xt, torch.from_numpy(eps)).double().numpy()
@@ -200,14 +261,27 @@ def verify(
     return report
 
 
+def reference_scores(out: Path, x: np.ndarray, latent_dim: int, k: int, seed: int) -> list[float]:
+    """log p(x) in nats of each image on onnxruntime fp32, with the contract's noise: the manifest's check."""
+    sess = _sessions(out)["log_weights"]
+    eps = importance_noise(seed, k, latent_dim)
+    acc = ImportanceAccumulator.empty(len(x))
+    for i in range(0, k, 250):
+        chunk = np.ascontiguousarray(
+            np.broadcast_to(eps[i : i + 250, None, :], (len(eps[i : i + 250]), len(x), latent_dim))
+        )
+        acc.add(sess.run(None, {"x": x, "eps": chunk})[0])
+    return [round(float(v), 6) for v in acc.log_likelihood()]
+
+
 def parse_version_dir(out: Path) -> tuple[str, int]:
     """models/<name>/<version>: the name and the positive integer version."""
-    try:
-        version = int(out.name)
-    except ValueError:
-        version = -1
-    if version < 1:
-        raise ExportError(f"{out}: the output directory must be <models>/<name>/<version> with an integer version >= 1")
+    version = parse_version(out.name)
+    if version is None:
+        raise ExportError(
+            f"{out}: the output directory must be <models>/<name>/<version> with an integer version >= 1 "
+            "(no sign or leading zeros)"
+        )
     return out.parent.name, version
 
 
@@ -232,13 +306,25 @@ def write_version(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         graphs = export_graphs(frozen, staging)
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        index = share_weights(staging, list(GRAPH_FILES.values()), state)
         check = verify(frozen, staging, verify_images)
-        torch.save(
-            {"config": model.cfg.to_dict(), "dim": model.dim, "levels": model.levels, "state_dict": model.state_dict()},
-            staging / "checkpoint.pt",
+        (staging / CHECKPOINT).write_text(
+            json.dumps(
+                {
+                    "config": model.cfg.to_dict(),
+                    "dim": model.dim,
+                    "levels": model.levels,
+                    "weights": WEIGHTS,
+                    "tensors": index,
+                },
+                indent=1,
+            )
+            + "\n"
         )
         for fname, src in (extra_files or {}).items():
             shutil.copyfile(src, staging / fname)
+        check_images = verify_images[:CHECK_IMAGES]
         log_w, means, log_vars = (t.double().numpy() for t in frozen.prior.mixture())
         h, w = data_info["image_shape"]
         manifest = {
@@ -248,6 +334,7 @@ def write_version(
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "image": {"height": h, "width": w, "dim": h * w, "levels": model.levels},
             "likelihood": model.cfg.likelihood,
+            "decoder": {"outputs_per_pixel": model.decoder.out_per_pixel},
             "latent_dim": model.cfg.latent_dim,
             "prior": {
                 "kind": model.cfg.prior,
@@ -258,18 +345,37 @@ def write_version(
                 "log_vars": log_vars.tolist(),
             },
             "graphs": graphs,
+            "weights": {
+                "file": WEIGHTS,
+                "bytes": (staging / WEIGHTS).stat().st_size,
+                "parameters": int(sum(p.numel() for p in model.parameters())),
+            },
+            "check": {
+                "images": check_images.astype(int).tolist(),
+                "K": CHECK_K,
+                "seed": CHECK_SEED,
+                "log_likelihood_nats": reference_scores(
+                    staging, check_images, model.cfg.latent_dim, CHECK_K, CHECK_SEED
+                ),
+                "engine": "onnxruntime fp32 (CPUExecutionProvider)",
+            },
             "metrics": metrics,
             "export_check": check,
             "calibration": calibration,
             "training": training,
             "data": {k: v for k, v in data_info.items() if k != "image_shape"},
-            "files": {},
+            "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
         }
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_manifest(staging, manifest)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp made it 0700: other users (a non-root server) must read it
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
+    except ManifestError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"the manifest export produced is invalid: {exc}") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -277,23 +383,26 @@ def write_version(
 
 
 def load_checkpoint(version_dir: Path) -> VAE:
-    """Rebuild the trained torch model of a model version from its checkpoint and saved config."""
-    from training.config import TrainConfig
-
-    ckpt = torch.load(version_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    """Rebuild the trained torch model of a model version from checkpoint.json and weights.bin."""
+    try:
+        ckpt = json.loads((version_dir / CHECKPOINT).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{version_dir}: cannot read {CHECKPOINT}: {exc}") from exc
+    blob = np.memmap(version_dir / ckpt["weights"], dtype=np.uint8, mode="r")
+    state = {}
+    for name, t in ckpt["tensors"].items():
+        raw = blob[t["offset"] : t["offset"] + t["length"]]
+        state[name] = torch.from_numpy(np.frombuffer(raw.tobytes(), dtype=t["dtype"]).reshape(t["shape"]).copy())
     model = VAE(TrainConfig.from_dict(ckpt["config"]), ckpt["dim"], ckpt["levels"])
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(state)
     return model.eval()
 
 
-def verify_files(version_dir: Path) -> dict[str, Any]:
-    """Check every file named in the manifest against its sha256; raise ExportError on a mismatch."""
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    for fname, digest in manifest["files"].items():
-        path = version_dir / fname
-        if not path.is_file():
-            raise ExportError(f"{path}: named in the manifest but missing")
-        actual = sha256_file(path)
-        if actual != digest:
-            raise ExportError(f"{path}: sha256 {actual} does not match the manifest's {digest} (tampered?)")
+def read_verified(version_dir: Path) -> dict[str, Any]:
+    """The manifest after checking its digest, its schema and every file's sha256; ExportError otherwise."""
+    try:
+        manifest, _ = read_manifest(version_dir)
+        verify_files(version_dir, manifest)
+    except ManifestError as exc:
+        raise ExportError(f"{version_dir}: {exc}") from exc
     return manifest

@@ -1,7 +1,7 @@
-"""The VAE in the seed's decomposition: Encoder, Decoder, Prior, VAE.
+"""The VAE in the seed's decomposition: Encoder, Decoder (one subclass per likelihood), Prior, VAE.
 
-Images enter every network as int64 grey levels x (B, D); the encoder scales them to [0, 1] itself,
-so exported graphs take the same integers the data holds. All log-densities are in nats.
+Images enter every network as int64 grey levels x (B, D); the encoder scales them itself, so exported
+graphs take the same integers the data holds. All log-densities are in nats.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from torch.nn import functional as F
 from training.config import TrainConfig
 
 LOG_2PI = math.log(2.0 * math.pi)
+MIN_LOG_SCALE = -7.0  # smallest log scale of a logistic component (PixelCNN++)
+MAX_LOG_SCALE = 7.0  # largest: beyond it a bin's width over the scale underflows float32
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -40,6 +42,23 @@ def mixture_log_prob(
     """log sum_c w_c N(z | m_c, diag(exp(v_c))) for z (..., L), weights (C,), means/log_vars (C, L)."""
     comp = diag_gaussian_log_prob(z.unsqueeze(-2), means, log_vars)  # (..., C)
     return torch.logsumexp(comp + log_weights, dim=-1)
+
+
+def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """log sigmoid(x) = -softplus(-x), stable for any x. (The ONNX exporter writes F.logsigmoid as
+    Log(Sigmoid(x)), which underflows to -inf below x = -88 on onnxruntime.)"""
+    return -F.softplus(-x)
+
+
+def log1mexp(log_neg_d: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(d)) for d = -exp(log_neg_d) < 0, accurate near d = 0 (where 1 - exp(d) cancels).
+
+    Near zero it is log(-d) + log(1 + d/2 + d^2/6) (the series of -expm1(d) / -d, error < d^3/24),
+    with log(-d) taken directly; elsewhere log(1 - exp(d)). ONNX-exportable ops only.
+    """
+    d = -torch.exp(log_neg_d)
+    near_zero = log_neg_d + torch.log1p(d * (0.5 + d / 6.0))
+    return torch.where(d > -0.01, near_zero, torch.log(1.0 - torch.exp(torch.clamp(d, min=-80.0))))
 
 
 class Encoder(nn.Module):
@@ -75,6 +94,16 @@ class Decoder(nn.Module):
         self.dim, self.levels = dim, levels
         self.net = mlp([cfg.latent_dim] + [cfg.hidden] * cfg.depth + [dim * self.out_per_pixel], cfg.dropout)
 
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """The network's output for z (..., L) -> (..., D * out_per_pixel).
+
+        Leading axes are flattened into one batch axis first, so the exported graphs run every
+        decoder layer as a 2-D Gemm on the very weight tensors torch holds (which lets the graphs
+        share one weights file).
+        """
+        flat = self.net(z.reshape(-1, z.shape[-1]))
+        return flat.reshape(z.shape[:-1] + flat.shape[-1:])
+
     def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """log p(x|z) summed over pixels; x (B, D) int64, z (..., B, L) -> (..., B)."""
         raise NotImplementedError
@@ -85,14 +114,14 @@ class Decoder(nn.Module):
 
 
 class CategoricalDecoder(Decoder):
-    """Each pixel a categorical over the grey levels."""
+    """Each pixel a categorical over the grey levels: one logit per level and pixel."""
 
     def __init__(self, cfg: TrainConfig, dim: int, levels: int):
         self.out_per_pixel = levels
         super().__init__(cfg, dim, levels)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z).unflatten(-1, (self.dim, self.levels))  # (..., D, levels)
+        return self.features(z).unflatten(-1, (self.dim, self.levels))  # (..., D, levels)
 
     def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(self.logits(z), dim=-1)  # (..., B, D, levels)
@@ -111,13 +140,70 @@ class BernoulliDecoder(Decoder):
     out_per_pixel = 1
 
     def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        logits = self.net(z)  # (..., B, D)
+        logits = self.features(z)  # (..., B, D)
         # log sigmoid(l) for x=1 and log sigmoid(-l) for x=0, i.e. x l - softplus(l), broadcast over K
         return (x.to(logits.dtype) * logits - F.softplus(logits)).sum(-1)
 
     def probs(self, z: torch.Tensor) -> torch.Tensor:
-        p1 = torch.sigmoid(self.net(z))
+        p1 = torch.sigmoid(self.features(z))
         return torch.stack([1.0 - p1, p1], dim=-1)
+
+
+class LogisticMixtureDecoder(Decoder):
+    """Each pixel a mixture of M discretized logistics (PixelCNN++; Kingma et al.'s IAF-VAE).
+
+    Grey level x of `levels` sits at v = 2x / (levels - 1) - 1 on [-1, 1], in a bin of half-width
+    h = 1 / (levels - 1). Component m puts mass sigmoid((v + h - mu_m) / s_m) - sigmoid((v - h - mu_m) / s_m)
+    on the bin, with the edge bins open: level 0 takes everything below its upper edge, the top level
+    everything above its lower edge, so the levels' probabilities sum to exactly 1. 3 M numbers per pixel
+    (mixture logit, mean, log scale) instead of one per level.
+    """
+
+    def __init__(self, cfg: TrainConfig, dim: int, levels: int):
+        self.components = cfg.logistic_components
+        self.out_per_pixel = 3 * self.components
+        super().__init__(cfg, dim, levels)
+
+    def params(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log mixture weights, means, log scales), each (..., D, M)."""
+        p = self.features(z).unflatten(-1, (3, self.dim, self.components))  # (..., 3, D, M)
+        logit, mean, log_scale = p.unbind(-3)
+        return F.log_softmax(logit, dim=-1), mean, torch.clamp(log_scale, MIN_LOG_SCALE, MAX_LOG_SCALE)
+
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.pixel_log_probs(x, z).sum(-1)
+
+    def pixel_log_probs(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x_d | z) of each pixel: x (B, D) int64, z (..., B, L) -> (..., B, D)."""
+        log_w, mean, log_scale = self.params(z)  # (..., B, D, M)
+        half = 1.0 / (self.levels - 1)
+        v = (x.to(mean.dtype) * (2.0 * half) - 1.0).unsqueeze(-1)  # (B, D, 1)
+        inv_s = torch.exp(-log_scale)
+        upper = (v + half - mean) * inv_s
+        lower = (v - half - mean) * inv_s
+        # log(sigmoid(a) - sigmoid(b)) = log sigmoid(a) + log sigmoid(-b) + log(1 - exp(b - a)): stable everywhere;
+        # b - a = -2h / s, so log(a - b) = log(2h) - log s
+        inner = log_sigmoid(upper) + log_sigmoid(-lower) + log1mexp(math.log(2.0 * half) - log_scale)
+        bottom = (x == 0).unsqueeze(-1)
+        top = (x == self.levels - 1).unsqueeze(-1)
+        log_bin = torch.where(bottom, log_sigmoid(upper), torch.where(top, log_sigmoid(-lower), inner))
+        return torch.logsumexp(log_w + log_bin, dim=-1)
+
+    def probs(self, z: torch.Tensor) -> torch.Tensor:
+        log_w, mean, log_scale = self.params(z)  # (..., D, M)
+        half = 1.0 / (self.levels - 1)
+        edges = torch.arange(self.levels - 1, dtype=mean.dtype) * (2.0 * half) - 1.0 + half  # (levels-1,)
+        cdf_m = torch.sigmoid((edges - mean.unsqueeze(-1)) * torch.exp(-log_scale).unsqueeze(-1))  # (..., D, M, lv-1)
+        cdf = (log_w.exp().unsqueeze(-1) * cdf_m).sum(-2)  # (..., D, levels-1)
+        full = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)  # CDF at every edge, -inf .. +inf
+        return torch.clamp(full[..., 1:] - full[..., :-1], min=0.0)
+
+
+DECODERS: dict[str, type[Decoder]] = {
+    "categorical": CategoricalDecoder,
+    "bernoulli": BernoulliDecoder,
+    "logistic_mixture": LogisticMixtureDecoder,
+}
 
 
 class Prior(nn.Module):
@@ -192,14 +278,17 @@ class FixedMixturePrior(Prior):
 
 
 class VAE(nn.Module):
+    """Encoder, decoder and prior of one configuration; `cfg` must be resolved (no "auto" left)."""
+
     def __init__(self, cfg: TrainConfig, dim: int, levels: int):
         super().__init__()
         self.cfg, self.dim, self.levels = cfg, dim, levels
-        self.encoder = Encoder(cfg, dim, levels)
-        decoder_cls = CategoricalDecoder if cfg.likelihood == "categorical" else BernoulliDecoder
+        if cfg.likelihood not in DECODERS:
+            raise ValueError(f"likelihood {cfg.likelihood!r} is not resolved; call TrainConfig.resolve first")
         if cfg.likelihood == "bernoulli" and levels != 2:
             raise ValueError(f"the bernoulli likelihood needs 2 grey levels, the data has {levels}")
-        self.decoder = decoder_cls(cfg, dim, levels)
+        self.encoder = Encoder(cfg, dim, levels)
+        self.decoder = DECODERS[cfg.likelihood](cfg, dim, levels)
         if cfg.prior == "standard":
             self.prior: Prior = StandardGaussianPrior(cfg.latent_dim)
         elif cfg.prior == "mog":
@@ -229,3 +318,9 @@ class VAE(nn.Module):
     def frozen_prior(self) -> FixedMixturePrior:
         with torch.no_grad():
             return FixedMixturePrior(*self.prior.mixture())
+
+
+def parameter_count(cfg: TrainConfig, dim: int, levels: int) -> int:
+    """Parameters of the model a resolved config builds, counted without allocating them."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in VAE(cfg, dim, levels).parameters())

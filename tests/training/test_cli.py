@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from tests.training.test_data import write_idx
-from training.cli import main
+from training.cli import build_parser, main, resolve_config
+from training.config import TrainConfig
 
 FAST = ["--epochs", "3", "--hidden", "16", "--latent-dim", "2", "--eval-k", "10", "--quiet", "--no-plots"]
 
@@ -33,16 +34,28 @@ def test_idx_source_end_to_end(tmp_path):
     write_idx(tmp_path / "img.idx.gz", synthetic(), compress=True)
     m = run_ok(["--dataset", f"idx:{tmp_path / 'img.idx.gz'}", "--levels", "16"], tmp_path / "models" / "idx" / "1")
     assert m["image"] == {"height": 6, "width": 6, "dim": 36, "levels": 16}
+    assert m["likelihood"] == "logistic_mixture"  # auto: more than 3 levels
 
 
-def test_png_folder_source_end_to_end(tmp_path):
+def test_8bit_folder_trains_with_the_defaults(tmp_path):
+    """256 grey levels: auto picks the logistic mixture, inputs are scaled to [0, 1], nothing blows up."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(synthetic(40, 10, 10)):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
+    m = run_ok(["--dataset", f"folder:{folder}"], tmp_path / "models" / "png" / "1")
+    assert m["likelihood"] == "logistic_mixture" and m["image"]["levels"] == 256
+    assert m["training"]["config"]["input_scale"] == "unit"
+    assert m["metrics"]["nll"]["bits_per_dim"] < 8.0  # better than uniform after 3 epochs
+
+
+def test_png_folder_binary(tmp_path):
     folder = tmp_path / "pngs"
     folder.mkdir()
     for i, img in enumerate(synthetic(40, 10, 10)):
         Image.fromarray(img).save(folder / f"{i:03d}.png")
     m = run_ok(
-        ["--dataset", f"folder:{folder}", "--image-size", "5", "5", "--levels", "2", "--likelihood", "bernoulli"],
-        tmp_path / "models" / "png" / "1",
+        ["--dataset", f"folder:{folder}", "--image-size", "5", "5", "--levels", "2"], tmp_path / "models" / "png" / "1"
     )
     assert m["likelihood"] == "bernoulli" and m["image"]["levels"] == 2 and m["image"]["dim"] == 25
 
@@ -80,13 +93,35 @@ def test_refuses_to_overwrite_and_reports_bad_data(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
-def test_config_file_and_flags_layer(tmp_path):
-    from training.cli import build_parser, resolve_config
+def test_enormous_model_is_refused_before_training(tmp_path, capsys):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((28, 28), i * 20, dtype=np.uint8)).save(folder / f"{i}.png")
+    args = ["--dataset", f"folder:{folder}", "--likelihood", "categorical", "--out", str(tmp_path / "m" / "1")]
+    assert main(args + ["--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "103.9 M parameters = 416 MB" in err and "logistic_mixture" in err
+    assert not (tmp_path / "m").exists()
 
+
+def test_config_file_and_flags_layer(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"hidden": 32, "prior": "mog"}))
     args = build_parser().parse_args(["--preset", "seed", "--config", str(tmp_path / "c.json"), "--hidden", "48"])
     cfg = resolve_config(args)
     assert (cfg.hidden, cfg.prior, cfg.input_scale) == (48, "mog", "raw")  # flag > file > preset
+
+
+def test_every_config_field_is_a_flag_with_its_real_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = TrainConfig()
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text, name
+    assert f"(default: {defaults.hidden})" in text and f"(default: {defaults.ema})" in text
+    assert "max_minutes" not in text  # flags are spelled with dashes
+    assert resolve_config(build_parser().parse_args([])) == defaults
 
 
 def test_bad_flags(tmp_path, capsys):
@@ -97,3 +132,4 @@ def test_bad_flags(tmp_path, capsys):
     assert "latent_dim must be a positive integer" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "a" / "one")] + FAST) == 2
     assert "integer version" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "a" / "01")] + FAST) == 2

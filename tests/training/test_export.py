@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,16 +11,30 @@ from training.export import (
     export_graphs,
     export_ready,
     load_checkpoint,
+    read_verified,
+    share_weights,
     verify,
-    verify_files,
     write_version,
 )
 from training.model import VAE
 
 
+def small_model(levels: int = 17, **kw) -> VAE:
+    torch.manual_seed(0)
+    cfg = TrainConfig(hidden=16, latent_dim=3, **kw).resolve(levels, 100)
+    return VAE(cfg, dim=64, levels=levels).eval()
+
+
 def test_version_dir_is_complete_and_verified(version_dir):
-    manifest = verify_files(version_dir)
-    assert set(manifest["files"]) >= {"encoder.onnx", "decoder.onnx", "log_weights.onnx", "checkpoint.pt"}
+    manifest = read_verified(version_dir)
+    assert set(manifest["files"]) >= {
+        "encoder.onnx",
+        "decoder.onnx",
+        "log_weights.onnx",
+        "weights.bin",
+        "checkpoint.json",
+    }
+    assert manifest["format_version"] == 2
     assert manifest["image"] == {"height": 8, "width": 8, "dim": 64, "levels": 17}
     assert manifest["metrics"]["nll"]["K"] == 100 and manifest["metrics"]["neg_elbo"]["K"] == 1
     check = manifest["export_check"]
@@ -27,20 +42,47 @@ def test_version_dir_is_complete_and_verified(version_dir):
     prior = manifest["prior"]
     assert np.isclose(np.exp(prior["log_weights"]).sum(), 1.0)
     assert np.array(prior["means"]).shape == (prior["components"], manifest["latent_dim"])
+    assert manifest["training"]["weights"] in ("ema", "raw") and manifest["training"]["time_limited"] is False
+    assert len(manifest["check"]["images"]) == len(manifest["check"]["log_likelihood_nats"]) == 32
+
+
+def test_graphs_share_one_weights_file(version_dir):
+    """Each distinct tensor is stored once: the version holds about one copy of the model's weights."""
+    manifest = read_verified(version_dir)
+    params = manifest["weights"]["parameters"]
+    size = (version_dir / "weights.bin").stat().st_size
+    assert 4 * params <= size < 4 * params * 1.1 + 64 * 1024
+    import onnx
+
+    for spec in manifest["graphs"].values():  # the graphs keep only small tensors inline
+        graph = onnx.load(str(version_dir / spec["file"]), load_external_data=False)
+        for init in graph.graph.initializer:
+            external = init.data_location == onnx.TensorProto.EXTERNAL
+            assert external or len(init.raw_data) < 1024, init.name
+            if external:
+                assert {e.key: e.value for e in init.external_data}["location"] == "weights.bin"
 
 
 def test_checkpoint_rebuilds_the_model(version_dir):
     model = load_checkpoint(version_dir)
     manifest = json.loads((version_dir / "manifest.json").read_text())
     assert model.cfg.to_dict() == manifest["training"]["config"]
+    x = torch.from_numpy(np.array(manifest["check"]["images"][:4]))
+    mu, _ = model.encoder(x)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(version_dir / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], mu.detach().numpy(), atol=1e-5)
 
 
-def test_parity_failure_writes_nothing(tmp_path):
-    torch.manual_seed(0)
-    model = VAE(TrainConfig(hidden=16, latent_dim=3), dim=64, levels=17).eval()
-    frozen = export_ready(model)
+@pytest.mark.parametrize("levels,likelihood", [(17, "categorical"), (256, "logistic_mixture"), (2, "bernoulli")])
+def test_parity_holds_and_a_drift_is_caught(tmp_path, levels, likelihood):
+    frozen = export_ready(small_model(levels, likelihood=likelihood))
     export_graphs(frozen, tmp_path)
-    x = np.random.default_rng(0).integers(0, 17, (8, 64))
+    share_weights(tmp_path, ["encoder.onnx", "decoder.onnx", "log_weights.onnx"], {})
+    x = np.random.default_rng(0).integers(0, levels, (8, 64))
+    x[0] = 0
+    x[1] = levels - 1  # the edge bins
     assert verify(frozen, tmp_path, x)["max_abs_diff_log_likelihood_nats"] < 1e-3
     with torch.no_grad():  # the graphs on disk no longer match the torch model
         frozen.decoder.net[-1].bias.add_(0.05 * torch.randn_like(frozen.decoder.net[-1].bias))
@@ -48,11 +90,23 @@ def test_parity_failure_writes_nothing(tmp_path):
         verify(frozen, tmp_path, x)
 
 
+def test_parity_holds_in_the_logistic_tails(tmp_path):
+    """Extreme means and scales: every bin probability stays finite on onnxruntime, as in torch."""
+    model = small_model(17, likelihood="logistic_mixture")
+    with torch.no_grad():
+        model.decoder.net[-1].weight.mul_(20.0)  # log-likelihoods near -1000 nats, components far in the tails
+        model.decoder.net[-1].bias.mul_(20.0)
+    frozen = export_ready(model)
+    export_graphs(frozen, tmp_path)
+    share_weights(tmp_path, ["encoder.onnx", "decoder.onnx", "log_weights.onnx"], {})
+    x = np.random.default_rng(1).integers(0, 17, (32, 64))
+    assert verify(frozen, tmp_path, x)["max_abs_diff_log_likelihood_nats"] < 1e-3
+
+
 def test_write_version_refuses_on_parity_failure(tmp_path, monkeypatch):
     import training.export as export
 
-    torch.manual_seed(0)
-    model = VAE(TrainConfig(hidden=16, latent_dim=3), dim=64, levels=17).eval()
+    model = small_model()
     real_export = export.export_graphs
 
     def drifting_export(m, out):  # export a perturbed copy: onnxruntime disagrees with torch
@@ -75,13 +129,24 @@ def test_write_version_refuses_on_parity_failure(tmp_path, monkeypatch):
     assert not out.exists() and not list((tmp_path / "m").iterdir())
 
 
-def test_tampered_file_is_detected(version_dir, tmp_path):
-    import shutil
-
+@pytest.mark.parametrize("victim", ["decoder.onnx", "weights.bin"])
+def test_tampered_file_is_detected(version_dir, tmp_path, victim):
     copy = tmp_path / "digits" / "1"
     shutil.copytree(version_dir, copy)
-    data = bytearray((copy / "decoder.onnx").read_bytes())
-    data[-10] ^= 0xFF
-    (copy / "decoder.onnx").write_bytes(bytes(data))
-    with pytest.raises(ExportError, match="decoder.onnx.*sha256"):
-        verify_files(copy)
+    data = bytearray((copy / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / victim).write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=f"{victim}.*sha256"):
+        read_verified(copy)
+
+
+def test_edited_manifest_is_detected(version_dir, tmp_path):
+    copy = tmp_path / "digits" / "1"
+    shutil.copytree(version_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["calibration"]["scores"]["combined"]["quantiles"]["values"] = [
+        v + 1000 for v in manifest["calibration"]["scores"]["combined"]["quantiles"]["values"]
+    ]
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    with pytest.raises(ExportError, match="manifest was modified"):
+        read_verified(copy)

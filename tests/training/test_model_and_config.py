@@ -1,11 +1,16 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Independent, Normal
 
-from training.config import PRESETS, ConfigError, TrainConfig, read_config_file
-from training.model import VAE, diag_gaussian_log_prob, mixture_log_prob
+from training.config import PRESETS, ConfigError, TrainConfig, auto_batch_size, read_config_file
+from training.model import VAE, LogisticMixtureDecoder, diag_gaussian_log_prob, mixture_log_prob
+
+
+def resolved(levels=17, n_train=1000, **kw):
+    return TrainConfig(**kw).resolve(levels, n_train)
 
 
 def test_config_json_round_trip(tmp_path):
@@ -19,6 +24,10 @@ def test_config_rejects_bad_values(tmp_path):
         TrainConfig(prior="flow")
     with pytest.raises(ConfigError, match="bernoulli"):
         TrainConfig(likelihood="bernoulli", levels=17)
+    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="latent_dim must be a positive integer"):
+        TrainConfig(latent_dim=True)  # a bool is not a number of dimensions
     (tmp_path / "bad.json").write_text('{"hiden": 3}')
     with pytest.raises(ConfigError, match="unknown keys: hiden"):
         read_config_file(tmp_path / "bad.json")
@@ -27,7 +36,27 @@ def test_config_rejects_bad_values(tmp_path):
 def test_seed_preset_is_the_seed_setup():
     seed = TrainConfig.from_dict(PRESETS["seed"])
     assert (seed.hidden, seed.latent_dim, seed.prior, seed.likelihood) == (256, 16, "standard", "categorical")
-    assert (seed.lr, seed.batch_size, seed.patience, seed.iw_train) == (1e-3, 64, 20, 1)
+    assert (seed.lr, seed.batch_size, seed.patience, seed.iw_train, seed.input_scale) == (1e-3, 64, 20, 1, "raw")
+
+
+def test_defaults_have_no_clock_and_scale_inputs():
+    cfg = TrainConfig()
+    assert cfg.max_minutes is None and cfg.input_scale == "unit"
+
+
+def test_auto_choices_follow_the_data():
+    assert resolved(levels=2).likelihood == "bernoulli"
+    assert resolved(levels=3).likelihood == "categorical"
+    assert resolved(levels=4).likelihood == "logistic_mixture"  # the ordinal mixture wins from 4 levels on
+    assert resolved(levels=17).likelihood == "logistic_mixture"
+    assert resolved(levels=256).likelihood == "logistic_mixture"
+    assert resolved(levels=256, likelihood="categorical").likelihood == "categorical"  # a flag overrides
+    with pytest.raises(ConfigError, match="binary"):
+        resolved(levels=17, likelihood="bernoulli")
+    assert [auto_batch_size(n) for n in (300, 1000, 12000, 48000, 10**6)] == [64, 64, 64, 256, 256]
+    cfg = resolved(n_train=1000, max_steps=1600)  # 16 steps an epoch
+    assert (cfg.batch_size, cfg.epochs) == (64, 100)
+    assert resolved(n_train=1000, epochs=7).epochs == 7  # an explicit cap wins
 
 
 def test_log_densities_match_torch_distributions():
@@ -42,19 +71,15 @@ def test_log_densities_match_torch_distributions():
 
 
 @pytest.mark.parametrize("prior", ["standard", "mog", "vamp"])
-@pytest.mark.parametrize("likelihood,levels", [("categorical", 17), ("bernoulli", 2)])
+@pytest.mark.parametrize(
+    "likelihood,levels", [("categorical", 17), ("bernoulli", 2), ("logistic_mixture", 17), ("logistic_mixture", 256)]
+)
 def test_vae_shapes_and_frozen_prior(prior, likelihood, levels):
     torch.manual_seed(0)
-    cfg = TrainConfig(
-        prior=prior,
-        likelihood=likelihood,
-        components=5,
-        hidden=16,
-        latent_dim=3,
-        levels=levels if likelihood == "bernoulli" else None,
-    )
+    cfg = resolved(levels=levels, prior=prior, likelihood=likelihood, components=5, hidden=16, latent_dim=3)
     vae = VAE(cfg, dim=10, levels=levels).eval()
     x = torch.randint(0, levels, (4, 10))
+    x[0, :2] = torch.tensor([0, levels - 1])  # the open edge bins
     eps = torch.randn(6, 4, 3)
     log_w = vae.log_weights(x, eps)
     assert log_w.shape == (6, 4) and torch.all(torch.isfinite(log_w))
@@ -67,14 +92,69 @@ def test_vae_shapes_and_frozen_prior(prior, likelihood, levels):
     # the decoder's log_prob is the log of its probs at x
     z1 = torch.randn(4, 3)
     via_probs = torch.log(torch.gather(vae.decoder.probs(z1), -1, x.unsqueeze(-1)).squeeze(-1)).sum(-1)
-    torch.testing.assert_close(vae.decoder.log_prob(x, z1), via_probs, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(vae.decoder.log_prob(x, z1), via_probs, atol=2e-3, rtol=1e-5)
+
+
+def _mixture_decoder(levels: int, seed: int = 0) -> tuple[LogisticMixtureDecoder, torch.Tensor]:
+    torch.manual_seed(seed)
+    cfg = resolved(levels=levels, likelihood="logistic_mixture", logistic_components=3, hidden=8, latent_dim=2)
+    dec = LogisticMixtureDecoder(cfg, dim=5, levels=levels).eval()
+    with torch.no_grad():  # spread the scales: sharp and wide components, means on and off [-1, 1]
+        dec.net[-1].weight.mul_(3.0)
+    return dec, torch.randn(3, 2)
+
+
+def test_logistic_mixture_bins_sum_to_one_over_256_levels():
+    dec, z = _mixture_decoder(256)
+    x_all = torch.arange(256).view(256, 1, 1).expand(256, 3, 5)  # every level at every pixel
+    with torch.no_grad():
+        per_pixel = torch.stack([dec.pixel_log_probs(x_all[lv], z) for lv in range(256)])  # (256, 3, 5)
+    total = per_pixel.double().exp().sum(0)
+    np.testing.assert_allclose(total.numpy(), 1.0, atol=1e-5)
+
+
+def test_logistic_mixture_matches_numerical_integration():
+    """Each bin's probability is the integral of the mixture's density over the bin (open at the edges)."""
+    from scipy import integrate
+    from scipy.special import expit
+
+    levels = 256
+    dec, z = _mixture_decoder(levels, seed=1)
+    with torch.no_grad():
+        log_w, mean, log_scale = (t.double().numpy() for t in dec.params(z[:1]))
+        probs = dec.probs(z[:1]).double().numpy()[0]  # (D, levels)
+    w, mu, s = np.exp(log_w[0, 0]), mean[0, 0], np.exp(log_scale[0, 0])  # pixel 0: (M,)
+
+    def density(v: float) -> float:
+        t = (v - mu) / s
+        return float(np.sum(w * expit(t) * expit(-t) / s))
+
+    half = 1.0 / (levels - 1)
+    far = 60.0 * s.max() + np.abs(mu).max() + 2.0  # beyond this the mixture's tails hold < 1e-20
+    rng = np.random.default_rng(0)
+    for level in [0, 1, 2, 127, 128, 254, 255] + list(rng.integers(0, levels, 8)):
+        v = 2 * level * half - 1
+        lo = -far if level == 0 else v - half
+        hi = far if level == levels - 1 else v + half
+        points = [p for p in mu if lo < p < hi] or None
+        expected, _ = integrate.quad(density, lo, hi, points=points, epsabs=1e-13, epsrel=1e-10, limit=500)
+        assert abs(probs[0, level] - expected) < 1e-6 + 1e-4 * expected, (level, probs[0, level], expected)
+        x = torch.full((1, dec.dim), int(level))
+        with torch.no_grad():
+            lp = dec.pixel_log_probs(x, z[:1])[0, 0].item()
+        assert abs(math.exp(lp) - expected) < 1e-6 + 1e-4 * expected, (level, math.exp(lp), expected)
 
 
 def test_loss_is_negative_elbo_for_k1_and_iwae_for_k():
     torch.manual_seed(0)
-    vae = VAE(TrainConfig(hidden=16, latent_dim=3), dim=10, levels=17).eval()
+    vae = VAE(resolved(hidden=16, latent_dim=3), dim=10, levels=17).eval()
     x = torch.randint(0, 17, (4, 10))
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     eps = torch.randn(5, 4, 3, generator=g2)
     expected = -(torch.logsumexp(vae.log_weights(x, eps), 0) - math.log(5)).mean()
     torch.testing.assert_close(vae.loss(x, 5, 1.0, g1), expected)
+
+
+def test_unresolved_config_is_refused():
+    with pytest.raises(ValueError, match="resolve"):
+        VAE(TrainConfig(), dim=10, levels=17)

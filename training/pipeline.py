@@ -1,0 +1,141 @@
+"""The pipeline behind `vae-train`: data -> train -> evaluate -> calibrate -> export, as one call.
+
+`vae-train`, `vae-ood-eval` and the tests call `run`; the CLI only parses arguments and maps errors
+to exit codes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import ConfigError, TrainConfig
+from training.data import prepare_config
+from training.evaluate import evaluate, save_plots
+from training.export import ExportError, parse_version_dir, write_version
+from training.model import parameter_count
+from training.ood import calibrate
+from training.train import train
+
+Log = Callable[[str], None]
+
+
+def check_model_size(cfg: TrainConfig, dim: int, levels: int) -> tuple[int, float]:
+    """(parameters, MB of float32 weights) of the model `cfg` builds; ConfigError above max_model_mb."""
+    params = parameter_count(cfg, dim, levels)
+    mb = params * 4 / 1e6
+    if mb > cfg.max_model_mb:
+        hint = (
+            "use --likelihood logistic_mixture (a few numbers per pixel, not one per grey level), fewer --levels, "
+            if cfg.likelihood == "categorical"
+            else ""
+        )
+        raise ConfigError(
+            f"this configuration would build a model of {params / 1e6:.1f} M parameters = {mb:.0f} MB of weights "
+            f"per version ({cfg.likelihood} likelihood, {levels} levels, {dim} pixels, hidden {cfg.hidden}), over the "
+            f"--max-model-mb limit of {cfg.max_model_mb:g} MB; {hint}a smaller --hidden, or raise --max-model-mb"
+        )
+    return params, mb
+
+
+def run(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    force: bool = False,
+    plots: bool = True,
+    progress: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Train, evaluate, calibrate and export one model version; return its manifest."""
+    parse_version_dir(out)  # refuse a bad output path before spending time on training
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} already holds a model version; pick a new version or pass --force")
+    data = prepare_config(cfg)
+    resolved = cfg.resolve(data.levels, len(data.train))
+    params, mb = check_model_size(resolved, data.dim, data.levels)
+    log(
+        f"data: {cfg.dataset}, images {data.shape[0]}x{data.shape[1]}, {data.levels} levels, "
+        f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}"
+    )
+    log(
+        f"model: {resolved.likelihood} likelihood, {resolved.prior} prior, latent {resolved.latent_dim}, "
+        f"{params / 1e6:.2f} M parameters ({mb:.1f} MB); batch {resolved.batch_size}, at most {resolved.epochs} epochs "
+        f"({resolved.max_steps} steps), patience {resolved.patience}, seed {resolved.seed}"
+    )
+    work = out.parent / f".{out.name}-work"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        result = train(resolved, data, out_dir=work, progress=progress, log=log)
+        log(
+            f"trained {result.epochs_run} epochs ({result.steps} steps) in {result.seconds:.1f} s, "
+            f"{result.stopped_because}; best validation loss {result.best_val_loss:.3f} nats at epoch "
+            f"{result.best_epoch} ({result.weights} weights)"
+        )
+        t0 = time.monotonic()
+        x_test = torch.from_numpy(data.flat("test"))
+        metrics = evaluate(result.model, x_test, k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed)
+        eval_seconds = time.monotonic() - t0
+        t0 = time.monotonic()
+        calibration = calibrate(
+            result.model, data.flat("val"), k=cfg.eval_k, seed=cfg.seed + 2, default_score=cfg.ood_score
+        )
+        calibration_seconds = time.monotonic() - t0
+        extra = {"metrics.jsonl": work / "metrics.jsonl"}
+        if plots:
+            for name in save_plots(result.model, data.test, work, seed=cfg.seed):
+                extra[name] = work / name
+        training = {
+            "config": resolved.to_dict(),
+            "requested": cfg.to_dict(),
+            "weights": result.weights,
+            "val_loss_at_best_nats": {k: round(v, 4) for k, v in result.val_loss_at_best.items()},
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "steps": result.steps,
+            "stopped_because": result.stopped_because,
+            "time_limited": result.time_limited,
+            "best_val_loss_nats": round(result.best_val_loss, 4),
+            "seconds": {
+                "training": round(result.seconds, 2),
+                "evaluation": round(eval_seconds, 2),
+                "calibration": round(calibration_seconds, 2),
+            },
+            "torch_version": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+        data_info = {
+            "source": cfg.dataset,
+            "image_shape": list(data.shape),
+            "split": data.split,
+            "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        }
+        manifest = write_version(
+            result.model,
+            out,
+            verify_images=data.flat("test")[:256],
+            metrics=metrics,
+            training=training,
+            data_info=data_info,
+            extra_files=extra,
+            calibration=calibration,
+            force=force,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    m = manifest["metrics"]
+    log(f"test -ELBO (K=1): {m['neg_elbo']['nats']:.3f} nats = {m['neg_elbo']['bits_per_dim']:.4f} bits/dim")
+    log(f"test NLL (K={m['nll']['K']}): {m['nll']['nats']:.3f} nats = {m['nll']['bits_per_dim']:.4f} bits/dim")
+    log(f"active units: {m['active_units']} of {resolved.latent_dim}")
+    log(f"evaluation {eval_seconds:.1f} s, calibration {calibration_seconds:.1f} s (K={cfg.eval_k})")
+    parity = manifest["export_check"]["max_abs_diff_log_likelihood_nats"]
+    log(f"export parity: max |torch - onnxruntime| = {parity:.2e} nats")
+    if result.time_limited:
+        log(f"WARNING: training was cut short by --max-minutes {cfg.max_minutes}; see the manifest's training block")
+    log(f"wrote {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")
+    return manifest

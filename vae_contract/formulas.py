@@ -1,0 +1,233 @@
+"""Every formula of the model-repository contract, written once (see models/README.md).
+
+Units: log-likelihoods in nats; `bits_per_dim` converts; OOD scores carry the units in SCORE_UNITS.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+LN2 = math.log(2.0)
+FloatArray = npt.NDArray[np.float64]
+
+# --- grey levels ------------------------------------------------------------------------------
+
+
+def requantize(images: np.ndarray, levels_in: int, levels_out: int) -> npt.NDArray[np.uint8]:
+    """Grey levels [0, levels_in) -> the nearest level of [0, levels_out) on the [0, 1] scale:
+    floor(x (levels_out - 1) / (levels_in - 1) + 1/2)."""
+    if levels_in == levels_out:
+        return images.astype(np.uint8)
+    out = np.floor(images.astype(np.float64) * (levels_out - 1) / (levels_in - 1) + 0.5)
+    return out.astype(np.uint8)
+
+
+def pixels_to_levels(pixels: np.ndarray, levels: int) -> npt.NDArray[np.int64]:
+    """8-bit pixels -> the model's grey levels (the nearest one); exact inverse of `levels_to_pixels`."""
+    return np.floor(pixels.astype(np.float64) * (levels - 1) / 255.0 + 0.5).astype(np.int64)
+
+
+def levels_to_pixels(images: np.ndarray, levels: int) -> npt.NDArray[np.uint8]:
+    """Grey levels -> 8-bit pixels, floor(l 255 / (levels - 1) + 1/2)."""
+    return np.floor(images.astype(np.float64) * 255.0 / (levels - 1) + 0.5).astype(np.uint8)
+
+
+def bits_per_dim(nats: Any, dim: int) -> Any:
+    """Nats per image -> bits per dimension (pixel)."""
+    return nats / (dim * LN2)
+
+
+# --- importance sampling ----------------------------------------------------------------------
+
+
+NOISE_BLOCK = 250  # samples per independently seeded block of importance noise
+
+
+def importance_noise(seed: int, k: int, latent_dim: int, start: int = 0) -> npt.NDArray[np.float32]:
+    """The standard-normal noise eps of samples [start, start + k) of one image's importance samples.
+
+    Sample i comes from block i // NOISE_BLOCK, drawn by numpy's default_rng([seed, block]); `start`
+    must be a multiple of NOISE_BLOCK. The noise depends on the seed and the sample index only, never
+    on the image's position or the other images of a request, so an image's score is the same alone,
+    in a batch, or batched by the server, and chunks of K can be drawn one at a time.
+    """
+    if seed < 0 or start % NOISE_BLOCK:
+        raise ValueError("seed must be >= 0 and start a multiple of NOISE_BLOCK")
+    first, last = start // NOISE_BLOCK, (start + k - 1) // NOISE_BLOCK
+    blocks = [
+        np.random.default_rng([seed, b]).standard_normal((NOISE_BLOCK, latent_dim), dtype=np.float32)
+        for b in range(first, last + 1)
+    ]
+    return np.concatenate(blocks)[:k] if k > 0 else np.zeros((0, latent_dim), np.float32)
+
+
+def _logsumexp0(a: FloatArray) -> FloatArray:
+    m = a.max(axis=0)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.asarray(m + np.log(np.exp(a - m).sum(axis=0)))
+
+
+@dataclass
+class ImportanceAccumulator:
+    """Combines log importance weights log_w (chunk, B), chunk after chunk, in float64.
+
+    log p(x) ~ log (1/K) sum_k w_k (the IWAE estimate); ELBO = mean_k log w_k;
+    ESS = (sum w)^2 / sum w^2, in [1, K].
+    """
+
+    lse: FloatArray
+    lse2: FloatArray
+    total: FloatArray
+    k: int = 0
+
+    @classmethod
+    def empty(cls, batch: int) -> ImportanceAccumulator:
+        return cls(np.full(batch, -np.inf), np.full(batch, -np.inf), np.zeros(batch))
+
+    def add(self, log_w: np.ndarray) -> None:
+        lw = np.asarray(log_w, dtype=np.float64)
+        self.lse = np.logaddexp(self.lse, _logsumexp0(lw))
+        self.lse2 = np.logaddexp(self.lse2, _logsumexp0(2.0 * lw))
+        self.total = self.total + lw.sum(axis=0)
+        self.k += lw.shape[0]
+
+    def log_likelihood(self) -> FloatArray:
+        return self.lse - math.log(self.k)
+
+    def elbo(self) -> FloatArray:
+        return self.total / self.k
+
+    def ess(self) -> FloatArray:
+        return np.asarray(np.exp(2.0 * self.lse - self.lse2))
+
+
+# --- OOD scores -------------------------------------------------------------------------------
+
+SCORE_NAMES = ("nll_bpd", "complexity", "typicality", "combined")
+SCORE_UNITS = {"nll_bpd": "bits/dim", "complexity": "bits/dim", "typicality": "bits/dim", "combined": "std units"}
+COMBINED_PARTS = ("nll_bpd", "complexity")
+COMPRESSOR = "zlib level 9 on the raw grey-level bytes (8 bits per pixel)"
+CALIBRATION_FPRS = (0.01, 0.05)
+MAX_QUANTILES = 1001  # store every calibration score up to this many, else this many quantiles
+
+
+def compressed_bits(x: np.ndarray) -> FloatArray:
+    """Length in bits of each image (N, D) of grey levels under zlib level 9 of its raw bytes."""
+    return np.array([8 * len(zlib.compress(row.astype(np.uint8).tobytes(), 9)) for row in x], dtype=np.float64)
+
+
+def raw_scores(nll_bpd: np.ndarray, x: np.ndarray) -> dict[str, FloatArray]:
+    """The scores that need no calibration: nll_bpd and complexity (Serra et al., 2020)."""
+    nll = np.asarray(nll_bpd, dtype=np.float64)
+    return {"nll_bpd": nll, "complexity": nll - compressed_bits(x) / x.shape[1]}
+
+
+def scores_from_nll(
+    nll_bpd: np.ndarray, x: np.ndarray, typical_center: float, standardize: dict[str, list[float]]
+) -> dict[str, FloatArray]:
+    """Every score of images x (N, D), given their NLL in bits/dim and the validation statistics."""
+    scores = raw_scores(nll_bpd, x)
+    scores["typicality"] = np.abs(scores["nll_bpd"] - typical_center)
+    z = [(scores[name] - standardize[name][0]) / standardize[name][1] for name in COMBINED_PARTS]
+    scores["combined"] = np.maximum.reduce(z)
+    return scores
+
+
+def validation_statistics(nll_bpd: np.ndarray, x: np.ndarray) -> tuple[float, dict[str, list[float]]]:
+    """The typicality center and the (mean, std) of each part of the combined score, on validation data."""
+    parts = raw_scores(nll_bpd, x)
+    center = float(parts["nll_bpd"].mean())
+    return center, {k: [float(parts[k].mean()), float(parts[k].std() + 1e-12)] for k in COMBINED_PARTS}
+
+
+def quantile_table(scores: np.ndarray) -> dict[str, list[float]]:
+    """Every score sorted (probs i/(n-1)) when n <= MAX_QUANTILES, else MAX_QUANTILES evenly spaced quantiles."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(s) <= MAX_QUANTILES:
+        probs, values = np.linspace(0.0, 1.0, len(s)), s
+    else:
+        probs = np.linspace(0.0, 1.0, MAX_QUANTILES)
+        values = np.quantile(s, probs)
+    return {"probs": [round(float(p), 8) for p in probs], "values": [float(v) for v in values]}
+
+
+@dataclass(frozen=True)
+class ScoreCalibration:
+    """One score's distribution on the validation split, as the manifest's quantile table.
+
+    threshold(fpr) = Q(1 - fpr), Q the linear interpolation of the table (numpy's default quantile
+    when the table holds every score); p_value(s) = (1 + #{calibration scores >= s}) / (n + 1), the
+    count read off the table as n (1 - F(s)) when the table is a summary.
+    """
+
+    name: str
+    units: str
+    n: int
+    probs: FloatArray  # ascending in [0, 1]
+    values: FloatArray  # ascending
+
+    @classmethod
+    def from_block(cls, name: str, block: dict[str, Any]) -> ScoreCalibration:
+        q = block["quantiles"]
+        probs, values = np.asarray(q["probs"], float), np.asarray(q["values"], float)
+        return cls(name, block["units"], int(block["n"]), probs, values)
+
+    def threshold(self, fpr: float) -> float:
+        return float(np.interp(1.0 - fpr, self.probs, self.values))
+
+    def exceed_count(self, scores: np.ndarray) -> FloatArray:
+        """#{calibration scores >= s} for each s."""
+        if len(self.values) == self.n:  # every score is stored: count exactly
+            return np.asarray(self.n - np.searchsorted(self.values, scores, side="left"), dtype=np.float64)
+        cdf = np.interp(scores, self.values, self.probs, left=0.0, right=1.0)
+        return np.asarray(np.rint(self.n * (1.0 - cdf)))
+
+    def p_values(self, scores: np.ndarray) -> FloatArray:
+        return (1.0 + self.exceed_count(np.asarray(scores, float))) / (self.n + 1.0)
+
+
+def calibration_block(nll_bpd: np.ndarray, x: np.ndarray) -> dict[str, Any]:
+    """The per-score part of the manifest's calibration block, from validation NLLs (bits/dim)."""
+    center, standardize = validation_statistics(nll_bpd, x)
+    table = scores_from_nll(nll_bpd, x, center, standardize)
+    scores = {
+        name: {
+            "units": SCORE_UNITS[name],
+            "n": int(len(values)),
+            "quantiles": quantile_table(values),
+            "thresholds": {str(f): float(np.quantile(values, 1.0 - f)) for f in CALIBRATION_FPRS},
+        }
+        for name, values in table.items()
+    }
+    return {"typicality_center_bpd": center, "standardize": standardize, "compressor": COMPRESSOR, "scores": scores}
+
+
+# --- images from per-pixel distributions -------------------------------------------------------
+
+DECODE_MODES = ("mean", "mode", "sample")
+
+
+def images_from_probs(probs: np.ndarray, mode: str, rng: np.random.Generator | None = None) -> npt.NDArray[np.int64]:
+    """Per-pixel distributions (B, D, levels) -> integer images (B, D).
+
+    mean: the expected grey level, rounded; mode: the most likely level; sample: one seeded draw per
+    pixel (independent pixels: noisy, but an exact sample of the model).
+    """
+    levels = probs.shape[-1]
+    if mode == "mean":
+        return np.rint(probs @ np.arange(levels, dtype=probs.dtype)).astype(np.int64)
+    if mode == "sample":
+        if rng is None:
+            raise ValueError("mode 'sample' needs a random generator")
+        u = rng.random(probs.shape[:-1] + (1,))
+        cdf = np.cumsum(probs, axis=-1)
+        return np.minimum((cdf < u * cdf[..., -1:]).sum(-1), levels - 1).astype(np.int64)
+    if mode == "mode":
+        return probs.argmax(-1).astype(np.int64)
+    raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
