@@ -1,4 +1,4 @@
-"""`vae-serve`: serve a model repository over HTTP."""
+"""`vae-serve`: serve a model repository over HTTP (settings also come from VAE_* environment variables)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,24 @@ import argparse
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    from service.main import create_app
+    from service.server import serve
     from service.settings import Settings
 
     p = argparse.ArgumentParser(
         prog="vae-serve",
-        description="Serve VAE model versions over HTTP (settings also come from VAE_* environment variables).",
+        description="Serve VAE model versions over HTTP. Every setting is also a VAE_* environment variable "
+        "(see README, 'Settings'); flags win.",
     )
-    p.add_argument("--models", type=Path, help="model repository directory (VAE_MODELS_DIR)")
+    p.add_argument("--models", type=Path, help="model repository directory (VAE_MODELS_DIR, default: models)")
     p.add_argument("--host", help="bind address (VAE_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (VAE_PORT, default 8000)")
     p.add_argument("--default-model", help="model served when a request names none (VAE_DEFAULT_MODEL)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (VAE_INTRA_OP_THREADS; 0 = all CPUs)")
+    p.add_argument("--threads", type=int, help="threads per engine call (VAE_INTRA_OP_THREADS; 0 = all CPUs)")
+    p.add_argument("--engine", choices=["auto", "onnxruntime", "openvino"], help="scoring engine (VAE_ENGINE)")
     p.add_argument("--log-level", help="debug, info, warning, error (VAE_LOG_LEVEL)")
     args = p.parse_args(argv)
     overrides = {
@@ -32,11 +34,17 @@ def main(argv: list[str] | None = None) -> int:
             "port": args.port,
             "default_model": args.default_model,
             "intra_op_threads": args.threads,
+            "engine": args.engine,
             "log_level": args.log_level,
         }.items()
         if v is not None
     }
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+        settings.keys()
+    except (ValidationError, OSError) as exc:
+        print(f"vae-serve: error: invalid settings: {exc}", file=sys.stderr)
+        return 2
     if not settings.models_dir.is_dir():
         print(
             f"vae-serve: error: models directory {settings.models_dir} does not exist "
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    serve(settings)
     return 0
 
 

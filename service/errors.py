@@ -1,61 +1,134 @@
-"""One JSON error shape for every failure: {"error": {"status", "code", "message", "where"}}."""
+"""Domain errors, raised below the routes, and the one place that turns them into HTTP statuses.
+
+Code under the protocols (the core, the repository, the scheduler, the codecs) raises a
+`ServiceError` subclass; it never picks an HTTP status. `http_status` maps error -> status for every
+protocol, and the two response shapes are built here:
+  JSON API:  {"error": {"status", "code", "message", "where"}}
+  V2 (Open Inference Protocol):  {"error": "message"}
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 log = logging.getLogger("vae_serve")
 
 
-class APIError(Exception):
-    """A failure the client should see: status, a stable machine code, a message, and where."""
+class ServiceError(Exception):
+    """A failure the client should see: a stable machine code, a message, and where (a field path)."""
 
-    def __init__(self, status: int, code: str, message: str, where: str | None = None):
+    code = "error"
+
+    def __init__(self, message: str, where: str | None = None, code: str | None = None, **extra: Any):
         super().__init__(message)
-        self.status, self.code, self.message, self.where = status, code, message, where
+        self.message, self.where = message, where
+        if code is not None:
+            self.code = code
+        self.extra = extra
 
 
-def error_body(status: int, code: str, message: str, where: str | None = None, **extra: Any) -> dict:
+class InvalidInput(ServiceError):
+    """The request is well-formed but its values cannot be used (shape, range, limits, unknown names)."""
+
+    code = "invalid_input"
+
+
+class BadRequest(ServiceError):
+    """The request cannot be parsed at all (not JSON, not UTF-8, a malformed V2 binary body)."""
+
+    code = "bad_request"
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "unsupported_media_type"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "body_too_large"
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+
+
+class UnknownModel(NotFound):
+    code = "unknown_model"
+
+
+class NotReady(ServiceError):
+    code = "not_ready"
+
+
+class Overloaded(ServiceError):
+    """Admission control refused the work; `retry_after` seconds is a hint for the client."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int, where: str | None = None):
+        super().__init__(message, where)
+        self.retry_after = max(1, int(retry_after))
+
+
+class DeadlineExceeded(ServiceError):
+    code = "deadline_exceeded"
+
+
+class Cancelled(ServiceError):
+    """The client went away; nothing is sent."""
+
+    code = "cancelled"
+
+
+class Unauthenticated(ServiceError):
+    code = "unauthenticated"
+
+
+class Forbidden(ServiceError):
+    code = "forbidden"
+
+
+class RequestTimeout(ServiceError):
+    code = "request_timeout"
+
+
+#: error class -> HTTP status; the most specific class wins (the MRO is searched in order).
+STATUS: dict[type[ServiceError], int] = {
+    InvalidInput: 422,
+    BadRequest: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    RequestTimeout: 408,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    Cancelled: 499,
+    NotReady: 503,
+    Overloaded: 503,
+    DeadlineExceeded: 504,
+}
+#: The Open Inference Protocol reports a request it cannot use as 400, whatever the reason.
+V2_STATUS = {**STATUS, InvalidInput: 400}
+
+
+def http_status(exc: ServiceError, table: dict[type[ServiceError], int] = STATUS) -> int:
+    for cls in type(exc).__mro__:
+        if cls in table:
+            return table[cls]
+    return 500
+
+
+def headers_for(exc: ServiceError) -> dict[str, str]:
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, Unauthenticated):
+        return {"WWW-Authenticate": 'Bearer realm="vae-serve"'}
+    return {}
+
+
+def error_body(status: int, code: str, message: str, where: str | None = None, **extra: Any) -> dict[str, Any]:
     return {"error": {"status": status, "code": code, "message": message, "where": where, **extra}}
 
 
-def error_response(status: int, code: str, message: str, where: str | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse(error_body(status, code, message, where, **extra), status_code=status)
-
-
-def _loc(loc: tuple | list) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def install_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.where)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        details = [{"where": _loc(e.get("loc", ())), "message": e.get("msg", "")} for e in errors[:20]]
-        return error_response(
-            422, "invalid_request", first.get("msg", "invalid request"), _loc(first.get("loc", ())), details=details
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal server error; see the service log")
+def v2_error_body(message: str) -> dict[str, str]:
+    return {"error": message}

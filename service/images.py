@@ -1,8 +1,9 @@
-"""Image codecs: JSON arrays, base64 PNG and uploaded PNG/JPEG in; integer arrays and PNG out.
+"""Image codecs: JSON arrays, base64 PNG/JPEG and uploaded PNG/JPEG in; PNG out.
 
-8-bit pixels p map to the nearest grey level, floor(p (levels - 1) / 255 + 1/2) (as training's
-requantize does), and levels back to pixels as floor(l 255 / (levels - 1) + 1/2); for any number of
-levels the two round-trip exactly.
+Accepted image files: PNG and JPEG only, 8-bit greyscale (L), RGB or palette (converted to
+greyscale), bilevel. Refused: other formats (GIF, TIFF, BMP, ...), alpha channels (RGBA, LA: the
+background would be a guess), 16-bit and float images. 8-bit pixels map to the model's grey levels
+by the contract's formula (vae_contract.formulas.pixels_to_levels).
 """
 
 from __future__ import annotations
@@ -10,75 +11,107 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import APIError
+from service.errors import InvalidInput
+from vae_contract.formulas import levels_to_pixels, pixels_to_levels
 
-
-def pixels_to_levels(pixels: np.ndarray, levels: int) -> np.ndarray:
-    return np.floor(pixels.astype(np.float64) * (levels - 1) / 255.0 + 0.5).astype(np.int64)
-
-
-def levels_to_pixels(images: np.ndarray, levels: int) -> np.ndarray:
-    return np.floor(images.astype(np.float64) * 255.0 / (levels - 1) + 0.5).astype(np.uint8)
+FORMATS = ("PNG", "JPEG")
+MODES = {"L": "L", "RGB": "L", "P": "L", "1": "L"}  # accepted mode -> conversion
+_DATA_URL = re.compile(r"^data:image/(png|jpeg|jpg)?(;[a-z0-9=.+-]+)*;base64,", re.IGNORECASE)
 
 
 def decode_image_bytes(data: bytes, height: int, width: int, levels: int, where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> (D,) int64 grey levels; 422 when undecodable or of the wrong size."""
+    """PNG/JPEG bytes -> (D,) int64 grey levels."""
     if not data:
-        raise APIError(422, "invalid_image", "empty image data", where)
+        raise InvalidInput("empty image data", where, code="invalid_image")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            fmt, mode, size = img.format, img.mode, img.size
+            if mode not in MODES:
+                raise InvalidInput(
+                    f"{fmt} image of mode {mode} is not accepted; send 8-bit greyscale, RGB or palette images "
+                    "without an alpha channel",
+                    where,
+                    code="invalid_image",
+                )
+            if size != (width, height):
+                raise InvalidInput(
+                    f"image is {size[0]}x{size[1]} (WxH) but the model expects {width}x{height}",
+                    where,
+                    code="wrong_shape",
+                )
             img.load()
-            grey = img.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise APIError(422, "invalid_image", f"cannot decode the image as PNG or JPEG: {exc}", where) from exc
-    if grey.size != (width, height):
-        raise APIError(
-            422,
-            "wrong_shape",
-            f"image is {grey.size[0]}x{grey.size[1]} (WxH) but the model expects {width}x{height}",
-            where,
-        )
-    return pixels_to_levels(np.asarray(grey), levels).reshape(-1)
+            grey = np.asarray(img.convert(MODES[mode]))
+    except InvalidInput:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise InvalidInput("cannot decode the data as a PNG or JPEG image", where, code="invalid_image") from None
+    return pixels_to_levels(grey, levels).reshape(-1)
 
 
-def parse_image(item: Any, height: int, width: int, levels: int, where: str) -> np.ndarray:
-    """One JSON image: nested H x W integers, flat D integers, or a base64 PNG/JPEG string."""
-    if isinstance(item, str):
-        payload = item.split(",", 1)[1] if item.startswith("data:") else item
-        try:
-            raw = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise APIError(422, "invalid_image", f"not valid base64: {exc}", where) from exc
-        return decode_image_bytes(raw, height, width, levels, where)
+def parse_base64_image(item: str, height: int, width: int, levels: int, where: str) -> np.ndarray:
+    """A base64 PNG/JPEG string, bare or as a data URL (data:image/png;base64,...)."""
+    payload = item
+    if item[:5].lower() == "data:":
+        match = _DATA_URL.match(item)
+        if match is None:
+            raise InvalidInput(
+                "a data URL must look like data:image/png;base64,<base64 data>", where, code="invalid_image"
+            )
+        payload = item[match.end() :]
     try:
-        array = np.asarray(item)
-    except ValueError as exc:  # ragged nesting
-        raise APIError(422, "wrong_shape", f"rows of different lengths: {exc}", where) from exc
-    dim = height * width
-    if array.shape not in ((height, width), (dim,)):
-        raise APIError(
-            422, "wrong_shape", f"image has shape {list(array.shape)}; expected [{height}, {width}] or [{dim}]", where
-        )
-    if array.dtype.kind not in "iu":
-        raise APIError(422, "invalid_value", f"pixel values must be integers, got {array.dtype}", where)
-    lo, hi = int(array.min()), int(array.max())
-    if lo < 0 or hi >= levels:
-        raise APIError(
-            422,
-            "out_of_range",
-            f"pixel values range over [{lo}, {hi}]; this model takes grey levels 0..{levels - 1}",
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("not valid base64", where, code="invalid_image") from None
+    return decode_image_bytes(raw, height, width, levels, where)
+
+
+def parse_image_items(items: list[Any], height: int, width: int, levels: int, where: str = "images") -> np.ndarray:
+    """The JSON API's images: each H x W nested integers, D flat integers, or a base64 PNG/JPEG string.
+
+    Returns (B, D) or (B, H, W) numbers for the core to check; one clear error per bad image.
+    """
+    rows: list[np.ndarray] = []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        if isinstance(item, str):
+            rows.append(parse_base64_image(item, height, width, levels, at))
+            continue
+        rows.append(_numbers(item, height, width, at))
+    return np.stack(rows)
+
+
+def _numbers(item: Any, height: int, width: int, where: str) -> np.ndarray:
+    if not isinstance(item, list):
+        raise InvalidInput("an image is a list of integers, a list of rows, or a base64 string", where)
+    flat = item if not item or not isinstance(item[0], list) else None
+    if flat is None:
+        if len(item) != height or any(not isinstance(r, list) or len(r) != width for r in item):
+            raise InvalidInput(
+                f"image rows must be {height} lists of {width} integers (or one flat list of {height * width})",
+                where,
+                code="wrong_shape",
+            )
+        flat = [v for r in item for v in r]
+    elif len(flat) != height * width:
+        raise InvalidInput(
+            f"image has {len(flat)} values; expected {height * width} ({height} x {width}) or {height} rows",
             where,
+            code="wrong_shape",
         )
-    return array.reshape(-1).astype(np.int64)
-
-
-def parse_images(items: list[Any], height: int, width: int, levels: int, field: str = "images") -> np.ndarray:
-    return np.stack([parse_image(item, height, width, levels, f"{field}[{i}]") for i, item in enumerate(items)])
+    if not all(type(v) is int for v in flat):
+        bad = next(v for v in flat if type(v) is not int)
+        raise InvalidInput(
+            f"pixel values must be integer grey levels; found {bad!r} ({type(bad).__name__})",
+            where,
+            code="invalid_value",
+        )
+    return np.asarray(flat, dtype=np.int64)
 
 
 def encode_png(images: np.ndarray, levels: int, scale: int = 1, columns: int | None = None) -> bytes:

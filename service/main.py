@@ -2,45 +2,108 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
-from service.errors import install_handlers
-from service.limits import BodyLimitMiddleware
+from service.batching import Scheduler
+from service.core import InferenceCore
+from service.http import AuthMiddleware, BodyLimitMiddleware, install_handlers
 from service.metrics import Metrics, MetricsMiddleware
-from service.repository import ModelRepository
-from service.routes import health, inference, models
+from service.repository import ModelRepository, ScanReport
+from service.routes import admin, health, inference, models
 from service.settings import Settings
+from service.v2 import router as v2_router
 
+VERSION = "0.2.0"
 DESCRIPTION = """
 Variational autoencoders behind HTTP: encode images to latent means and log-variances, decode latents,
 sample from the prior, reconstruct, and score importance-sampled likelihood (nats and bits/dim, K
-samples) with an OOD flag. Every error is `{"error": {"status", "code", "message", "where"}}`.
+samples) with an OOD flag. The Open Inference Protocol (KServe V2) is served under /v2. Every JSON API
+error is `{"error": {"status", "code", "message", "where"}}`; V2 errors are `{"error": "..."}`.
 """
+log = logging.getLogger("vae_serve")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = Metrics()
+    repository = ModelRepository(settings)
+    scheduler = Scheduler(settings, metrics)
+    core = InferenceCore(settings, repository, scheduler, metrics)
+
+    def reload() -> ScanReport:
+        report = repository.scan()
+        metrics.reloads.inc()
+        return report
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        repo = ModelRepository(settings)
-        repo.load()  # verifies sha256, builds sessions, warms up; /readyz turns ready after this
-        app.state.repository = repo
-        yield
+        scheduler.start()
+        stop = threading.Event()
+        await asyncio.to_thread(reload)  # ready means ready: verified and warmed up before serving
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: threading.Thread(target=reload, daemon=True).start())
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no signals
+            log.debug("SIGHUP reload is not available in this process")
+        if settings.reload_interval_s > 0:
 
-    app = FastAPI(title="vae-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.metrics = Metrics()
-    app.state.repository = None
+            def poll() -> None:
+                while not stop.wait(settings.reload_interval_s):
+                    reload()
+
+            threading.Thread(target=poll, name="vae-reload", daemon=True).start()
+        yield
+        stop.set()
+        scheduler.stop()
+
+    app = FastAPI(
+        title="vae-serve", version=VERSION, description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    app.state.settings, app.state.metrics = settings, metrics
+    app.state.repository, app.state.scheduler, app.state.core = repository, scheduler, core
+    app.state.reload = reload
     install_handlers(app)
-    app.include_router(health.router)
-    app.include_router(models.router)
-    app.include_router(inference.router)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    for router in (health.router, models.router, inference.router, inference.uploads, admin.router, v2_router):
+        app.include_router(router)
+    install_docs(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(AuthMiddleware, keys=settings.keys())
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "inference-header-content-length"],
+            expose_headers=["retry-after", "inference-header-content-length"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
+
+
+def install_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the assets the swagger-ui-bundle package ships: no CDN, works offline."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="vae-serve API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )

@@ -4,35 +4,48 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000, 16000, 32000, 64000)
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "vae_requests_total",
             "HTTP requests by endpoint, method and status",
             ["endpoint", "method", "status"],
-            registry=self.registry,
+            registry=r,
         )
         self.latency = Histogram(
-            "vae_request_seconds",
-            "request latency by endpoint",
-            ["endpoint"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=self.registry,
+            "vae_request_seconds", "request latency by endpoint", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.images_scored = Counter(
-            "vae_images_scored_total", "images scored by /score", ["model"], registry=self.registry
-        )
+        self.images_scored = Counter("vae_images_scored_total", "images scored", ["model"], registry=r)
         self.errors = Counter(
             "vae_errors_total",
             "responses with status >= 400 by endpoint and status",
             ["endpoint", "status"],
-            registry=self.registry,
+            registry=r,
         )
+        self.queue_seconds = Histogram(
+            "vae_queue_seconds", "time from submission to the first engine call, by operation", ["op"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_rows = Histogram(
+            "vae_batch_rows", "rows of each engine call (images; images x samples for score), by operation", ["op"],
+            buckets=ROWS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.engine_seconds = Histogram(
+            "vae_engine_seconds", "duration of each engine call", ["op", "engine"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queued_work = Gauge("vae_queued_samples", "importance samples (or images) queued or running", registry=r)
+        self.rejected = Counter(
+            "vae_rejected_total", "requests refused by admission control (503), by operation", ["op"], registry=r
+        )
+        self.reloads = Counter("vae_repository_scans_total", "repository scans (start-up and reloads)", registry=r)
 
 
 class MetricsMiddleware:

@@ -1,26 +1,35 @@
-"""The model repository: <models_dir>/<name>/<version>/manifest.json, verified and loaded.
+"""The model repository: <models_dir>/<name>/<version>/, verified, loaded, and reloaded while serving.
 
-A version is served only after every file the manifest names matches its sha256, its sessions are
-built and a warm-up run succeeded. A broken version is reported (and /readyz says so) but does not
-stop the others from being served.
+A version is served only after its manifest matches its digest and its schema, every file matches
+its sha256, its engines are built, every graph ran once, onnxruntime reproduced the export's check
+scores, and the scoring engine was chosen. A version that fails any step is reported with its reason
+(in /readyz and the log) and never stops the others. `scan` is the one way in, at start-up and on
+every reload (SIGHUP, POST /admin/reload, or a polling interval): a new or changed version is loaded
+in full before the served set is swapped, atomically, for the new one; requests already holding a
+version finish on it, so a removed or replaced version drains.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.calibration import ScoreCalibration
-from service.errors import APIError
-from service.runtime import ModelRuntime
+import numpy as np
+
+from service.engine import OrtEngine, ScoringChoice, choose_scoring_engine
+from service.errors import NotReady, UnknownModel
+from service.scoring import chunk_size, score_direct
 from service.settings import Settings
+from vae_contract.formulas import ScoreCalibration
+from vae_contract.manifest import ManifestError, parse_version, read_manifest, valid_model_name, verify_files
 
 log = logging.getLogger("vae_serve")
-SUPPORTED_FORMATS = {1}
+CHECK_TOLERANCE_NATS = 1e-3  # fp32 here against fp32 at export, same graphs and noise
 
 
 class ModelLoadError(RuntimeError):
@@ -29,107 +38,268 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class ModelVersion:
+    """One loaded, verified version and what serving it needs."""
+
     name: str
     version: int
-    path: Path
+    digest: str  # sha256 of manifest.json, which names every other file's sha256
     manifest: dict[str, Any]
-    runtime: ModelRuntime
-    calibrations: dict[str, ScoreCalibration] = field(default_factory=dict)  # parsed once, at load
+    ref: OrtEngine
+    scoring: ScoringChoice
+    calibrations: dict[str, ScoreCalibration]
+    chunk: int  # importance samples per engine call and image
+    score_images_per_call: int
+    decode_rows_per_call: int
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def height(self) -> int:
+        return int(self.manifest["image"]["height"])
+
+    @property
+    def width(self) -> int:
+        return int(self.manifest["image"]["width"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["image"]["dim"])
+
+    @property
+    def levels(self) -> int:
+        return int(self.manifest["image"]["levels"])
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.manifest["latent_dim"])
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    def sample_prior(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n latents from the manifest's Gaussian mixture prior -> (n, L) float32."""
+        prior = self.manifest["prior"]
+        log_w = np.asarray(prior["log_weights"], dtype=np.float64)
+        w = np.exp(log_w - log_w.max())
+        comp = rng.choice(len(w), size=n, p=w / w.sum())
+        eps = rng.standard_normal((n, self.latent_dim))
+        means, log_vars = np.asarray(prior["means"]), np.asarray(prior["log_vars"])
+        return (means[comp] + np.exp(0.5 * log_vars[comp]) * eps).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """What /v1/models shows of a version: no paths, no calibration tables."""
+        m = self.manifest
+        return {
+            "version": self.version,
+            "digest": self.digest,
+            "image": m["image"],
+            "likelihood": m["likelihood"],
+            "latent_dim": m["latent_dim"],
+            "prior": {"kind": m["prior"]["kind"], "components": m["prior"]["components"]},
+            "metrics": m.get("metrics", {}),
+            "calibrated_scores": sorted(self.calibrations),
+            "default_score": (m.get("calibration") or {}).get("default_score"),
+            "scoring": self.scoring.describe(),
+            "created": m.get("created"),
+        }
+
+
+def load_version(version_dir: Path, settings: Settings, name: str, version: int) -> ModelVersion:
+    """Read, verify, open, warm up and check one model version; ModelLoadError says why it cannot be served."""
+    try:
+        manifest, digest = read_manifest(version_dir)
+        verify_files(version_dir, manifest)
+    except ManifestError as exc:
+        raise ModelLoadError(str(exc)) from None
+    graphs = {g: spec["file"] for g, spec in manifest["graphs"].items()}
+    try:
+        ref = OrtEngine(version_dir, graphs, settings.threads())
+    except Exception as exc:  # onnxruntime raises several types for a bad graph
+        raise ModelLoadError(f"onnxruntime cannot load the graphs: {exc.__class__.__name__}") from exc
+    dim, levels, latent = manifest["image"]["dim"], manifest["image"]["levels"], manifest["latent_dim"]
+    per_pixel = int(manifest.get("decoder", {}).get("outputs_per_pixel", levels))
+    budget = settings.engine_memory_mb * 1_000_000
+    rows = max(1, budget // (4 * dim * per_pixel))
+    chunk = chunk_size(rows)
+    images_per_call = max(1, rows // chunk)
+    decode_rows = max(1, min(settings.batch_max_rows, budget // (4 * dim * levels)))
+    try:
+        mu, _ = ref.encode(np.zeros((2, dim), dtype=np.int64))
+        probs = ref.decode(mu)
+        if probs.shape != (2, dim, levels) or not np.all(np.isfinite(probs)):
+            raise ModelLoadError(f"the decoder graph gives {probs.shape}, expected (2, {dim}, {levels}) finite")
+        check = manifest["check"]
+        x = np.asarray(check["images"], dtype=np.int64)
+        seeds = [int(check["seed"])] * len(x)
+        tasks = score_direct(ref, x, int(check["K"]), seeds, latent, chunk, images_per_call)
+        got = np.array([t.acc.log_likelihood()[0] for t in tasks])
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"warm-up failed: {exc.__class__.__name__}: {exc}") from exc
+    diff = float(np.max(np.abs(got - np.asarray(check["log_likelihood_nats"]))))
+    if not np.isfinite(diff) or diff > CHECK_TOLERANCE_NATS:
+        raise ModelLoadError(
+            f"onnxruntime does not reproduce the export's check scores: max |diff| {diff:.3g} nats over "
+            f"{len(x)} images (tolerance {CHECK_TOLERANCE_NATS})"
+        )
+    scoring = choose_scoring_engine(settings, version_dir, manifest, ref, chunk, images_per_call)
+    blocks = (manifest.get("calibration") or {}).get("scores", {})
+    calibrations = {n: ScoreCalibration.from_block(n, block) for n, block in blocks.items()}
+    return ModelVersion(
+        name, version, digest, manifest, ref, scoring, calibrations, chunk, images_per_call, decode_rows
+    )
 
 
 @dataclass
-class ModelRepository:
-    settings: Settings
-    models: dict[str, dict[int, ModelVersion]] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)  # "name/version" -> why it is not served
+class ScanReport:
+    loaded: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
 
-    def load(self) -> None:
-        root = self.settings.models_dir
-        if not root.is_dir():
-            self.failures[str(root)] = "models directory does not exist"
-            log.error("models directory %s does not exist", root)
-            return
-        for manifest_path in sorted(root.glob("*/*/manifest.json")):
-            version_dir = manifest_path.parent
-            key = f"{version_dir.parent.name}/{version_dir.name}"
-            try:
-                mv = load_version(version_dir, self.settings)
-            except ModelLoadError as exc:
-                self.failures[key] = str(exc)
-                log.error("not serving %s: %s", key, exc)
-                continue
-            self.models.setdefault(mv.name, {})[mv.version] = mv
-            log.info("serving %s (verified %d files, warmed up)", key, len(mv.manifest["files"]))
+    def as_dict(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "unchanged": self.unchanged, "removed": self.removed, "failed": self.failed}
+
+
+def found_keys(found: dict[tuple[str, int], Path]) -> set[str]:
+    return {f"{name}/{version}" for name, version in found}
+
+
+def _manifest_digest(version_dir: Path) -> str | None:
+    try:
+        return (version_dir / "manifest.json.sha256").read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+class ModelRepository:
+    """The served versions, as an immutable snapshot swapped whole on every scan."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._served: dict[str, dict[int, ModelVersion]] = {}
+        self.failures: dict[str, str] = {}  # "name/version" (or "repository") -> why it is not served
+        self._scan_lock = threading.Lock()
+        self.loaded_once = threading.Event()
+        self.scans = 0
+
+    @property
+    def models(self) -> dict[str, dict[int, ModelVersion]]:
+        return self._served
 
     @property
     def ready(self) -> bool:
-        return bool(self.models)
+        return self.loaded_once.is_set() and bool(self._served)
+
+    def _discover(self) -> tuple[dict[tuple[str, int], Path], dict[str, str]]:
+        root = self.settings.models_dir
+        found: dict[tuple[str, int], Path] = {}
+        problems: dict[str, str] = {}
+        try:
+            names = sorted(os.scandir(root), key=lambda e: e.name)
+        except FileNotFoundError:
+            return found, {"repository": "the models directory does not exist"}
+        except OSError as exc:
+            return found, {"repository": f"the models directory cannot be read ({exc.strerror})"}
+        for entry in names:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            if not valid_model_name(entry.name):
+                problems[entry.name] = "not a valid model name (1-64 letters, digits, '.', '_' or '-')"
+                continue
+            try:
+                versions = sorted(os.scandir(entry.path), key=lambda e: e.name)
+            except OSError as exc:
+                problems[entry.name] = f"cannot list the model's versions ({exc.strerror})"
+                continue
+            for v in versions:
+                if v.name.startswith(".") or not v.is_dir():
+                    continue  # vae-train's staging directories start with "."
+                number = parse_version(v.name)
+                key = f"{entry.name}/{v.name}"
+                if number is None:
+                    problems[key] = "a version directory must be a positive integer (1, 2, ...; no sign, no leading 0)"
+                    continue
+                if not os.access(v.path, os.R_OK | os.X_OK):
+                    problems[key] = "permission denied: the service cannot read this version directory"
+                    continue
+                found[(entry.name, number)] = Path(v.path)
+        return found, problems
+
+    def scan(self) -> ScanReport:
+        """Rescan the repository; load new and changed versions, then swap the served set at once."""
+        with self._scan_lock:
+            report = ScanReport()
+            found, problems = self._discover()
+            served: dict[str, dict[int, ModelVersion]] = {}
+            old = self._served
+            for (name, version), path in sorted(found.items()):
+                key = f"{name}/{version}"
+                current = old.get(name, {}).get(version)
+                if current is not None and _manifest_digest(path) == current.digest:
+                    served.setdefault(name, {})[version] = current
+                    report.unchanged.append(key)
+                    continue
+                started = time.monotonic()
+                try:
+                    mv = load_version(path, self.settings, name, version)
+                except ModelLoadError as exc:
+                    problems[key] = str(exc)
+                    log.error("not serving %s: %s", key, exc)
+                    if current is not None:  # the in-memory version stays valid; its new content is refused
+                        served.setdefault(name, {})[version] = current
+                        log.error("still serving the previously loaded %s (digest %s...)", key, current.digest[:12])
+                    continue
+                served.setdefault(name, {})[version] = mv
+                report.loaded.append(key)
+                log.info(
+                    "serving %s (digest %s..., %d files verified, warmed up, scoring on %s) in %.1f s",
+                    key,
+                    mv.digest[:12],
+                    len(mv.manifest["files"]),
+                    mv.scoring.info.label,
+                    time.monotonic() - started,
+                )
+            for name, versions in old.items():
+                for version in versions:
+                    if version not in served.get(name, {}):
+                        report.removed.append(f"{name}/{version}")
+                        log.info("no longer serving %s (in-flight requests finish on it)", f"{name}/{version}")
+            for key, why in problems.items():
+                report.failed[key] = why
+                if key not in found_keys(found):
+                    log.error("not serving %s: %s", key, why)
+            self._served = served
+            self.failures = problems
+            self.scans += 1
+            self.loaded_once.set()
+            return report
 
     def default_name(self) -> str | None:
+        served = self._served
         if self.settings.default_model:
             return self.settings.default_model
-        if len(self.models) == 1:
-            return next(iter(self.models))
-        return "digits" if "digits" in self.models else (sorted(self.models)[0] if self.models else None)
+        if len(served) == 1:
+            return next(iter(served))
+        return "digits" if "digits" in served else (sorted(served)[0] if served else None)
 
     def get(self, name: str | None = None, version: int | None = None) -> ModelVersion:
-        """The named (or default) model at the given (or newest) version; 404 when there is none."""
+        """The named (or default) model at the given (or newest) version."""
+        served = self._served
+        if not served:
+            raise NotReady("no model is loaded yet; see /readyz", "model")
         name = name or self.default_name()
-        if name is None or name not in self.models:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise APIError(404, "unknown_model", f"no model named {name!r} is served (served: {known})", "model")
-        versions = self.models[name]
+        if name is None or name not in served:
+            known = ", ".join(sorted(served)) or "none"
+            raise UnknownModel(f"no model named {name!r} is served (served: {known})", "model")
+        versions = served[name]
         if version is None:
             return versions[max(versions)]
         if version not in versions:
-            raise APIError(
-                404,
-                "unknown_version",
+            raise UnknownModel(
                 f"model {name!r} has no version {version} (served: {sorted(versions)})",
                 "version",
+                code="unknown_version",
             )
         return versions[version]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_version(version_dir: Path, settings: Settings) -> ModelVersion:
-    """Read, verify (sha256 of every named file), open and warm up one model version."""
-    try:
-        version = int(version_dir.name)
-    except ValueError as exc:
-        raise ModelLoadError(f"version directory {version_dir.name!r} is not an integer") from exc
-    try:
-        manifest = json.loads((version_dir / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"unreadable manifest.json: {exc}") from exc
-    if manifest.get("format_version") not in SUPPORTED_FORMATS:
-        raise ModelLoadError(f"manifest format_version {manifest.get('format_version')!r} is not supported")
-    files = manifest.get("files", {})
-    for graph in manifest.get("graphs", {}).values():
-        if graph["file"] not in files:
-            raise ModelLoadError(f"graph file {graph['file']} has no sha256 in the manifest")
-    for fname, expected in files.items():
-        path = version_dir / fname
-        if not path.is_file():
-            raise ModelLoadError(f"{fname} is named in the manifest but missing")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise ModelLoadError(
-                f"{fname}: sha256 {actual[:16]}... does not match the manifest "
-                f"({expected[:16]}...): the file was modified or corrupted"
-            )
-    try:
-        runtime = ModelRuntime(version_dir, manifest, settings.threads(), settings.inter_op_threads)
-        runtime.warm_up()
-    except Exception as exc:  # onnxruntime raises several types for a bad graph
-        raise ModelLoadError(f"cannot load the ONNX graphs: {exc}") from exc
-    blocks = (manifest.get("calibration") or {}).get("scores", {})
-    calibrations = {name: ScoreCalibration.from_manifest(name, block) for name, block in blocks.items()}
-    return ModelVersion(version_dir.parent.name, version, version_dir, manifest, runtime, calibrations)

@@ -1,28 +1,48 @@
-"""Request and response bodies of the JSON API (they make the OpenAPI schema at /docs)."""
+"""Request and response bodies of the JSON API (they make the OpenAPI schema at /docs).
+
+Numbers are strict: `true` or "3" is not a number. Images are validated by the service itself
+(service/images.py), so a wrong image gives one clear error, not one per pixel; their schema is
+declared here for the documentation.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-#: One image: H x W nested integers, D flat integers, or a base64 PNG/JPEG string.
-ImageInput = list[list[int]] | list[int] | str
+from vae_contract.formulas import SCORE_NAMES
+
 DecodeMode = Literal["mean", "mode", "sample", "probs"]
+ScoreName = Literal[SCORE_NAMES]  # type: ignore[valid-type]
+StrictInt = Annotated[int, Field(strict=True)]
+StrictFloat = Annotated[float, Field(strict=True)]
+
+_LEVEL = {"type": "integer", "minimum": 0, "maximum": 255}
+IMAGE_SCHEMA = {
+    "description": "one image: H x W integer grey levels, D flat grey levels (0..levels-1 of the model), "
+    "or a base64 PNG/JPEG (optionally a data:image/png;base64, URL)",
+    "anyOf": [
+        {"type": "array", "items": {"type": "array", "items": _LEVEL, "minItems": 1}, "minItems": 1},
+        {"type": "array", "items": _LEVEL, "minItems": 1},
+        {"type": "string", "minLength": 1},
+    ],
+}
+ImageInput = Annotated[Any, WithJsonSchema(IMAGE_SCHEMA)]
+LatentRow = Annotated[list[float], Field(min_length=1)]
 
 
 class ModelRef(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model: str | None = Field(None, description="model name (default: the served default model)")
-    version: int | None = Field(None, ge=1, description="model version (default: the newest)")
+    model: str | None = Field(None, min_length=1, description="model name (default: the served default model)")
+    version: StrictInt | None = Field(None, ge=1, description="model version (default: the newest)")
+    timeout_s: StrictFloat | None = Field(
+        None, gt=0, description="stop the work and answer 504 after this many seconds (at most the server's limit)"
+    )
 
 
 class ImagesRequest(ModelRef):
-    images: list[ImageInput] = Field(
-        ...,
-        min_length=1,
-        description="images as grey levels 0..levels-1 (H x W or flat D integers) or base64-encoded PNG/JPEG strings",
-    )
+    images: list[ImageInput] = Field(..., min_length=1, description="images (see the image schema)")
 
 
 class ModelInfo(BaseModel):
@@ -36,13 +56,13 @@ class EncodeResponse(ModelInfo):
 
 
 class DecodeRequest(ModelRef):
-    z: list[list[float]] = Field(..., min_length=1, description="latents, (B, latent_dim), finite")
+    z: list[LatentRow] = Field(..., min_length=1, description="latents, (B, latent_dim), finite")
     mode: DecodeMode = Field(
         "mean",
-        description="mean: expected grey level (rounded); mode: most likely level; "
-        "sample: a seeded draw; probs: also return every pixel's distribution",
+        description="mean: expected grey level (rounded); mode: most likely level; sample: a seeded draw per "
+        "pixel; probs: the mode, plus every pixel's distribution",
     )
-    seed: int = Field(0, ge=0, description="seed of the draw for mode=sample")
+    seed: StrictInt = Field(0, ge=0, description="seed of the pixel draws for mode=sample")
 
 
 class ImagesResponse(ModelInfo):
@@ -53,9 +73,13 @@ class ImagesResponse(ModelInfo):
 
 
 class SampleRequest(ModelRef):
-    n: int = Field(16, ge=1, description="number of images (at most the max batch setting)")
-    seed: int = Field(0, ge=0, description="seed of the latents and of the pixel draws")
-    mode: DecodeMode = Field("sample", description="how latents become images, as for /decode")
+    n: StrictInt = Field(16, ge=1, description="number of images (at most the max batch setting)")
+    seed: StrictInt = Field(0, ge=0, description="seed: sample i is drawn from seed and i, so n=4 is a prefix of n=8")
+    mode: DecodeMode = Field(
+        "mean",
+        description="how latents become images, as for /decode; the default, mean, shows each sample's expected "
+        "image (per-pixel draws, mode=sample, look like salt-and-pepper noise because pixels are independent)",
+    )
 
 
 class SampleResponse(ImagesResponse):
@@ -63,19 +87,16 @@ class SampleResponse(ImagesResponse):
 
 
 class ReconstructRequest(ImagesRequest):
-    mode: DecodeMode = Field("mode", description="how the posterior mean latent becomes an image, as for /decode")
-    seed: int = Field(0, ge=0)
+    mode: DecodeMode = Field("mean", description="how the posterior mean latent becomes an image, as for /decode")
+    seed: StrictInt = Field(0, ge=0, description="seed of the pixel draws for mode=sample")
 
 
 class ScoreRequest(ImagesRequest):
-    num_samples: int = Field(1000, ge=1, description="importance samples K (at most the max K setting)")
-    seed: int = Field(0, ge=0, description="seed of the importance samples")
-    score: str | None = Field(None, description="OOD score to use (default: the model's calibrated default)")
-    fpr: float | None = Field(
-        None,
-        gt=0,
-        lt=1,
-        description="target false-positive rate of the OOD threshold (default: the model's default, 0.01)",
+    num_samples: StrictInt = Field(1000, ge=1, description="importance samples K (at most the max K setting)")
+    seed: StrictInt = Field(0, ge=0, description="seed of the importance samples")
+    score: ScoreName | None = Field(None, description="OOD score (default: the model's calibrated default)")
+    fpr: StrictFloat | None = Field(
+        None, gt=0, lt=1, description="target false-positive rate of the OOD threshold (default: the model's, 0.01)"
     )
 
 
@@ -85,7 +106,7 @@ class ImageScore(BaseModel):
     nll_bits_per_dim: float = Field(..., description="-log2 p(x) / D, bits per dimension")
     elbo_nats: float = Field(..., description="mean log importance weight over the K samples, nats")
     ess: float = Field(..., description="effective sample size of the K importance weights, in [1, K]")
-    score: float | None = Field(None, description="the OOD score (higher = more anomalous), in score_units")
+    score: float = Field(..., description="the OOD score (higher = more anomalous), in score_units")
     threshold: float | None = Field(None, description="score above this is flagged at the requested fpr")
     p_value: float | None = Field(None, description="(1 + #calibration scores >= score) / (n + 1)")
     is_ood: bool | None = Field(None, description="score > threshold; null when the model is not calibrated")
@@ -94,17 +115,19 @@ class ImageScore(BaseModel):
 class ScoreResponse(ModelInfo):
     num_samples: int = Field(..., description="K, the importance samples per image")
     seed: int
-    score_name: str | None = Field(None, description="which OOD score (null when the model is not calibrated)")
-    score_units: str | None = None
+    engine: str = Field(..., description="the engine and precision that computed the scores, e.g. 'openvino bf16'")
+    score_name: str = Field(..., description="which OOD score")
+    score_units: str
     fpr: float | None = None
     results: list[ImageScore]
 
 
 class ErrorDetail(BaseModel):
     status: int
-    code: str
+    code: str = Field(..., description="stable machine-readable reason, e.g. wrong_shape, out_of_range")
     message: str
-    where: str | None = None
+    where: str | None = Field(None, description="the offending field, e.g. images[3]")
+    details: list[dict[str, Any]] | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -1,12 +1,19 @@
-"""Service settings: one object, read from VAE_* environment variables when the app is built."""
+"""Service settings: one object, read from VAE_* environment variables when the app is built.
+
+Memory has a ceiling that follows from these settings (see README "Limits and memory"):
+  peak RSS ~ idle RSS + inference_workers x 4 x engine_memory_mb
+             + max_connections x max_body_bytes (bodies being read)
+             + the queued work's inputs and results (bounded by max_queued_samples)
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def available_cpus() -> int:
@@ -17,26 +24,95 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _split(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Environment variables are VAE_<FIELD>, e.g. VAE_MODELS_DIR."""
 
     model_config = SettingsConfigDict(env_prefix="VAE_", extra="ignore")
 
+    # model repository
     models_dir: Path = Field(Path("models"), description="model repository: <name>/<version>/manifest.json")
     default_model: str | None = Field(
         None, description="model served when a request names none (default: the only model, or 'digits' when several)"
     )
-    intra_op_threads: int = Field(0, ge=0, description="onnxruntime threads per graph run; 0 = CPUs available")
-    inter_op_threads: int = Field(1, ge=1)
+    reload_interval_s: float = Field(
+        0.0, ge=0, description="rescan the repository this often (0: only on SIGHUP or POST /admin/reload)"
+    )
+    # engines
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="scoring engine; auto: OpenVINO bf16 where the CPU has bf16 instructions and the version's "
+        "parity check passes, else onnxruntime fp32 (always the reference, and the engine of encode/decode)",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="precision of the openvino engine")
+    fast_path_mean_tolerance_nats: float = Field(
+        0.02, gt=0, description="largest mean |log p| difference from fp32 on the check images for the fast path"
+    )
+    fast_path_max_tolerance_nats: float = Field(
+        0.25, gt=0, description="largest |log p| difference from fp32 on any check image for the fast path"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="threads per engine call; 0 = CPUs available")
+    inference_workers: int = Field(1, ge=1, le=64, description="engine calls running at once")
+    engine_memory_mb: int = Field(
+        128, ge=8, description="the largest decoder output of one engine call, in MB: sets rows per call"
+    )
+    # batching and admission
+    batching: bool = Field(True, description="merge concurrent requests into shared engine calls")
+    batch_max_rows: int = Field(256, ge=1, description="most images in one encode/decode engine call")
+    batch_max_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="wait this long for more requests before a call that is not full"
+    )
     max_batch: int = Field(256, ge=1, description="most images (or latents, or samples) in one request")
     max_k: int = Field(10000, ge=1, description="most importance samples K a /score request may ask for")
-    k_chunk_elements: int = Field(
-        20000, ge=1, description="importance samples x images per log_weights run: bounds /score memory"
+    max_request_samples: int = Field(
+        1_000_000, ge=1, description="most importance samples (images x K) one request may ask for"
     )
+    max_queued_samples: int = Field(
+        4_000_000,
+        ge=1,
+        description="most work (importance samples; an encoded or decoded image counts 1) queued "
+        "at once; past it, 503 with Retry-After",
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="deadline of a request's work; a request may ask for less (timeout_s)"
+    )
+    # HTTP
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    max_connections: int = Field(512, ge=1, description="open connections; past it new ones are closed at once")
+    header_timeout_s: float = Field(10.0, gt=0, description="close a connection whose request head is this slow")
+    body_timeout_s: float = Field(30.0, gt=0, description="408 when a request body arrives this slowly")
+    keep_alive_s: float = Field(5.0, gt=0, description="close idle keep-alive connections after this")
+    graceful_shutdown_s: float = Field(20.0, ge=0, description="on SIGTERM, finish in-flight work for this long")
+    # access
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="bearer tokens, comma-separated; set -> every endpoint but liveness and readiness needs one",
+    )
+    api_keys_file: Path | None = Field(None, description="a file of bearer tokens, one a line (added to api_keys)")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS, comma-separated (default: none, CORS off)"
+    )
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split(value)
 
     def threads(self) -> int:
         return self.intra_op_threads or available_cpus()
+
+    def keys(self) -> list[str]:
+        """Every configured API key (environment and file); empty means access is open."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            text = self.api_keys_file.read_text()
+            keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return [k for k in keys if k]

@@ -1,7 +1,7 @@
-"""encode / decode / sample / reconstruct / score, as JSON and (for images in) multipart upload.
+"""encode / decode / sample / reconstruct / score, as JSON and (images in) multipart upload.
 
-Routes are glue: parse and check the input, call the model runtime, shape the output. Ask for a
-PNG (a grid for several images) with `Accept: image/png` on /decode, /sample and /reconstruct.
+Routes only parse, call the core and shape the answer. Ask for a PNG (a grid for several images)
+with `Accept: image/png` on /decode, /sample and /reconstruct.
 """
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from service.deps import MetricsDep, RepoDep, SettingsDep
-from service.errors import APIError
-from service.images import decode_image_bytes, encode_png, parse_images
+from service.core import DecodeResult, InferenceCore, ScoreResult
+from service.errors import InvalidInput
+from service.http import JsonRoute, request_context
+from service.images import decode_image_bytes, encode_png, parse_image_items
 from service.repository import ModelVersion
 from service.schemas import (
     DecodeMode,
@@ -25,19 +27,24 @@ from service.schemas import (
     ReconstructRequest,
     SampleRequest,
     SampleResponse,
+    ScoreName,
     ScoreRequest,
     ScoreResponse,
 )
-from service.scoring import score_images
-from service.settings import Settings
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc}
     for code, desc in [
+        (400, "the body is not UTF-8 JSON"),
+        (401, "an API key is needed"),
+        (403, "the API key is not valid"),
         (404, "unknown model or version"),
-        (413, "request body too large"),
-        (422, "invalid input: shape, range, limits"),
-        (503, "not ready"),
+        (408, "the body arrived too slowly"),
+        (413, "the body is too large"),
+        (415, "the body is not sent as application/json"),
+        (422, "invalid input: shape, range, limits, unknown names"),
+        (503, "not ready, or at capacity (Retry-After says when to retry)"),
+        (504, "the work did not finish within the request's deadline"),
     ]
 }
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
@@ -45,122 +52,121 @@ PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 ScaleQuery = Annotated[int, Query(ge=1, le=64, description="PNG output only: integer upscaling factor")]
 
-router = APIRouter(tags=["inference"], responses=ERRORS)
+router = APIRouter(tags=["inference"], responses=ERRORS, route_class=JsonRoute)
+uploads = APIRouter(tags=["inference"], responses=ERRORS)
 
 
-# --- shared steps -------------------------------------------------------------------------------
+def get_core(request: Request) -> InferenceCore:
+    return request.app.state.core
 
 
-def check_batch(n: int, settings: Settings, field: str) -> None:
-    if n > settings.max_batch:
-        raise APIError(422, "batch_too_large", f"{n} items exceed the limit of {settings.max_batch} per request", field)
+CoreDep = Annotated[InferenceCore, Depends(get_core)]
 
 
-def images_in(mv: ModelVersion, items: list[Any], settings: Settings) -> np.ndarray:
-    check_batch(len(items), settings, "images")
-    rt = mv.runtime
-    return parse_images(items, rt.height, rt.width, rt.levels)
+async def images_from_json(core: InferenceCore, mv: ModelVersion, items: list[Any]) -> np.ndarray:
+    core.check_count(len(items), "images")
+    parsed = await run_in_threadpool(parse_image_items, items, mv.height, mv.width, mv.levels)
+    return core.check_images(mv, parsed)
 
 
-def uploads_in(mv: ModelVersion, files: list[UploadFile], settings: Settings) -> np.ndarray:
-    check_batch(len(files), settings, "files")
-    rt = mv.runtime
-    return np.stack(
-        [
-            decode_image_bytes(f.file.read(), rt.height, rt.width, rt.levels, f"files[{i}] ({f.filename})")
-            for i, f in enumerate(files)
-        ]
-    )
+async def images_from_uploads(
+    core: InferenceCore, mv: ModelVersion, request: Request, files: list[UploadFile] | None
+) -> np.ndarray:
+    if not files:
+        form = await request.form()
+        got = ", ".join(sorted(set(form.keys()))) or "none"
+        raise InvalidInput(f"send the images as files in the multipart field 'files' (fields received: {got})", "files")
+    core.check_count(len(files), "files")
+    blobs = [await f.read() for f in files]
+
+    def decode() -> np.ndarray:
+        return np.stack(
+            [decode_image_bytes(b, mv.height, mv.width, mv.levels, f"files[{i}]") for i, b in enumerate(blobs)]
+        )
+
+    return core.check_images(mv, await run_in_threadpool(decode), "files")
 
 
 def wants_png(request: Request) -> bool:
     return "image/png" in request.headers.get("accept", "")
 
 
-def images_out(
-    request: Request, mv: ModelVersion, probs: np.ndarray, mode: DecodeMode, seed: int, scale: int, **extra: Any
-) -> Response | dict[str, Any]:
-    """Per-pixel distributions (B, D, levels) -> the JSON body or a PNG."""
-    rt = mv.runtime
-    rng = np.random.default_rng(seed)
-    pixels = rt.images_from_probs(probs, "mode" if mode == "probs" else mode, rng)
-    images = pixels.reshape(-1, rt.height, rt.width)
+def images_out(request: Request, result: DecodeResult, scale: int, **extra: Any) -> Response | dict[str, Any]:
+    mv = result.mv
+    images = result.images.reshape(-1, mv.height, mv.width)
     if wants_png(request):
-        return Response(encode_png(images, rt.levels, scale=scale), media_type="image/png")
+        return Response(encode_png(images, mv.levels, scale=scale), media_type="image/png")
     body: dict[str, Any] = {"model": mv.name, "version": mv.version, "images": images.tolist(), **extra}
-    if mode == "probs":
-        body["probs"] = np.round(probs.reshape(len(images), rt.height, rt.width, rt.levels), 6).tolist()
+    if result.probs is not None:
+        body["probs"] = np.round(result.probs.reshape(len(images), mv.height, mv.width, mv.levels), 6).tolist()
     return body
 
 
-def latents_in(mv: ModelVersion, z: list[list[float]], settings: Settings) -> np.ndarray:
-    check_batch(len(z), settings, "z")
-    latent = mv.runtime.latent_dim
-    for i, row in enumerate(z):
-        if len(row) != latent:
-            raise APIError(
-                422, "wrong_shape", f"latent has {len(row)} values; this model's latent_dim is {latent}", f"z[{i}]"
-            )
-    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
-        array = np.asarray(z, dtype=np.float64).astype(np.float32)
-    bad = ~np.isfinite(array)
-    if bad.any():
-        i, j = map(int, np.argwhere(bad)[0])
-        raise APIError(422, "non_finite", "latents must be finite numbers within float32 range", f"z[{i}][{j}]")
-    return array
+def score_body(r: ScoreResult) -> dict[str, Any]:
+    nll = -r.log_likelihood
+    results = [
+        {
+            "log_likelihood_nats": float(r.log_likelihood[i]),
+            "nll_nats": float(nll[i]),
+            "nll_bits_per_dim": float(r.nll_bpd[i]),
+            "elbo_nats": float(r.elbo[i]),
+            "ess": float(r.ess[i]),
+            "score": float(r.score[i]),
+            "threshold": r.threshold,
+            "p_value": None if r.p_value is None else float(r.p_value[i]),
+            "is_ood": None if r.is_ood is None else bool(r.is_ood[i]),
+        }
+        for i in range(len(r.log_likelihood))
+    ]
+    return {
+        "model": r.mv.name,
+        "version": r.mv.version,
+        "num_samples": r.k,
+        "seed": r.seed,
+        "engine": r.engine,
+        "score_name": r.score_name,
+        "score_units": r.score_units,
+        "fpr": r.fpr,
+        "results": results,
+    }
 
 
-def decode_checked(mv: ModelVersion, z: np.ndarray) -> np.ndarray:
-    probs = mv.runtime.decode(z)
-    if not np.all(np.isfinite(probs)):
-        raise APIError(422, "non_finite", "these latents are too large: the decoder's output is not finite", "z")
-    return probs
-
-
-# --- routes ---------------------------------------------------------------------------------------
+# --- JSON ---------------------------------------------------------------------------------------
 
 
 @router.post("/encode", response_model=EncodeResponse, summary="Posterior mean and log-variance of q(z|x)")
-def encode(req: ImagesRequest, repo: RepoDep, settings: SettingsDep) -> dict[str, Any]:
-    mv = repo.get(req.model, req.version)
-    return _encode(mv, images_in(mv, req.images, settings))
-
-
-@router.post("/encode/upload", response_model=EncodeResponse, summary="/encode for uploaded PNG/JPEG files")
-def encode_upload(
-    repo: RepoDep,
-    settings: SettingsDep,
-    files: Annotated[list[UploadFile], File()],
-    model: Annotated[str | None, Form()] = None,
-    version: Annotated[int | None, Form(ge=1)] = None,
-) -> dict[str, Any]:
-    mv = repo.get(model, version)
-    return _encode(mv, uploads_in(mv, files, settings))
-
-
-def _encode(mv: ModelVersion, x: np.ndarray) -> dict[str, Any]:
-    mu, log_var = mv.runtime.encode(x)
-    return {"model": mv.name, "version": mv.version, "mu": mu.tolist(), "log_var": log_var.tolist()}
+async def encode(req: ImagesRequest, request: Request, core: CoreDep) -> dict[str, Any]:
+    mv = core.model(req.model, req.version)
+    x = await images_from_json(core, mv, req.images)
+    r = await core.encode(mv, x, request_context(request, req.timeout_s))
+    return {"model": mv.name, "version": mv.version, "mu": r.mu.tolist(), "log_var": r.log_var.tolist()}
 
 
 @router.post("/decode", response_model=ImagesResponse, responses=PNG_RESPONSE, summary="Images from latents z")
-def decode(req: DecodeRequest, request: Request, repo: RepoDep, settings: SettingsDep, scale: ScaleQuery = 1) -> Any:
-    mv = repo.get(req.model, req.version)
-    probs = decode_checked(mv, latents_in(mv, req.z, settings))
-    return images_out(request, mv, probs, req.mode, req.seed, scale)
+async def decode(req: DecodeRequest, request: Request, core: CoreDep, scale: ScaleQuery = 1) -> Any:
+    mv = core.model(req.model, req.version)
+    z = core.check_latents(mv, latents_array(req.z, mv.latent_dim))
+    r = await core.decode(mv, z, req.mode, req.seed, request_context(request, req.timeout_s))
+    return images_out(request, r, scale)
+
+
+def latents_array(rows: list[list[float]], latent_dim: int) -> np.ndarray:
+    for i, row in enumerate(rows):
+        if len(row) != latent_dim:
+            raise InvalidInput(
+                f"latent has {len(row)} values; this model's latent_dim is {latent_dim}", f"z[{i}]", code="wrong_shape"
+            )
+    return np.asarray(rows, dtype=np.float64)
 
 
 @router.post(
     "/sample", response_model=SampleResponse, responses=PNG_RESPONSE, summary="Images sampled from the prior (seeded)"
 )
-def sample(req: SampleRequest, request: Request, repo: RepoDep, settings: SettingsDep, scale: ScaleQuery = 1) -> Any:
-    mv = repo.get(req.model, req.version)
-    check_batch(req.n, settings, "n")
-    rng = np.random.default_rng(req.seed)
-    z = mv.runtime.sample_prior(req.n, rng)
-    probs = mv.runtime.decode(z)
-    # the pixel draws use a stream of their own, so a sample's image depends only on (seed, n)
-    return images_out(request, mv, probs, req.mode, req.seed + 1, scale, z=z.tolist())
+async def sample(req: SampleRequest, request: Request, core: CoreDep, scale: ScaleQuery = 1) -> Any:
+    mv = core.model(req.model, req.version)
+    r = await core.sample(mv, req.n, req.mode, req.seed, request_context(request, req.timeout_s))
+    assert r.z is not None
+    return images_out(request, r, scale, z=r.z.tolist())
 
 
 @router.post(
@@ -169,37 +175,11 @@ def sample(req: SampleRequest, request: Request, repo: RepoDep, settings: Settin
     responses=PNG_RESPONSE,
     summary="Encode, then decode the posterior mean",
 )
-def reconstruct(
-    req: ReconstructRequest, request: Request, repo: RepoDep, settings: SettingsDep, scale: ScaleQuery = 1
-) -> Any:
-    mv = repo.get(req.model, req.version)
-    return _reconstruct(request, mv, images_in(mv, req.images, settings), req.mode, req.seed, scale)
-
-
-@router.post(
-    "/reconstruct/upload",
-    response_model=ImagesResponse,
-    responses=PNG_RESPONSE,
-    summary="/reconstruct for uploaded PNG/JPEG files",
-)
-def reconstruct_upload(
-    request: Request,
-    repo: RepoDep,
-    settings: SettingsDep,
-    files: Annotated[list[UploadFile], File()],
-    model: Annotated[str | None, Form()] = None,
-    version: Annotated[int | None, Form(ge=1)] = None,
-    mode: Annotated[DecodeMode, Form()] = "mode",
-    seed: Annotated[int, Form(ge=0)] = 0,
-    scale: ScaleQuery = 1,
-) -> Any:
-    mv = repo.get(model, version)
-    return _reconstruct(request, mv, uploads_in(mv, files, settings), mode, seed, scale)
-
-
-def _reconstruct(request: Request, mv: ModelVersion, x: np.ndarray, mode: DecodeMode, seed: int, scale: int) -> Any:
-    mu, _ = mv.runtime.encode(x)
-    return images_out(request, mv, mv.runtime.decode(mu), mode, seed, scale)
+async def reconstruct(req: ReconstructRequest, request: Request, core: CoreDep, scale: ScaleQuery = 1) -> Any:
+    mv = core.model(req.model, req.version)
+    x = await images_from_json(core, mv, req.images)
+    r = await core.reconstruct(mv, x, req.mode, req.seed, request_context(request, req.timeout_s))
+    return images_out(request, r, scale)
 
 
 @router.post(
@@ -207,42 +187,74 @@ def _reconstruct(request: Request, mv: ModelVersion, x: np.ndarray, mode: Decode
     response_model=ScoreResponse,
     summary="Importance-sampled likelihood (nats, bits/dim), ELBO, ESS and the OOD flag",
 )
-def score(req: ScoreRequest, repo: RepoDep, settings: SettingsDep, metrics: MetricsDep) -> dict[str, Any]:
-    mv = repo.get(req.model, req.version)
-    return _score(
-        mv, images_in(mv, req.images, settings), req.num_samples, req.seed, req.score, req.fpr, settings, metrics
-    )
+async def score(req: ScoreRequest, request: Request, core: CoreDep) -> dict[str, Any]:
+    mv = core.model(req.model, req.version)
+    x = await images_from_json(core, mv, req.images)
+    ctx = request_context(request, req.timeout_s)
+    r = await core.score(mv, x, req.num_samples, req.seed, req.score, req.fpr, ctx)
+    return score_body(r)
 
 
-@router.post("/score/upload", response_model=ScoreResponse, summary="/score for uploaded PNG/JPEG files")
-def score_upload(
-    repo: RepoDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-    files: Annotated[list[UploadFile], File()],
-    model: Annotated[str | None, Form()] = None,
-    version: Annotated[int | None, Form(ge=1)] = None,
+# --- uploads ------------------------------------------------------------------------------------
+
+FilesField = Annotated[list[UploadFile] | None, File(description="PNG or JPEG files, one image each")]
+ModelField = Annotated[str | None, Form(min_length=1)]
+VersionField = Annotated[int | None, Form(ge=1)]
+TimeoutField = Annotated[float | None, Form(gt=0)]
+
+
+@uploads.post("/encode/upload", response_model=EncodeResponse, summary="/encode for uploaded PNG/JPEG files")
+async def encode_upload(
+    request: Request,
+    core: CoreDep,
+    files: FilesField = None,
+    model: ModelField = None,
+    version: VersionField = None,
+    timeout_s: TimeoutField = None,
+) -> dict[str, Any]:
+    mv = core.model(model, version)
+    x = await images_from_uploads(core, mv, request, files)
+    r = await core.encode(mv, x, request_context(request, timeout_s))
+    return {"model": mv.name, "version": mv.version, "mu": r.mu.tolist(), "log_var": r.log_var.tolist()}
+
+
+@uploads.post(
+    "/reconstruct/upload",
+    response_model=ImagesResponse,
+    responses=PNG_RESPONSE,
+    summary="/reconstruct for uploaded PNG/JPEG files",
+)
+async def reconstruct_upload(
+    request: Request,
+    core: CoreDep,
+    files: FilesField = None,
+    model: ModelField = None,
+    version: VersionField = None,
+    mode: Annotated[DecodeMode, Form()] = "mean",
+    seed: Annotated[int, Form(ge=0)] = 0,
+    timeout_s: TimeoutField = None,
+    scale: ScaleQuery = 1,
+) -> Any:
+    mv = core.model(model, version)
+    x = await images_from_uploads(core, mv, request, files)
+    r = await core.reconstruct(mv, x, mode, seed, request_context(request, timeout_s))
+    return images_out(request, r, scale)
+
+
+@uploads.post("/score/upload", response_model=ScoreResponse, summary="/score for uploaded PNG/JPEG files")
+async def score_upload(
+    request: Request,
+    core: CoreDep,
+    files: FilesField = None,
+    model: ModelField = None,
+    version: VersionField = None,
     num_samples: Annotated[int, Form(ge=1)] = 1000,
     seed: Annotated[int, Form(ge=0)] = 0,
-    score: Annotated[str | None, Form()] = None,
+    score: Annotated[ScoreName | None, Form()] = None,
     fpr: Annotated[float | None, Form(gt=0, lt=1)] = None,
+    timeout_s: TimeoutField = None,
 ) -> dict[str, Any]:
-    mv = repo.get(model, version)
-    return _score(mv, uploads_in(mv, files, settings), num_samples, seed, score, fpr, settings, metrics)
-
-
-def _score(
-    mv: ModelVersion,
-    x: np.ndarray,
-    k: int,
-    seed: int,
-    score_name: str | None,
-    fpr: float | None,
-    settings: Settings,
-    metrics: Any,
-) -> dict[str, Any]:
-    if k > settings.max_k:
-        raise APIError(422, "k_too_large", f"num_samples {k} exceeds the limit of {settings.max_k}", "num_samples")
-    body = score_images(mv, x, k, seed, score_name, fpr, settings.k_chunk_elements)
-    metrics.images_scored.labels(mv.name).inc(len(x))
-    return body
+    mv = core.model(model, version)
+    x = await images_from_uploads(core, mv, request, files)
+    r = await core.score(mv, x, num_samples, seed, score, fpr, request_context(request, timeout_s))
+    return score_body(r)

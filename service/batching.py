@@ -1,0 +1,355 @@
+"""The scheduler: a bounded queue of work, dynamic batching, and the inference worker threads.
+
+Requests become jobs; a worker thread takes work from the queues round-robin and runs one engine
+call at a time over the next rows of several jobs:
+  encode / decode  the next images or latents of queued jobs, up to a call's row limit
+  score            the next chunk of importance samples of up to a call's image limit, from any jobs
+So concurrent requests share engine calls (dynamic batching), a long /score never blocks encodes for
+more than one call, and a cancelled job (client gone, deadline passed) stops within one call.
+Admission control counts work in importance samples (an encoded or decoded image counts 1): past
+`max_queued_samples`, submit raises Overloaded (503, Retry-After). Health and metrics never touch
+these threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.errors import Cancelled, DeadlineExceeded, Overloaded, ServiceError
+from service.metrics import Metrics
+from service.repository import ModelVersion
+from service.scoring import ImageTask, run_call
+from service.settings import Settings
+
+log = logging.getLogger("vae_serve")
+
+
+class EngineFailure(RuntimeError):
+    """An engine call raised; the job fails with a 500 and the error is logged."""
+
+
+@dataclass(eq=False)
+class Job:
+    op: str  # "encode", "decode" or "score"
+    mv: ModelVersion
+    work: int  # importance samples (or images) this job asks for
+    deadline: float  # time.monotonic() after which the work stops
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    cancelled: str | None = None  # "client" or "deadline": set from the event loop, read by workers
+    failed: bool = False
+    done: bool = False
+    remaining_work: int = 0
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.done = True
+
+        def settle() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the waiter's event loop has closed: nobody is left to tell
+            pass
+
+
+@dataclass(eq=False)
+class RowsJob(Job):
+    """encode or decode: rows of `inputs` go through one graph, in as many calls as the row limit needs."""
+
+    inputs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    dispatched: int = 0
+    completed: int = 0
+    outputs: list[Any] = field(default_factory=list)
+    post: Callable[[tuple[np.ndarray, ...], int], tuple[np.ndarray, ...]] | None = None  # (slice, first row) -> kept
+
+    @property
+    def n(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass(eq=False)
+class ScoreJob(Job):
+    tasks: list[ImageTask] = field(default_factory=list)
+    in_flight: set[int] = field(default_factory=set)
+
+
+def _trim_memory() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise), so RSS returns near idle after load."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self._queues: dict[tuple[str, str, str], deque[Job]] = {}
+        self._order: list[tuple[str, str, str]] = []
+        self._next = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self.queued_work = 0
+        self._rate = 0.0  # rows per second of recent engine calls, for Retry-After
+        self.busy_workers = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        for i in range(self.settings.inference_workers):
+            t = threading.Thread(target=self._worker, name=f"vae-infer-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for dq in self._queues.values():
+                for job in dq:
+                    self._fail(job, Cancelled("the service is shutting down"))
+                dq.clear()
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)
+
+    # --- submission (event loop thread) -------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise Overloaded("the service is shutting down", retry_after=5)
+            limit = self.settings.max_queued_samples
+            if self.queued_work + job.work > limit:
+                self.metrics.rejected.labels(job.op).inc()
+                raise Overloaded(
+                    f"the server is at capacity ({self.queued_work} of {limit} importance samples queued); "
+                    "retry later or send less work per request",
+                    retry_after=self.retry_after(job.work),
+                )
+            job.remaining_work = job.work
+            self.queued_work += job.work
+            key = (job.mv.key, job.mv.digest, job.op)
+            if key not in self._queues:
+                self._queues[key] = deque()
+                self._order.append(key)
+            self._queues[key].append(job)
+            self.metrics.queued_work.set(self.queued_work)
+            self._cond.notify()
+
+    def retry_after(self, extra: int = 0) -> int:
+        rate = self._rate or 20000.0
+        return max(1, math.ceil((self.queued_work + extra) / rate))
+
+    # --- the worker ---------------------------------------------------------------------------
+    def _live(self, job: Job) -> bool:
+        if job.cancelled or job.failed:
+            return False
+        if time.monotonic() > job.deadline:
+            job.cancelled = "deadline"
+            return False
+        return True
+
+    def _release(self, job: Job, work: int) -> None:
+        work = min(work, job.remaining_work)
+        job.remaining_work -= work
+        self.queued_work -= work
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        if job.failed:
+            return
+        job.failed = True
+        self._release(job, job.remaining_work)
+        job.finish(error=error)
+
+    def _drop_dead(self, dq: deque[Job]) -> None:
+        for job in list(dq):
+            if not self._live(job):
+                dq.remove(job)
+                if job.cancelled == "deadline":
+                    err: ServiceError = DeadlineExceeded(
+                        "the request's deadline passed before its work was done", "timeout_s"
+                    )
+                else:
+                    err = Cancelled("the client went away")
+                self._fail(job, err)
+
+    def _take(self) -> tuple[str, Any] | None:
+        """Under the lock: the next engine call's work, round-robin over the queues with work."""
+        for _ in range(len(self._order)):
+            key = self._order[self._next % len(self._order)]
+            self._next += 1
+            dq = self._queues[key]
+            self._drop_dead(dq)
+            if not dq:
+                continue
+            op = key[2]
+            picked: Any
+            if op == "score":
+                picked = self._take_score(dq)
+            else:
+                picked = self._take_rows(dq)
+            if picked:
+                return op, picked
+        # forget empty queues of versions no longer queued for
+        self._order = [k for k in self._order if self._queues[k]]
+        self._queues = {k: self._queues[k] for k in self._order}
+        self._next = 0
+        return None
+
+    def _take_rows(self, dq: deque[Job]) -> list[tuple[RowsJob, int, int]] | None:
+        head = dq[0]
+        limit = self.settings.batch_max_rows if head.op == "encode" else head.mv.decode_rows_per_call
+        parts: list[tuple[RowsJob, int, int]] = []
+        rows = 0
+        while dq and rows < limit:
+            job = dq[0]
+            assert isinstance(job, RowsJob)
+            take = min(job.n - job.dispatched, limit - rows)
+            parts.append((job, job.dispatched, job.dispatched + take))
+            job.dispatched += take
+            rows += take
+            if job.started is None:
+                job.started = time.monotonic()
+                self.metrics.queue_seconds.labels(job.op).observe(job.started - job.enqueued)
+            if job.dispatched == job.n:
+                dq.popleft()
+            if not self.settings.batching:
+                break
+        return parts or None
+
+    def _take_score(self, dq: deque[Job]) -> list[tuple[ScoreJob, int]] | None:
+        mv = dq[0].mv
+        limit = mv.score_images_per_call
+        picked: list[tuple[ScoreJob, int]] = []
+        length = None
+        for job in list(dq):
+            assert isinstance(job, ScoreJob)
+            for i, t in enumerate(job.tasks):
+                if t.finished or i in job.in_flight:
+                    continue
+                if length is None:
+                    length = t.next_len()
+                if t.next_len() != length:
+                    continue
+                picked.append((job, i))
+                job.in_flight.add(i)
+                if len(picked) == limit:
+                    break
+            if picked and job.started is None:
+                job.started = time.monotonic()
+                self.metrics.queue_seconds.labels("score").observe(job.started - job.enqueued)
+            if len(picked) == limit or (picked and not self.settings.batching):
+                break
+        return picked or None
+
+    def _worker(self) -> None:
+        idle_trimmed = True
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping:
+                        return
+                    taken = self._take()
+                    if taken is not None:
+                        break
+                    if not idle_trimmed and self.queued_work == 0:
+                        idle_trimmed = True
+                        self._cond.release()
+                        try:
+                            _trim_memory()
+                        finally:
+                            self._cond.acquire()
+                        continue
+                    self._cond.wait()
+                self.busy_workers += 1
+            idle_trimmed = False
+            op, work = taken
+            started = time.monotonic()
+            try:
+                rows = self._run_score(work) if op == "score" else self._run_rows(op, work)
+            finally:
+                with self._cond:
+                    self.busy_workers -= 1
+                    self.metrics.queued_work.set(self.queued_work)
+            elapsed = max(time.monotonic() - started, 1e-6)
+            self._rate = 0.8 * self._rate + 0.2 * (rows / elapsed) if self._rate else rows / elapsed
+
+    def _run_rows(self, op: str, parts: list[tuple[RowsJob, int, int]]) -> int:
+        mv = parts[0][0].mv
+        inputs = np.concatenate([job.inputs[a:b] for job, a, b in parts])
+        self.metrics.batch_rows.labels(op).observe(len(inputs))
+        t0 = time.perf_counter()
+        try:
+            out = mv.ref.encode(inputs) if op == "encode" else mv.ref.decode(inputs)
+        except Exception:  # noqa: BLE001
+            log.exception("%s engine call failed on %s", op, mv.key)
+            with self._cond:
+                for job, _, _ in parts:
+                    self._fail(job, EngineFailure(f"{op} failed"))
+            return len(inputs)
+        self.metrics.engine_seconds.labels(op, mv.ref.info.label).observe(time.perf_counter() - t0)
+        outs = out if isinstance(out, tuple) else (out,)
+        pieces = []
+        offset = 0
+        for job, a, b in parts:  # post-processing runs outside the lock
+            piece = tuple(o[offset : offset + b - a] for o in outs)
+            offset += b - a
+            pieces.append(job.post(piece, a) if job.post else piece)
+        with self._cond:
+            for (job, a, b), piece in zip(parts, pieces):
+                if job.failed:
+                    continue
+                job.outputs.append(piece)
+                job.completed += b - a
+                self._release(job, b - a)
+                if job.completed == job.n:
+                    job.finish(tuple(np.concatenate([o[i] for o in job.outputs]) for i in range(len(piece))))
+        return len(inputs)
+
+    def _run_score(self, picked: list[tuple[ScoreJob, int]]) -> int:
+        mv = picked[0][0].mv
+        tasks = [job.tasks[i] for job, i in picked]
+        self.metrics.batch_rows.labels("score").observe(len(tasks) * tasks[0].next_len())
+        t0 = time.perf_counter()
+        try:
+            rows = run_call(mv.scoring.engine, tasks, mv.latent_dim)
+        except Exception:  # noqa: BLE001
+            log.exception("score engine call failed on %s", mv.key)
+            with self._cond:
+                for job, i in picked:
+                    job.in_flight.discard(i)
+                    self._fail(job, EngineFailure("scoring failed"))
+            return len(tasks)
+        self.metrics.engine_seconds.labels("score", mv.scoring.info.label).observe(time.perf_counter() - t0)
+        with self._cond:
+            touched: dict[int, ScoreJob] = {}
+            for job, i in picked:
+                job.in_flight.discard(i)
+                if not job.failed:
+                    self._release(job, rows // len(tasks))
+                    touched[id(job)] = job
+            for job in touched.values():  # settle after every release, so waiters see the queue as it is
+                if all(t.finished for t in job.tasks) and not job.done:
+                    dq = self._queues.get((mv.key, mv.digest, "score"))
+                    if dq is not None and job in dq:
+                        dq.remove(job)
+                    job.finish(job.tasks)
+        return rows

@@ -1,0 +1,307 @@
+"""The protocol-neutral inference core: checks, limits, admission, batching and scoring, once.
+
+Both protocols (the JSON API in service/routes, the Open Inference Protocol in service/v2) parse
+their input into arrays, call one method here and shape the result. Everything below raises domain
+errors (service/errors.py); no HTTP status is chosen here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.batching import Job, RowsJob, Scheduler, ScoreJob
+from service.errors import Cancelled, DeadlineExceeded, InvalidInput
+from service.metrics import Metrics
+from service.repository import ModelRepository, ModelVersion
+from service.scoring import ImageTask
+from service.settings import Settings
+from vae_contract.formulas import (
+    DECODE_MODES,
+    SCORE_NAMES,
+    SCORE_UNITS,
+    bits_per_dim,
+    images_from_probs,
+    raw_scores,
+    scores_from_nll,
+)
+
+DEFAULT_FPR = 0.01
+MAX_PROBS_NUMBERS = 4_000_000  # per-level probabilities one response may carry (mode=probs)
+
+
+@dataclass
+class RequestContext:
+    """A request's deadline and, when the protocol can tell, a way to learn that the client went away."""
+
+    deadline: float  # time.monotonic()
+    timeout_s: float
+    disconnected: Callable[[], Awaitable[None]] | None = None  # completes when the client disconnects
+
+    @classmethod
+    def start(cls, settings: Settings, timeout_s: float | None, disconnected=None) -> RequestContext:
+        if timeout_s is not None and not 0 < timeout_s <= settings.request_timeout_s:
+            raise InvalidInput(
+                f"timeout_s must lie in (0, {settings.request_timeout_s}] (the server's limit)", "timeout_s"
+            )
+        timeout = timeout_s or settings.request_timeout_s
+        return cls(time.monotonic() + timeout, timeout, disconnected)
+
+
+@dataclass
+class EncodeResult:
+    mv: ModelVersion
+    mu: np.ndarray  # (B, L)
+    log_var: np.ndarray  # (B, L)
+
+
+@dataclass
+class DecodeResult:
+    mv: ModelVersion
+    images: np.ndarray  # (B, D) int64
+    probs: np.ndarray | None  # (B, D, levels) when asked for
+    z: np.ndarray | None = None  # the latents, for /sample
+
+
+@dataclass
+class ScoreResult:
+    mv: ModelVersion
+    k: int
+    seed: int
+    engine: str
+    log_likelihood: np.ndarray  # (B,) nats
+    elbo: np.ndarray  # (B,) nats
+    ess: np.ndarray  # (B,)
+    score_name: str
+    score_units: str
+    score: np.ndarray  # (B,)
+    fpr: float | None
+    threshold: float | None
+    p_value: np.ndarray | None
+    is_ood: np.ndarray | None
+
+    @property
+    def nll_bpd(self) -> np.ndarray:
+        return bits_per_dim(-self.log_likelihood, self.mv.dim)
+
+
+class InferenceCore:
+    def __init__(self, settings: Settings, repository: ModelRepository, scheduler: Scheduler, metrics: Metrics):
+        self.settings, self.repository, self.scheduler, self.metrics = settings, repository, scheduler, metrics
+
+    # --- lookups and checks -------------------------------------------------------------------
+    def model(self, name: str | None, version: int | None) -> ModelVersion:
+        return self.repository.get(name, version)
+
+    def check_count(self, n: int, where: str) -> None:
+        if n < 1:
+            raise InvalidInput("at least one item is needed", where)
+        if n > self.settings.max_batch:
+            raise InvalidInput(
+                f"{n} items exceed the limit of {self.settings.max_batch} per request", where, code="batch_too_large"
+            )
+
+    def check_images(self, mv: ModelVersion, x: np.ndarray, where: str = "images") -> np.ndarray:
+        """Images (B, D) or (B, H, W) of integer grey levels in [0, levels) -> (B, D) int64."""
+        x = np.asarray(x)
+        self.check_count(len(x) if x.ndim else 0, where)
+        if x.shape[1:] not in ((mv.dim,), (mv.height, mv.width)):
+            raise InvalidInput(
+                f"images have shape {list(x.shape)}; expected [N, {mv.dim}] or [N, {mv.height}, {mv.width}]",
+                where,
+                code="wrong_shape",
+            )
+        if x.dtype.kind not in "iu":
+            raise InvalidInput(f"pixel values must be integers, got {x.dtype}", where, code="invalid_value")
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= mv.levels:
+            bad = int(np.argwhere((x.reshape(len(x), -1) < 0) | (x.reshape(len(x), -1) >= mv.levels))[0][0])
+            raise InvalidInput(
+                f"pixel values range over [{lo}, {hi}]; this model takes grey levels 0..{mv.levels - 1}",
+                f"{where}[{bad}]",
+                code="out_of_range",
+            )
+        return np.ascontiguousarray(x.reshape(len(x), mv.dim), dtype=np.int64)
+
+    def check_latents(self, mv: ModelVersion, z: np.ndarray, where: str = "z") -> np.ndarray:
+        z = np.asarray(z)
+        self.check_count(len(z) if z.ndim else 0, where)
+        if z.ndim != 2 or z.shape[1] != mv.latent_dim:
+            raise InvalidInput(
+                f"latents have shape {list(z.shape)}; this model's are [N, {mv.latent_dim}]", where, code="wrong_shape"
+            )
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32 becomes inf, refused below
+            z32 = np.asarray(z, dtype=np.float64).astype(np.float32)
+        bad = ~np.isfinite(z32)
+        if bad.any():
+            i, j = map(int, np.argwhere(bad)[0])
+            raise InvalidInput(
+                "latents must be finite numbers within float32 range", f"{where}[{i}][{j}]", code="non_finite"
+            )
+        return np.ascontiguousarray(z32)
+
+    def check_mode(self, mode: str, where: str = "mode") -> str:
+        if mode not in DECODE_MODES + ("probs",):
+            raise InvalidInput(f"mode must be one of {list(DECODE_MODES) + ['probs']}, got {mode!r}", where)
+        return mode
+
+    def check_score_request(
+        self, mv: ModelVersion, n: int, k: int, score: str | None, fpr: float | None
+    ) -> tuple[str, float | None]:
+        if not 1 <= k <= self.settings.max_k:
+            raise InvalidInput(
+                f"num_samples {k} must lie in [1, {self.settings.max_k}]", "num_samples", code="k_too_large"
+            )
+        if n * k > self.settings.max_request_samples:
+            raise InvalidInput(
+                f"{n} images x K={k} = {n * k} importance samples exceed the limit of "
+                f"{self.settings.max_request_samples} per request; send fewer images or a smaller K",
+                "num_samples",
+                code="too_much_work",
+            )
+        calib = mv.manifest.get("calibration") or {}
+        name = score if score is not None else calib.get("default_score", "nll_bpd")
+        if name not in SCORE_NAMES:
+            raise InvalidInput(
+                f"unknown score {name!r}; choose one of {list(SCORE_NAMES)}", "score", code="unknown_score"
+            )
+        if name in ("typicality", "combined") and name not in mv.calibrations:
+            raise InvalidInput(
+                f"model {mv.key} has no calibration for score {name!r} (calibrated: {sorted(mv.calibrations)})",
+                "score",
+                code="uncalibrated_score",
+            )
+        if fpr is not None and not 0 < fpr < 1:
+            raise InvalidInput("fpr must lie strictly between 0 and 1", "fpr")
+        return name, fpr
+
+    # --- running jobs -------------------------------------------------------------------------
+    async def _run(self, job: Job, ctx: RequestContext) -> Any:
+        self.scheduler.submit(job)
+        waiters: set[asyncio.Future] = {job.future}
+        watcher = asyncio.ensure_future(ctx.disconnected()) if ctx.disconnected else None
+        if watcher is not None:
+            waiters.add(watcher)
+        try:
+            done, _ = await asyncio.wait(
+                waiters, timeout=max(0.0, ctx.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            job.cancelled = "client"
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if job.future in done:
+            return job.future.result()
+        if watcher is not None and watcher in done:
+            job.cancelled = "client"
+            raise Cancelled("the client went away")
+        job.cancelled = "deadline"
+        raise DeadlineExceeded(
+            f"the work was not done within the request's deadline of {ctx.timeout_s:g} s; it was stopped "
+            "(send less work, or a larger timeout_s up to the server's limit)",
+            "timeout_s",
+        )
+
+    def _job(self, cls: type, op: str, mv: ModelVersion, work: int, ctx: RequestContext, **kw: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return cls(op=op, mv=mv, work=work, deadline=ctx.deadline, loop=loop, future=loop.create_future(), **kw)
+
+    # --- operations ---------------------------------------------------------------------------
+    async def encode(self, mv: ModelVersion, x: np.ndarray, ctx: RequestContext) -> EncodeResult:
+        job = self._job(RowsJob, "encode", mv, len(x), ctx, inputs=x)
+        mu, log_var = await self._run(job, ctx)
+        return EncodeResult(mv, mu, log_var)
+
+    async def decode(
+        self, mv: ModelVersion, z: np.ndarray, mode: str, seed: int, ctx: RequestContext, with_probs: bool = False
+    ) -> DecodeResult:
+        """Images from latents (mode: mean, mode or sample; "probs" = mode plus the distributions).
+
+        Image i's draws (mode=sample) come from default_rng([seed, i, 1]).
+        """
+        with_probs = with_probs or mode == "probs"
+        if with_probs and len(z) * mv.dim * mv.levels > MAX_PROBS_NUMBERS:
+            raise InvalidInput(
+                f"mode=probs would return {len(z) * mv.dim * mv.levels} numbers (limit {MAX_PROBS_NUMBERS}); "
+                "ask for fewer latents",
+                "mode",
+                code="too_large",
+            )
+        pixel_mode = "mode" if mode == "probs" else mode
+
+        def post(piece: tuple[np.ndarray, ...], start: int) -> tuple[np.ndarray, ...]:
+            probs = piece[0]
+            if pixel_mode == "sample":
+                images = np.stack(
+                    [
+                        images_from_probs(p[None], "sample", np.random.default_rng([seed, start + i, 1]))[0]
+                        for i, p in enumerate(probs)
+                    ]
+                )
+            else:
+                images = images_from_probs(probs, pixel_mode)
+            return (images, probs) if with_probs else (images,)
+
+        job = self._job(RowsJob, "decode", mv, len(z), ctx, inputs=z, post=post)
+        out = await self._run(job, ctx)
+        return DecodeResult(mv, out[0], out[1] if with_probs else None)
+
+    async def sample(self, mv: ModelVersion, n: int, mode: str, seed: int, ctx: RequestContext) -> DecodeResult:
+        """n images from the prior: sample i's latent from default_rng([seed, i]), so n=5 is a prefix of n=10."""
+        self.check_count(n, "n")
+        z = np.concatenate([mv.sample_prior(1, np.random.default_rng([seed, i])) for i in range(n)])
+        result = await self.decode(mv, z, mode, seed, ctx)
+        result.z = z
+        return result
+
+    async def reconstruct(
+        self, mv: ModelVersion, x: np.ndarray, mode: str, seed: int, ctx: RequestContext
+    ) -> DecodeResult:
+        enc = await self.encode(mv, x, ctx)
+        return await self.decode(mv, enc.mu, mode, seed, ctx)
+
+    async def score(
+        self,
+        mv: ModelVersion,
+        x: np.ndarray,
+        k: int,
+        seed: int,
+        score: str | None,
+        fpr: float | None,
+        ctx: RequestContext,
+    ) -> ScoreResult:
+        """Importance-sampled log-likelihood and the OOD score of each image: see models/README.md."""
+        name, fpr = self.check_score_request(mv, len(x), k, score, fpr)
+        tasks = [ImageTask(row, k, seed, mv.chunk) for row in x]
+        job = self._job(ScoreJob, "score", mv, len(x) * k, ctx, tasks=tasks)
+        done: list[ImageTask] = await self._run(job, ctx)
+        self.metrics.images_scored.labels(mv.name).inc(len(x))
+        ll = np.array([t.acc.log_likelihood()[0] for t in done])
+        elbo = np.array([t.acc.elbo()[0] for t in done])
+        ess = np.array([t.acc.ess()[0] for t in done])
+        nll_bpd = bits_per_dim(-ll, mv.dim)
+        calib = mv.manifest.get("calibration") or {}
+        if name in ("typicality", "combined"):
+            values = scores_from_nll(nll_bpd, x, calib["typicality_center_bpd"], calib["standardize"])[name]
+        else:
+            values = raw_scores(nll_bpd, x)[name]
+        cal = mv.calibrations.get(name)
+        if cal is not None:
+            fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
+            cut = cal.threshold(fpr)
+            threshold: float | None = cut
+            p_value: np.ndarray | None = cal.p_values(values)
+            is_ood: np.ndarray | None = values > cut
+        else:
+            fpr, threshold, p_value, is_ood = None, None, None, None
+        return ScoreResult(
+            mv, k, seed, mv.scoring.info.label, ll, elbo, ess, name, SCORE_UNITS[name], values, fpr, threshold, p_value,
+            is_ood,
+        )  # fmt: skip

@@ -1,0 +1,190 @@
+"""Inference engines over a version's ONNX graphs, and the choice of the scoring engine.
+
+onnxruntime fp32 runs every graph and is the reference. For scoring (the log_weights graph, where the
+time goes) a faster engine may stand in: OpenVINO in bf16 where the CPU has bf16 instructions. It
+is chosen by what the machine supports and by a parity check against fp32 on the manifest's check
+images when the version loads, never by timing, so one machine always serves the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.scoring import score_direct
+from service.settings import Settings
+
+log = logging.getLogger("vae_serve")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str  # "onnxruntime" or "openvino"
+    precision: str  # "fp32" or "bf16"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} {self.precision}"
+
+
+class OrtEngine:
+    """onnxruntime sessions of the three graphs, fp32: the reference."""
+
+    info = EngineInfo("onnxruntime", "fp32")
+
+    def __init__(self, version_dir: Path, graphs: dict[str, str], threads: int):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        # No spinning between calls (the event loop needs the CPU between them) and no arena, so
+        # memory of a large call goes back to the system afterwards.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.enable_cpu_mem_arena = False
+        self.sessions = {
+            name: ort.InferenceSession(str(version_dir / fname), opts, providers=["CPUExecutionProvider"])
+            for name, fname in graphs.items()
+        }
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, log_var = self.sessions["encoder"].run(None, {"x": x})
+        return mu, log_var
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        return self.sessions["decoder"].run(None, {"z": z})[0]
+
+    def log_weights(self, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        return self.sessions["log_weights"].run(None, {"x": x, "eps": eps})[0]
+
+
+class OpenVinoEngine:
+    """The log_weights graph compiled by OpenVINO's CPU plugin at a given inference precision."""
+
+    def __init__(self, graph: Path, precision: str, threads: int):
+        import openvino as ov
+
+        self.info = EngineInfo("openvino", precision)
+        config = {
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads,
+            "ENABLE_CPU_PINNING": False,
+        }
+        self.compiled = ov.Core().compile_model(str(graph), "CPU", config)
+        self._local = threading.local()  # an infer request is not thread-safe: one per worker thread
+
+    def log_weights(self, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        req = getattr(self._local, "req", None)
+        if req is None:
+            req = self._local.req = self.compiled.create_infer_request()
+        return np.array(req.infer({"x": x, "eps": eps})[0], copy=True)
+
+
+def openvino_bf16_capable() -> tuple[bool, str]:
+    """Whether OpenVINO is installed and its CPU plugin reports bf16 support on this machine."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False, "openvino is not installed"
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "BF16" not in caps:
+        return False, "this CPU has no bf16 instructions (OpenVINO CPU capabilities: " + ", ".join(caps) + ")"
+    return True, "CPU has bf16 instructions"
+
+
+@dataclass
+class ScoringChoice:
+    engine: Any  # OrtEngine or OpenVinoEngine
+    info: EngineInfo
+    reason: str
+    parity: dict[str, Any] = field(default_factory=dict)
+    fallback: str | None = None  # why the requested or preferred fast path is not used
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": self.info.name,
+            "precision": self.info.precision,
+            "reason": self.reason,
+            "parity": self.parity,
+            "fallback": self.fallback,
+        }
+
+
+def check_parity(
+    fast: Any, ref: Any, check: dict[str, Any], latent_dim: int, chunk: int, max_images: int
+) -> dict[str, Any]:
+    """|log p(x)| differences (nats) of a candidate engine against the reference on the manifest's check images."""
+    x = np.asarray(check["images"], dtype=np.int64)
+    seeds = [int(check["seed"])] * len(x)
+    k = int(check["K"])
+    ll_fast = np.array(
+        [t.acc.log_likelihood()[0] for t in score_direct(fast, x, k, seeds, latent_dim, chunk, max_images)]
+    )
+    ll_ref = np.array(
+        [t.acc.log_likelihood()[0] for t in score_direct(ref, x, k, seeds, latent_dim, chunk, max_images)]
+    )
+    diff = np.abs(ll_fast - ll_ref)
+    return {
+        "images": int(len(x)),
+        "K": k,
+        "mean_abs_diff_nats": round(float(diff.mean()), 6),
+        "max_abs_diff_nats": round(float(diff.max()), 6),
+    }
+
+
+def choose_scoring_engine(
+    settings: Settings, version_dir: Path, manifest: dict[str, Any], ref: OrtEngine, chunk: int, max_images: int
+) -> ScoringChoice:
+    """The engine /score runs on for this version, with the reason, the parity figures and any fallback."""
+    reference = ScoringChoice(ref, ref.info, "onnxruntime fp32 (the reference)")
+    if settings.engine == "onnxruntime":
+        reference.reason = "setting engine=onnxruntime"
+        return reference
+    capable, why = openvino_bf16_capable()
+    precision = settings.precision
+    if precision == "auto":
+        if not capable:
+            if settings.engine == "openvino" and why != "openvino is not installed":
+                precision = "fp32"
+            else:
+                reference.reason = f"onnxruntime fp32: no bf16 fast path ({why})"
+                if settings.engine == "openvino":
+                    reference.fallback = why
+                    log.warning(
+                        "%s: engine=openvino requested but %s; scoring on onnxruntime fp32", version_dir.name, why
+                    )
+                return reference
+        else:
+            precision = "bf16"
+    if precision == "fp32" and settings.engine == "auto":
+        reference.reason = "setting precision=fp32"
+        return reference
+    graph = version_dir / manifest["graphs"]["log_weights"]["file"]
+    try:
+        fast = OpenVinoEngine(graph, precision, settings.threads())
+        parity = check_parity(fast, ref, manifest["check"], int(manifest["latent_dim"]), chunk, max_images)
+    except Exception as exc:  # noqa: BLE001 - a fast path that cannot even run falls back, loudly
+        reason = f"openvino {precision} failed to load or run: {exc.__class__.__name__}: {exc}"
+        log.warning("%s: %s; scoring on onnxruntime fp32", version_dir.name, reason)
+        reference.fallback = reason
+        return reference
+    ok = (
+        parity["mean_abs_diff_nats"] <= settings.fast_path_mean_tolerance_nats
+        and parity["max_abs_diff_nats"] <= settings.fast_path_max_tolerance_nats
+    )
+    if not ok:
+        reason = (
+            f"openvino {precision} parity check failed on {parity['images']} check images (K={parity['K']}): "
+            f"mean |diff| {parity['mean_abs_diff_nats']} nats (tolerance {settings.fast_path_mean_tolerance_nats}), "
+            f"max {parity['max_abs_diff_nats']} (tolerance {settings.fast_path_max_tolerance_nats})"
+        )
+        log.warning("%s: %s; scoring on onnxruntime fp32", version_dir.name, reason)
+        reference.fallback, reference.parity = reason, parity
+        return reference
+    return ScoringChoice(fast, fast.info, f"openvino {precision}: {why}, parity check passed", parity)

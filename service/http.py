@@ -1,0 +1,240 @@
+"""HTTP plumbing shared by both protocols: error responses, body limits, access control, request contexts.
+
+Error statuses come from service/errors.py (`http_status`); this module only renders them: the JSON
+API's shape everywhere but under /v2, where the Open Inference Protocol's {"error": "..."} is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.core import RequestContext
+from service.errors import (
+    V2_STATUS,
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+    Unauthenticated,
+    UnsupportedMediaType,
+    error_body,
+    headers_for,
+    http_status,
+    v2_error_body,
+)
+from service.settings import Settings
+
+log = logging.getLogger("vae_serve")
+OPEN_PATHS = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}  # never need a key
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_response(path: str, exc: ServiceError) -> JSONResponse:
+    headers = headers_for(exc)
+    if is_v2(path):
+        message = f"{exc.where}: {exc.message}" if exc.where else exc.message
+        return JSONResponse(v2_error_body(message), status_code=http_status(exc, V2_STATUS), headers=headers)
+    status = http_status(exc)
+    return JSONResponse(error_body(status, exc.code, exc.message, exc.where, **exc.extra), status, headers=headers)
+
+
+def _loc(loc: tuple | list) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(
+                request.url.path, BadRequest(f"the body is not valid JSON: {errors[0].get('msg')}", "body")
+            )
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        details = [{"where": _loc(e.get("loc", ())), "message": e.get("msg", "")} for e in errors[:10]]
+        err = ServiceError(
+            str(first.get("msg", "invalid request")), _loc(tuple(first.get("loc", ()))), code="invalid_request"
+        )
+        if is_v2(request.url.path):
+            return JSONResponse(v2_error_body(f"{err.where}: {err.message}"), status_code=400)
+        return JSONResponse(error_body(422, err.code, err.message, err.where, details=details), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        message = str(exc.detail)
+        if status == 400 and "parsing the body" in message:
+            message = "the body cannot be parsed: send UTF-8 JSON (or multipart/form-data for the upload endpoints)"
+        headers = dict(exc.headers or {})
+        if is_v2(request.url.path):
+            return JSONResponse(v2_error_body(message), status_code=status, headers=headers)
+        body = error_body(status, HTTP_CODES.get(status, "http_error"), message)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        message = "internal server error; see the service log"
+        if is_v2(request.url.path):
+            return JSONResponse(v2_error_body(message), status_code=500)
+        return JSONResponse(error_body(500, "internal_error", message), status_code=500)
+
+
+class JsonRoute(APIRoute):
+    """A route whose body must be UTF-8 JSON sent as application/json: clear 415 and 400 answers otherwise."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            if request.method == "POST":
+                ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+                if ctype != "application/json" and not ctype.endswith("+json"):
+                    raise UnsupportedMediaType(
+                        f"send the body as JSON with Content-Type: application/json (got {ctype or 'no content type'})",
+                        "content-type",
+                    )
+                body = await request.body()
+                try:
+                    json.loads(body.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise BadRequest("the body is not UTF-8 text; send UTF-8 encoded JSON", "body") from None
+                except json.JSONDecodeError as exc:
+                    raise BadRequest(f"the body is not valid JSON: {exc}", "body") from None
+            return await handler(request)
+
+        return checked
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Completes when the client disconnects (the body has been read, so receive() waits for that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def request_context(request: Request, timeout_s: float | None) -> RequestContext:
+    settings: Settings = request.app.state.settings
+    return RequestContext.start(settings, timeout_s, lambda: wait_disconnect(request))
+
+
+class BodyLimitMiddleware:
+    """Reads the whole body before the app sees it: 413 past max_body_bytes (declared or chunked), 408 when slow."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await _render(scope, send, PayloadTooLarge(self._message(), "body"))
+                return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                await _render(
+                    scope, send, RequestTimeout(f"the request body did not arrive within {self.timeout_s:g} s")
+                )
+                return
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await _render(scope, send, PayloadTooLarge(self._message(), "body"))
+                return
+            chunks.append(body)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        del path
+        await self.app(scope, replay, send)
+
+    def _message(self) -> str:
+        return f"the request body exceeds the limit of {self.max_bytes} bytes"
+
+
+async def _render(scope: Scope, send: Send, exc: ServiceError) -> None:
+    response = error_response(scope.get("path", ""), exc)
+    await response(scope, _noop_receive, send)
+
+
+async def _noop_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+class AuthMiddleware:
+    """Bearer API keys, compared in constant time. With keys set, everything but liveness and readiness
+    needs one (401 without, 403 wrong); /admin always needs one, so it is closed when no key is set."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _valid(self, token: bytes) -> bool:
+        ok = False
+        for key in self.keys:  # no early exit: the time does not depend on which key matched
+            ok |= hmac.compare_digest(token, key)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        admin = path.startswith("/admin")
+        if path in OPEN_PATHS or (not self.keys and not admin):
+            await self.app(scope, receive, send)
+            return
+        if not self.keys:
+            await _render(scope, send, Forbidden("the admin endpoints are disabled: set VAE_API_KEYS to enable them"))
+            return
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            await _render(scope, send, Unauthenticated("this endpoint needs an API key: Authorization: Bearer <key>"))
+            return
+        if not self._valid(token.strip()):
+            await _render(scope, send, Forbidden("the API key is not valid"))
+            return
+        await self.app(scope, receive, send)

@@ -1,0 +1,381 @@
+"""The Open Inference Protocol (KServe "V2" REST), on the same core as the JSON API.
+
+Each served model `<name>` appears as three V2 models: `<name>-encode` (x -> mu, log_var),
+`<name>-decode` (z -> images, probs) and `<name>-score` (x -> log_likelihood, ..., is_ood). Their
+metadata derives from the manifest's graph signatures. Request parameters carry the rest:
+num_samples (K), seed, score, fpr (score); mode, seed (decode); timeout_s (all). The binary tensor
+data extension is supported in both directions (Triton's clients use it by default), and
+GET .../config answers Triton's model-configuration call that perf_analyzer makes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.core import InferenceCore, RequestContext
+from service.errors import BadRequest, InvalidInput, NotReady, UnknownModel
+from service.http import wait_disconnect
+from service.repository import ModelVersion
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
+OPS = ("encode", "decode", "score")
+HEADER = "inference-header-content-length"
+DTYPES: dict[str, Any] = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
+NUMPY_TO_V2 = {np.dtype(v).newbyteorder("<"): k for k, v in DTYPES.items()}
+SCORE_OUTPUTS = ("log_likelihood", "nll_bits_per_dim", "elbo", "ess", "score", "p_value", "is_ood")
+
+
+def _core(request: Request) -> InferenceCore:
+    return request.app.state.core
+
+
+def split_name(v2_name: str) -> tuple[str, str]:
+    base, sep, op = v2_name.rpartition("-")
+    if not sep or op not in OPS or not base:
+        raise UnknownModel(f"unknown model {v2_name!r}; V2 models are <name>-encode, <name>-decode and <name>-score")
+    return base, op
+
+
+def lookup(request: Request, v2_name: str, version: str | None) -> tuple[ModelVersion, str]:
+    base, op = split_name(v2_name)
+    number = None
+    if version is not None:
+        if not version.isdigit() or int(version) < 1:
+            raise UnknownModel(f"model {v2_name!r} has no version {version!r}")
+        number = int(version)
+    return _core(request).model(base, number), op
+
+
+def _tensor(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
+    return {"name": name, "datatype": dtype, "shape": [-1 if isinstance(d, str) else d for d in shape]}
+
+
+def signature(mv: ModelVersion, op: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(inputs, outputs) of a V2 model, from the manifest's graph signatures."""
+    graphs = mv.manifest["graphs"]
+
+    def from_graph(spec: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        return [_tensor(n, str(dims[-1]).replace("float", "FP").upper(), dims[:-1]) for n, dims in spec.items()]
+
+    if op == "encode":
+        return from_graph(graphs["encoder"]["inputs"]), from_graph(graphs["encoder"]["outputs"])
+    if op == "decode":
+        outputs = [_tensor("images", "INT64", ["batch", mv.dim])] + from_graph(graphs["decoder"]["outputs"])
+        return from_graph(graphs["decoder"]["inputs"]), outputs
+    x = {"x": graphs["log_weights"]["inputs"]["x"]}
+    names = SCORE_OUTPUTS if mv.calibrations else SCORE_OUTPUTS[:5]
+    outputs = [_tensor(n, "BOOL" if n == "is_ood" else "FP64", ["batch"]) for n in names]
+    return from_graph(x), outputs
+
+
+def metadata(request: Request, v2_name: str, version: str | None) -> dict[str, Any]:
+    mv, op = lookup(request, v2_name, version)
+    inputs, outputs = signature(mv, op)
+    versions = [str(v) for v in sorted(request.app.state.repository.models[mv.name])] if version is None else [version]
+    return {"name": v2_name, "versions": versions, "platform": "vae-serve", "inputs": inputs, "outputs": outputs}
+
+
+def config(request: Request, v2_name: str, version: str | None) -> dict[str, Any]:
+    """Triton's model configuration (perf_analyzer reads it): dims without the batch axis."""
+    mv, op = lookup(request, v2_name, version)
+    inputs, outputs = signature(mv, op)
+
+    def entries(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"name": t["name"], "data_type": "TYPE_" + t["datatype"].replace("FP", "FP"), "dims": t["shape"][1:] or [1]}
+            for t in tensors
+        ]
+
+    return {
+        "name": v2_name,
+        "platform": "vae-serve",
+        "backend": "vae-serve",
+        "max_batch_size": request.app.state.settings.max_batch,
+        "input": entries(inputs),
+        "output": entries(outputs),
+        "version_policy": {"latest": {"num_versions": 1}},
+    }
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
+    name = spec.get("name")
+    dtype = spec.get("datatype")
+    shape = spec.get("shape")
+    where = f"inputs[{name}]"
+    if not isinstance(name, str) or not isinstance(dtype, str) or not isinstance(shape, list):
+        raise BadRequest("each input needs a name, a datatype and a shape", "inputs")
+    if dtype not in DTYPES:
+        raise InvalidInput(f"datatype {dtype} is not supported here; use one of {sorted(DTYPES)}", where)
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise InvalidInput(f"shape must be non-negative integers, got {shape}", where)
+    count = int(np.prod(shape)) if shape else 1
+    np_dtype = np.dtype(DTYPES[dtype]).newbyteorder("<")
+    if binary is not None:
+        if len(binary) != count * np_dtype.itemsize:
+            raise InvalidInput(
+                f"{len(binary)} bytes of binary data do not make a {dtype} tensor of shape {shape}", where
+            )
+        return np.frombuffer(binary, dtype=np_dtype).reshape(shape)
+    data = spec.get("data")
+    if data is None:
+        raise InvalidInput("the input has neither data nor binary_data_size", where)
+    flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
+    if flat is None or flat.size != count:
+        raise InvalidInput(f"data holds {0 if flat is None else flat.size} values; shape {shape} needs {count}", where)
+    kinds = {type(v) for v in flat.tolist()}
+    if dtype == "BOOL":
+        ok = kinds <= {bool}
+    elif np_dtype.kind in "iu":
+        ok = kinds <= {int}
+    else:
+        ok = kinds <= {int, float}
+    if not ok:
+        raise InvalidInput(f"data values do not match datatype {dtype}", where)
+    try:
+        return np.asarray(flat.tolist(), dtype=np_dtype).reshape(shape)
+    except (OverflowError, ValueError):
+        raise InvalidInput(f"data values do not fit datatype {dtype}", where) from None
+
+
+async def parse_request(request: Request) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    body = await request.body()
+    header_len = request.headers.get(HEADER)
+    if header_len is not None:
+        if not header_len.isdigit() or int(header_len) > len(body):
+            raise BadRequest(f"{HEADER} must be the byte length of the JSON header within the body")
+        head, rest = body[: int(header_len)], body[int(header_len) :]
+    else:
+        head, rest = body, b""
+    try:
+        req = json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the inference request is not UTF-8 JSON: {exc}") from None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        raise BadRequest("the inference request needs a non-empty 'inputs' list")
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for spec in req["inputs"]:
+        if not isinstance(spec, dict):
+            raise BadRequest("each input must be a JSON object")
+        params = spec.get("parameters") or {}
+        size = params.get("binary_data_size")
+        chunk = None
+        if size is not None:
+            if type(size) is not int or size < 0 or offset + size > len(rest):
+                raise BadRequest("binary_data_size does not fit the binary data sent")
+            chunk = rest[offset : offset + size]
+            offset += size
+        tensors[str(spec.get("name"))] = decode_tensor(spec, chunk)
+    if offset != len(rest):
+        raise BadRequest(f"{len(rest) - offset} bytes of binary data are not claimed by any input")
+    return req, tensors
+
+
+def _param(params: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = params.get(name, default)
+    if value is default:
+        return value
+    if kind is float and type(value) is int:
+        value = float(value)
+    if type(value) is not kind:
+        raise InvalidInput(f"parameter {name} must be {kind.__name__}, got {value!r}", f"parameters.{name}")
+    return value
+
+
+def single(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
+    extra = sorted(set(tensors) - {name})
+    if name not in tensors or extra:
+        raise InvalidInput(f"this model takes exactly one input, {name!r}; got {sorted(tensors)}", "inputs")
+    return tensors[name]
+
+
+async def infer(request: Request, v2_name: str, version: str | None) -> Response:
+    core = _core(request)
+    mv, op = lookup(request, v2_name, version)
+    req, tensors = await parse_request(request)
+    params = req.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("parameters must be a JSON object")
+    ctx = RequestContext.start(
+        core.settings, _param(params, "timeout_s", float, None), lambda: wait_disconnect(request)
+    )
+    outputs: dict[str, tuple[np.ndarray, str]] = {}
+    out_params: dict[str, Any] = {}
+    if op == "encode":
+        x = core.check_images(mv, single(tensors, "x"), "inputs[x]")
+        enc = await core.encode(mv, x, ctx)
+        outputs = {"mu": (enc.mu, "FP32"), "log_var": (enc.log_var, "FP32")}
+    elif op == "decode":
+        z = core.check_latents(mv, single(tensors, "z"), "inputs[z]")
+        mode = core.check_mode(_param(params, "mode", str, "mean"), "parameters.mode")
+        wanted = _requested(req)
+        probs = wanted is None or "probs" in wanted
+        dec = await core.decode(mv, z, mode, _param(params, "seed", int, 0), ctx, with_probs=probs)
+        outputs = {"images": (dec.images, "INT64")}
+        if dec.probs is not None:
+            outputs["probs"] = (dec.probs, "FP32")
+    else:
+        x = core.check_images(mv, single(tensors, "x"), "inputs[x]")
+        s = await core.score(
+            mv,
+            x,
+            _param(params, "num_samples", int, 1000),
+            _param(params, "seed", int, 0),
+            _param(params, "score", str, None),
+            _param(params, "fpr", float, None),
+            ctx,
+        )
+        outputs = {
+            "log_likelihood": (s.log_likelihood, "FP64"),
+            "nll_bits_per_dim": (s.nll_bpd, "FP64"),
+            "elbo": (s.elbo, "FP64"),
+            "ess": (s.ess, "FP64"),
+            "score": (np.asarray(s.score, dtype=np.float64), "FP64"),
+        }
+        if s.p_value is not None and s.is_ood is not None:
+            outputs["p_value"] = (s.p_value, "FP64")
+            outputs["is_ood"] = (np.asarray(s.is_ood, dtype=bool), "BOOL")
+        out_params = {
+            "num_samples": s.k,
+            "seed": s.seed,
+            "engine": s.engine,
+            "score_name": s.score_name,
+            "score_units": s.score_units,
+            "fpr": s.fpr,
+            "threshold": s.threshold,
+        }
+    return render(req, mv, v2_name, outputs, out_params)
+
+
+def _requested(req: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    outs = req.get("outputs")
+    if outs is None:
+        return None
+    if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
+        raise BadRequest("outputs must be a list of objects with a name")
+    return {o["name"]: (o.get("parameters") or {}) for o in outs}
+
+
+def render(
+    req: dict[str, Any], mv: ModelVersion, v2_name: str, outputs: dict[str, tuple[np.ndarray, str]], params: dict
+) -> Response:
+    wanted = _requested(req)
+    if wanted is not None:
+        unknown = sorted(set(wanted) - set(outputs))
+        if unknown:
+            raise InvalidInput(f"unknown outputs {unknown}; this model gives {sorted(outputs)}", "outputs")
+    binary_all = bool((req.get("parameters") or {}).get("binary_data_output", False))
+    entries, blobs = [], []
+    for name, (array, dtype) in outputs.items():
+        if wanted is not None and name not in wanted:
+            continue
+        entry: dict[str, Any] = {"name": name, "datatype": dtype, "shape": list(array.shape)}
+        as_binary = wanted.get(name, {}).get("binary_data", binary_all) if wanted is not None else binary_all
+        if as_binary:
+            raw = np.ascontiguousarray(array, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        entries.append(entry)
+    body: dict[str, Any] = {"model_name": v2_name, "model_version": str(mv.version), "outputs": entries}
+    if "id" in req:
+        body["id"] = req["id"]
+    if params:
+        body["parameters"] = params
+    if not blobs:
+        return JSONResponse(body)
+    head = json.dumps(body).encode()
+    return Response(
+        head + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata(request: Request) -> dict:
+    return {
+        "name": "vae-serve",
+        "version": request.app.version,
+        "extensions": ["binary_tensor_data", "model_configuration"],
+    }
+
+
+@router.get("/health/live", summary="Server liveness")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server readiness")
+async def ready(request: Request) -> JSONResponse:
+    ok = bool(request.app.state.repository.ready)
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("/models/{model}", summary="Model metadata (newest version)")
+async def model_metadata(request: Request, model: str) -> dict:
+    return metadata(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}", summary="Model metadata of one version")
+async def model_version_metadata(request: Request, model: str, version: str) -> dict:
+    return metadata(request, model, version)
+
+
+@router.get("/models/{model}/ready", summary="Model readiness")
+async def model_ready(request: Request, model: str) -> dict:
+    if not request.app.state.repository.ready:
+        raise NotReady("no model is loaded yet")
+    lookup(request, model, None)
+    return {"name": model, "ready": True}
+
+
+@router.get("/models/{model}/versions/{version}/ready", summary="Model version readiness")
+async def model_version_ready(request: Request, model: str, version: str) -> dict:
+    lookup(request, model, version)
+    return {"name": model, "version": version, "ready": True}
+
+
+@router.get("/models/{model}/config", summary="Triton model configuration (for perf_analyzer)")
+async def model_config(request: Request, model: str) -> dict:
+    return config(request, model, None)
+
+
+@router.get("/models/{model}/versions/{version}/config", summary="Triton model configuration of one version")
+async def model_version_config(request: Request, model: str, version: str) -> dict:
+    return config(request, model, version)
+
+
+@router.post("/models/{model}/infer", summary="Inference (JSON or binary tensor data)")
+async def model_infer(request: Request, model: str) -> Response:
+    return await infer(request, model, None)
+
+
+@router.post("/models/{model}/versions/{version}/infer", summary="Inference on one version")
+async def model_version_infer(request: Request, model: str, version: str) -> Response:
+    return await infer(request, model, version)

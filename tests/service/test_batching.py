@@ -1,0 +1,153 @@
+"""Per-image determinism, dynamic batching, admission control and deadlines, at the core and over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import Scheduler
+from service.core import InferenceCore, RequestContext
+from service.errors import DeadlineExceeded, Overloaded
+from service.metrics import Metrics
+from service.repository import ModelRepository
+from service.settings import Settings
+from tests.service.conftest import error_of, make_client
+
+
+def make_core(models_dir, start: bool = True, **overrides) -> InferenceCore:
+    settings = Settings(models_dir=models_dir, intra_op_threads=1, **overrides)
+    metrics = Metrics()
+    repo = ModelRepository(settings)
+    repo.scan()
+    scheduler = Scheduler(settings, metrics)
+    if start:
+        scheduler.start()
+    return InferenceCore(settings, repo, scheduler, metrics)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "auto"])
+def test_an_images_score_depends_only_on_itself(models_dir, test_images, engine):
+    """Alone, duplicated, at several positions, and batched with other requests: the same numbers, exactly."""
+    core = make_core(models_dir, engine=engine, engine_memory_mb=8)  # small calls: chunks and images split
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+    target = x[7]
+
+    async def run() -> list:
+        ctx = RequestContext.start(core.settings, None)
+        alone = await core.score(mv, target[None], 1300, 4, "nll_bpd", None, ctx)
+        dup = await core.score(mv, np.stack([target, x[1], target, target]), 1300, 4, "nll_bpd", None, ctx)
+        mixed = await core.score(mv, np.concatenate([x[:20], target[None], x[20:30]]), 1300, 4, "nll_bpd", None, ctx)
+        concurrent = await asyncio.gather(
+            *[core.score(mv, np.stack([x[i], target]), 1300, 4, "nll_bpd", None, ctx) for i in range(12)]
+        )
+        return [alone.log_likelihood[0], *dup.log_likelihood[[0, 2, 3]], mixed.log_likelihood[20]] + [
+            c.log_likelihood[1] for c in concurrent
+        ]
+
+    values = asyncio.run(run())
+    assert len(set(values)) == 1, values
+    core.scheduler.stop()
+    text = core.metrics.batch_rows.labels("score")._sum.get()
+    assert text > 0
+
+
+def test_concurrent_requests_share_engine_calls(models_dir, test_images):
+    core = make_core(models_dir, engine="onnxruntime")
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+
+    async def run() -> None:
+        ctx = RequestContext.start(core.settings, None)
+        await asyncio.gather(*[core.encode(mv, x[i : i + 1], ctx) for i in range(200)])
+
+    asyncio.run(run())
+    core.scheduler.stop()
+    calls = (
+        core.metrics.batch_rows.labels("encode")._sum.get(),
+        sum(b.get() for b in core.metrics.batch_rows.labels("encode")._buckets),
+    )
+    assert calls[0] == 200 and calls[1] < 200  # 200 images in fewer calls than requests
+
+
+def test_admission_control_refuses_past_the_queue_budget(models_dir, test_images):
+    core = make_core(models_dir, start=False, max_queued_samples=5000, max_request_samples=5000)
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+
+    async def run() -> None:
+        ctx = RequestContext.start(core.settings, 5.0)
+        first = asyncio.ensure_future(core.score(mv, x[:4], 1000, 0, None, None, ctx))
+        await asyncio.sleep(0.05)  # queued: no worker runs
+        with pytest.raises(Overloaded) as exc:
+            await core.score(mv, x[:2], 1000, 0, None, None, ctx)
+        assert exc.value.retry_after >= 1
+        assert core.scheduler.queued_work == 4000
+        core.scheduler.start()
+        assert len((await first).log_likelihood) == 4
+        assert core.scheduler.queued_work == 0
+
+    asyncio.run(run())
+    core.scheduler.stop()
+
+
+def test_a_deadline_stops_the_work(models_dir, test_images):
+    core = make_core(models_dir, engine="onnxruntime", engine_memory_mb=8)
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)[:64]
+
+    async def run() -> float:
+        ctx = RequestContext.start(core.settings, 0.2)
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await core.score(mv, x, 10000, 0, None, None, ctx)
+        return time.monotonic() - t0
+
+    took = asyncio.run(run())
+    assert took < 1.0
+    for _ in range(100):  # the worker drops the job within one engine call
+        if core.scheduler.queued_work == 0 and core.scheduler.busy_workers == 0:
+            break
+        time.sleep(0.02)
+    assert core.scheduler.queued_work == 0
+    core.scheduler.stop()
+
+
+def test_overload_over_http_is_503_with_retry_after(models_dir, test_images):
+    img = test_images[0].tolist()
+    with make_client(models_dir, max_queued_samples=330_000, max_request_samples=330_000, engine="onnxruntime") as c:
+        results = {}
+
+        def big() -> None:
+            results["big"] = c.post("/score", json={"images": [img] * 64, "num_samples": 5000})
+
+        t = threading.Thread(target=big)
+        t.start()
+        for _ in range(200):
+            if "vae_queued_samples 0.0" not in c.get("/metrics").text:
+                break
+            time.sleep(0.005)
+        r = c.post("/score", json={"images": [img] * 64, "num_samples": 1000})
+        t.join()
+        err = error_of(r, 503, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1 and "capacity" in err["message"]
+        assert results["big"].status_code == 200
+        assert 'vae_rejected_total{op="score"} 1.0' in c.get("/metrics").text
+
+
+def test_deadline_over_http_is_504(models_dir):
+    with make_client(models_dir, engine="onnxruntime") as c:
+        r = c.post("/score", json={"images": [[[0] * 8] * 8] * 64, "num_samples": 5000, "timeout_s": 0.05})
+        error_of(r, 504, "deadline_exceeded")
+
+
+def test_batching_off_still_answers(models_dir, test_images):
+    with make_client(models_dir, batching=False) as c:
+        r = c.post("/score", json={"images": test_images[:3].tolist(), "num_samples": 100})
+        assert r.status_code == 200
+        with make_client(models_dir) as on:
+            assert on.post("/score", json={"images": test_images[:3].tolist(), "num_samples": 100}).json() == r.json()

@@ -1,0 +1,111 @@
+"""The Open Inference Protocol (KServe V2): JSON and binary tensors, driven by Triton's own client."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.service.conftest import make_client
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+
+
+def test_tritonclient_drives_every_operation_and_matches_the_json_api(live, test_images):
+    client = tritonclient_http.InferenceServerClient(url=f"127.0.0.1:{live.port}")
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata()
+    assert meta["name"] == "vae-serve" and "binary_tensor_data" in meta["extensions"]
+    for op in ("encode", "decode", "score"):
+        assert client.is_model_ready(f"digits-{op}")
+    score_meta = client.get_model_metadata("digits-score")
+    assert score_meta["inputs"] == [{"name": "x", "datatype": "INT64", "shape": [-1, 64]}]
+    assert {o["name"] for o in score_meta["outputs"]} >= {"log_likelihood", "nll_bits_per_dim", "is_ood"}
+    enc_meta = client.get_model_metadata("digits-encode", model_version="1")
+    latent = enc_meta["outputs"][0]["shape"][1]
+    assert enc_meta["outputs"][0] == {"name": "mu", "datatype": "FP32", "shape": [-1, latent]}
+    assert client.get_model_config("digits-score")["max_batch_size"] == live.settings.max_batch
+
+    x = test_images[:5].reshape(5, -1).astype(np.int64)
+    with make_client(live.settings.models_dir) as rest:
+        json_score = rest.post("/score", json={"images": x.tolist(), "num_samples": 500, "seed": 3}).json()
+        json_enc = rest.post("/encode", json={"images": x.tolist()}).json()
+        z = np.array(json_enc["mu"], dtype=np.float32)
+        json_dec = rest.post("/decode", json={"z": z.tolist(), "mode": "mean"}).json()
+
+    for binary in (True, False):
+        inp = tritonclient_http.InferInput("x", list(x.shape), "INT64")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        outs = [tritonclient_http.InferRequestedOutput(n, binary_data=binary) for n in ("log_likelihood", "is_ood")]
+        res = client.infer(
+            "digits-score", [inp], outputs=outs, parameters={"num_samples": 500, "seed": 3}, request_id="r1"
+        )
+        assert res.get_response()["id"] == "r1"
+        np.testing.assert_array_equal(
+            res.as_numpy("log_likelihood"), [r["log_likelihood_nats"] for r in json_score["results"]]
+        )
+        np.testing.assert_array_equal(res.as_numpy("is_ood"), [r["is_ood"] for r in json_score["results"]])
+
+        inp = tritonclient_http.InferInput("x", list(x.shape), "INT64")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        res = client.infer("digits-encode", [inp])
+        np.testing.assert_array_equal(res.as_numpy("mu"), np.array(json_enc["mu"], dtype=np.float32))
+
+        zin = tritonclient_http.InferInput("z", list(z.shape), "FP32")
+        zin.set_data_from_numpy(z, binary_data=binary)
+        res = client.infer("digits-decode", [zin], outputs=[tritonclient_http.InferRequestedOutput("images")])
+        np.testing.assert_array_equal(res.as_numpy("images").reshape(5, 8, 8), json_dec["images"])
+
+
+def test_v2_errors_are_protocol_shaped(client):
+    bad = client.post("/v2/models/nope-score/infer", json={"inputs": []})
+    assert bad.status_code == 404 and set(bad.json()) == {"error"}
+    body = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [99] * 64}]}
+    r = client.post("/v2/models/digits-score/infer", json=body)
+    assert r.status_code == 400 and "0..16" in r.json()["error"] and r.json()["error"].startswith("inputs[x]")
+    ok = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}]}
+    r = client.post("/v2/models/digits-score/infer", json={**ok, "parameters": {"num_samples": True}})
+    assert r.status_code == 400 and "num_samples" in r.json()["error"]
+    r = client.post(
+        "/v2/models/digits-score/infer",
+        json={"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 63}]},
+    )
+    assert r.status_code == 400
+    r = client.post("/v2/models/digits-score/infer", content=b"\xff", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    r = client.post(
+        "/v2/models/digits-score/infer",
+        json={
+            "inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}],
+            "outputs": [{"name": "nope"}],
+        },
+    )
+    assert r.status_code == 400 and "unknown outputs" in r.json()["error"]
+    assert client.get("/v2/models/digits-score/versions/9").status_code == 404
+    assert client.get("/v2/models/digits/ready").status_code == 404
+
+
+def test_binary_request_and_response_by_hand(client, test_images):
+    x = test_images[:2].reshape(2, -1).astype("<i8")
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "shape": [2, 64], "datatype": "INT64", "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "outputs": [{"name": "log_likelihood", "parameters": {"binary_data": True}}],
+            "parameters": {"num_samples": 100},
+        }
+    ).encode()
+    r = client.post(
+        "/v2/models/digits-score/infer",
+        content=head + x.tobytes(),
+        headers={"inference-header-content-length": str(len(head)), "content-type": "application/octet-stream"},
+    )
+    assert r.status_code == 200, r.text
+    n = int(r.headers["inference-header-content-length"])
+    meta = json.loads(r.content[:n])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 16
+    values = np.frombuffer(r.content[n:], dtype="<f8")
+    plain = client.post("/score", json={"images": x.tolist(), "num_samples": 100}).json()
+    np.testing.assert_array_equal(values, [res["log_likelihood_nats"] for res in plain["results"]])
