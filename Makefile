@@ -35,3 +35,11 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+.PHONY: lock docker-test
+
+lock:  ## regenerate requirements/*.txt, the exact versions the images install, from pyproject.toml
+	PYTHON=$(PYTHON) requirements/lock.sh
+
+docker-test:  ## needs a Docker engine: build the images, docker compose up, call the API, tear down
+	scripts/docker_test.sh
