@@ -30,6 +30,7 @@ from vae_contract.manifest import ManifestError, parse_version, read_manifest, v
 
 log = logging.getLogger("vae_serve")
 CHECK_TOLERANCE_NATS = 1e-3  # fp32 here against fp32 at export, same graphs and noise
+WORKING_SET = 8  # tensors the size of the decoder's output alive at once in a log_weights call (about)
 
 
 class ModelLoadError(RuntimeError):
@@ -119,10 +120,11 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
     dim, levels, latent = manifest["image"]["dim"], manifest["image"]["levels"], manifest["latent_dim"]
     per_pixel = int(manifest.get("decoder", {}).get("outputs_per_pixel", levels))
     budget = settings.engine_memory_mb * 1_000_000
-    rows = max(1, budget // (4 * dim * per_pixel))
+    rows = max(1, budget // (4 * dim * per_pixel * WORKING_SET))
     chunk = chunk_size(rows)
     images_per_call = max(1, rows // chunk)
-    decode_rows = max(1, min(settings.batch_max_rows, budget // (4 * dim * levels)))
+    # per-level probabilities (and, for a mixture, each component's CDF at every edge) of each latent
+    decode_rows = max(1, min(settings.batch_max_rows, budget // (4 * dim * levels * (per_pixel // 3 + 2))))
     try:
         mu, _ = ref.encode(np.zeros((2, dim), dtype=np.int64))
         probs = ref.decode(mu)

@@ -1,7 +1,7 @@
 """Service settings: one object, read from VAE_* environment variables when the app is built.
 
 Memory has a ceiling that follows from these settings (see README "Limits and memory"):
-  peak RSS ~ idle RSS + inference_workers x 4 x engine_memory_mb
+  peak RSS ~ idle RSS + inference_workers x engine_memory_mb
              + max_connections x max_body_bytes (bodies being read)
              + the queued work's inputs and results (bounded by max_queued_samples)
 """
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="threads per engine call; 0 = CPUs available")
     inference_workers: int = Field(1, ge=1, le=64, description="engine calls running at once")
     engine_memory_mb: int = Field(
-        128, ge=8, description="the largest decoder output of one engine call, in MB: sets rows per call"
+        128, ge=8, description="working memory of one engine call, in MB: sets the rows (images x samples) per call"
     )
     # batching and admission
     batching: bool = Field(True, description="merge concurrent requests into shared engine calls")
