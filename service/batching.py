@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import Cancelled, DeadlineExceeded, Overloaded, ServiceError
+from service.errors import Cancelled, DeadlineExceeded, NotReady, Overloaded, ServiceError
 from service.metrics import Metrics
 from service.repository import ModelVersion
 from service.scoring import ImageTask, run_call
@@ -60,7 +60,9 @@ class Job:
         def settle() -> None:
             if self.future.done():
                 return
-            if error is not None:
+            if self.cancelled:  # nobody waits for it any more: no result, no unretrieved exception
+                self.future.cancel()
+            elif error is not None:
                 self.future.set_exception(error)
             else:
                 self.future.set_result(result)
@@ -125,7 +127,7 @@ class Scheduler:
             self._stopping = True
             for dq in self._queues.values():
                 for job in dq:
-                    self._fail(job, Cancelled("the service is shutting down"))
+                    self._fail(job, NotReady("the service is shutting down; retry on another replica"))
                 dq.clear()
             self._cond.notify_all()
         for t in self._threads:
@@ -171,6 +173,7 @@ class Scheduler:
         work = min(work, job.remaining_work)
         job.remaining_work -= work
         self.queued_work -= work
+        self.metrics.queued_work.set(self.queued_work)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if job.failed:
@@ -236,28 +239,33 @@ class Scheduler:
         return parts or None
 
     def _take_score(self, dq: deque[Job]) -> list[tuple[ScoreJob, int]] | None:
-        mv = dq[0].mv
-        limit = mv.score_images_per_call
-        picked: list[tuple[ScoreJob, int]] = []
+        """Images for the next call: one from each queued job in turn (a large request does not hold up
+        small ones behind it), all with the same chunk length, up to the version's images per call."""
+        limit = dq[0].mv.score_images_per_call
+        jobs = [job for job in dq if isinstance(job, ScoreJob)]
+        if not self.settings.batching:
+            jobs = jobs[:1]
+        eligible: dict[int, list[int]] = {}
         length = None
-        for job in list(dq):
-            assert isinstance(job, ScoreJob)
+        for job in jobs:
             for i, t in enumerate(job.tasks):
                 if t.finished or i in job.in_flight:
                     continue
                 if length is None:
                     length = t.next_len()
-                if t.next_len() != length:
-                    continue
-                picked.append((job, i))
-                job.in_flight.add(i)
-                if len(picked) == limit:
-                    break
-            if picked and job.started is None:
+                if t.next_len() == length:
+                    eligible.setdefault(id(job), []).append(i)
+        picked: list[tuple[ScoreJob, int]] = []
+        while len(picked) < limit and any(eligible.values()):
+            for job in jobs:
+                queue = eligible.get(id(job))
+                if queue and len(picked) < limit:
+                    picked.append((job, queue.pop(0)))
+        for job, i in picked:
+            job.in_flight.add(i)
+            if job.started is None:
                 job.started = time.monotonic()
                 self.metrics.queue_seconds.labels("score").observe(job.started - job.enqueued)
-            if len(picked) == limit or (picked and not self.settings.batching):
-                break
         return picked or None
 
     def _worker(self) -> None:

@@ -23,6 +23,7 @@ from service.scoring import ImageTask
 from service.settings import Settings
 from vae_contract.formulas import (
     DECODE_MODES,
+    MAX_SEED,
     SCORE_NAMES,
     SCORE_UNITS,
     bits_per_dim,
@@ -145,6 +146,11 @@ class InferenceCore:
             )
         return np.ascontiguousarray(z32)
 
+    def check_seed(self, seed: int, where: str = "seed") -> int:
+        if not 0 <= seed <= MAX_SEED:
+            raise InvalidInput(f"seed must lie in [0, {MAX_SEED}]", where)
+        return seed
+
     def check_mode(self, mode: str, where: str = "mode") -> str:
         if mode not in DECODE_MODES + ("probs",):
             raise InvalidInput(f"mode must be one of {list(DECODE_MODES) + ['probs']}, got {mode!r}", where)
@@ -227,6 +233,7 @@ class InferenceCore:
         Image i's draws (mode=sample) come from default_rng([seed, i, 1]).
         """
         with_probs = with_probs or mode == "probs"
+        self.check_seed(seed)
         if with_probs and len(z) * mv.dim * mv.levels > MAX_PROBS_NUMBERS:
             raise InvalidInput(
                 f"mode=probs would return {len(z) * mv.dim * mv.levels} numbers (limit {MAX_PROBS_NUMBERS}); "
@@ -279,6 +286,7 @@ class InferenceCore:
     ) -> ScoreResult:
         """Importance-sampled log-likelihood and the OOD score of each image: see models/README.md."""
         name, fpr = self.check_score_request(mv, len(x), k, score, fpr)
+        self.check_seed(seed)
         tasks = [ImageTask(row, k, seed, mv.chunk) for row in x]
         job = self._job(ScoreJob, "score", mv, len(x) * k, ctx, tasks=tasks)
         done: list[ImageTask] = await self._run(job, ctx)

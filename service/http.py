@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core import RequestContext
@@ -25,6 +26,7 @@ from service.errors import (
     V2_STATUS,
     BadRequest,
     Forbidden,
+    InvalidInput,
     PayloadTooLarge,
     RequestTimeout,
     ServiceError,
@@ -75,6 +77,11 @@ def install_handlers(app: FastAPI) -> None:
                 request.url.path, BadRequest(f"the body is not valid JSON: {errors[0].get('msg')}", "body")
             )
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if tuple(first.get("loc", ())) == ("body", "files") and first.get("type") == "missing":
+            form = await request.form()
+            got = ", ".join(sorted(set(form.keys()))) or "none"
+            message = f"send the images as files in the multipart field 'files' (fields received: {got})"
+            return error_response(request.url.path, InvalidInput(message, "files"))
         details = [{"where": _loc(e.get("loc", ())), "message": e.get("msg", "")} for e in errors[:10]]
         err = ServiceError(
             str(first.get("msg", "invalid request")), _loc(tuple(first.get("loc", ()))), code="invalid_request"
@@ -207,9 +214,16 @@ class AuthMiddleware:
     """Bearer API keys, compared in constant time. With keys set, everything but liveness and readiness
     needs one (401 without, 403 wrong); /admin always needs one, so it is closed when no key is set."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[str], routes: Callable[[], list[Any]] | None = None) -> None:
         self.app = app
         self.keys = [k.encode() for k in keys]
+        self.routes = routes
+
+    def _routed(self, scope: Scope) -> bool:
+        """Whether a route takes this method and path: the router answers 404 and 405 itself, before any key."""
+        if self.routes is None:
+            return True
+        return any(route.matches(scope)[0] == Match.FULL for route in self.routes())
 
     def _valid(self, token: bytes) -> bool:
         ok = False
@@ -223,7 +237,7 @@ class AuthMiddleware:
             return
         path = scope.get("path", "")
         admin = path.startswith("/admin")
-        if path in OPEN_PATHS or (not self.keys and not admin):
+        if path in OPEN_PATHS or (not self.keys and not admin) or not self._routed(scope):
             await self.app(scope, receive, send)
             return
         if not self.keys:

@@ -111,7 +111,10 @@ def _numbers(item: Any, height: int, width: int, where: str) -> np.ndarray:
             where,
             code="invalid_value",
         )
-    return np.asarray(flat, dtype=np.int64)
+    try:
+        return np.asarray(flat, dtype=np.int64)
+    except OverflowError:
+        raise InvalidInput("pixel values must be grey levels of the model", where, code="out_of_range") from None
 
 
 def encode_png(images: np.ndarray, levels: int, scale: int = 1, columns: int | None = None) -> bytes:

@@ -19,6 +19,7 @@ from service.batching import Scheduler
 from service.core import InferenceCore
 from service.http import AuthMiddleware, BodyLimitMiddleware, install_handlers
 from service.metrics import Metrics, MetricsMiddleware
+from service.openapi import build_openapi
 from service.repository import ModelRepository, ScanReport
 from service.routes import admin, health, inference, models
 from service.settings import Settings
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def reload() -> ScanReport:
         report = repository.scan()
         metrics.reloads.inc()
+        app.openapi_schema = None  # the served models shape the schema: rebuild it on the next request
         return report
 
     @asynccontextmanager
@@ -75,11 +77,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repository, app.state.scheduler, app.state.core = repository, scheduler, core
     app.state.reload = reload
     install_handlers(app)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     for router in (health.router, models.router, inference.router, inference.uploads, admin.router, v2_router):
         app.include_router(router)
     install_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(AuthMiddleware, keys=settings.keys())
+    app.add_middleware(AuthMiddleware, keys=settings.keys(), routes=lambda: app.routes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -9,13 +9,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from vae_contract.formulas import SCORE_NAMES
+from vae_contract.formulas import MAX_SEED, SCORE_NAMES
 
 DecodeMode = Literal["mean", "mode", "sample", "probs"]
 ScoreName = Literal[SCORE_NAMES]  # type: ignore[valid-type]
-StrictInt = Annotated[int, Field(strict=True)]
+
+
+def _json_integer(value: Any) -> Any:
+    """An integer as JSON Schema has it: 3 or 3.0, never true, "3" or 3.5."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+StrictInt = Annotated[int, BeforeValidator(_json_integer)]
 StrictFloat = Annotated[float, Field(strict=True)]
 
 _LEVEL = {"type": "integer", "minimum": 0, "maximum": 255}
@@ -29,7 +42,9 @@ IMAGE_SCHEMA = {
     ],
 }
 ImageInput = Annotated[Any, WithJsonSchema(IMAGE_SCHEMA)]
-LatentRow = Annotated[list[float], Field(min_length=1)]
+LATENT_LIMIT = 1e4  # |z| beyond this is no latent of a trained model, and may overflow a decoder
+LatentValue = Annotated[float, Field(strict=True, ge=-LATENT_LIMIT, le=LATENT_LIMIT)]
+LatentRow = Annotated[list[LatentValue], Field(min_length=1)]
 
 
 class ModelRef(BaseModel):
@@ -37,7 +52,7 @@ class ModelRef(BaseModel):
     model: str | None = Field(None, min_length=1, description="model name (default: the served default model)")
     version: StrictInt | None = Field(None, ge=1, description="model version (default: the newest)")
     timeout_s: StrictFloat | None = Field(
-        None, gt=0, description="stop the work and answer 504 after this many seconds (at most the server's limit)"
+        None, ge=1, description="stop the work and answer 504 after this many seconds (1 s up to the server's limit)"
     )
 
 
@@ -56,13 +71,13 @@ class EncodeResponse(ModelInfo):
 
 
 class DecodeRequest(ModelRef):
-    z: list[LatentRow] = Field(..., min_length=1, description="latents, (B, latent_dim), finite")
+    z: list[LatentRow] = Field(..., min_length=1, description="latents, (B, latent_dim), each within +-1e4")
     mode: DecodeMode = Field(
         "mean",
         description="mean: expected grey level (rounded); mode: most likely level; sample: a seeded draw per "
         "pixel; probs: the mode, plus every pixel's distribution",
     )
-    seed: StrictInt = Field(0, ge=0, description="seed of the pixel draws for mode=sample")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="seed of the pixel draws for mode=sample")
 
 
 class ImagesResponse(ModelInfo):
@@ -74,7 +89,9 @@ class ImagesResponse(ModelInfo):
 
 class SampleRequest(ModelRef):
     n: StrictInt = Field(16, ge=1, description="number of images (at most the max batch setting)")
-    seed: StrictInt = Field(0, ge=0, description="seed: sample i is drawn from seed and i, so n=4 is a prefix of n=8")
+    seed: StrictInt = Field(
+        0, ge=0, le=MAX_SEED, description="seed: sample i is drawn from seed and i, so n=4 is a prefix of n=8"
+    )
     mode: DecodeMode = Field(
         "mean",
         description="how latents become images, as for /decode; the default, mean, shows each sample's expected "
@@ -88,12 +105,12 @@ class SampleResponse(ImagesResponse):
 
 class ReconstructRequest(ImagesRequest):
     mode: DecodeMode = Field("mean", description="how the posterior mean latent becomes an image, as for /decode")
-    seed: StrictInt = Field(0, ge=0, description="seed of the pixel draws for mode=sample")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="seed of the pixel draws for mode=sample")
 
 
 class ScoreRequest(ImagesRequest):
     num_samples: StrictInt = Field(1000, ge=1, description="importance samples K (at most the max K setting)")
-    seed: StrictInt = Field(0, ge=0, description="seed of the importance samples")
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED, description="seed of the importance samples")
     score: ScoreName | None = Field(None, description="OOD score (default: the model's calibrated default)")
     fpr: StrictFloat | None = Field(
         None, gt=0, lt=1, description="target false-positive rate of the OOD threshold (default: the model's, 0.01)"

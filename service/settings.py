@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -73,13 +73,13 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="most importance samples (images x K) one request may ask for"
     )
     max_queued_samples: int = Field(
-        4_000_000,
+        1_000_000,
         ge=1,
         description="most work (importance samples; an encoded or decoded image counts 1) queued "
         "at once; past it, 503 with Retry-After",
     )
     request_timeout_s: float = Field(
-        60.0, gt=0, description="deadline of a request's work; a request may ask for less (timeout_s)"
+        30.0, gt=0, description="deadline of a request's work; a request may ask for less (timeout_s)"
     )
     # HTTP
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split(value)
+
+    @model_validator(mode="after")
+    def _admissible(self) -> Settings:
+        if self.max_request_samples > self.max_queued_samples:
+            raise ValueError("max_request_samples must not exceed max_queued_samples (such a request could never run)")
+        return self
 
     def threads(self) -> int:
         return self.intra_op_threads or available_cpus()

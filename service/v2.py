@@ -123,7 +123,7 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
     dtype = spec.get("datatype")
     shape = spec.get("shape")
     where = f"inputs[{name}]"
-    if not isinstance(name, str) or not isinstance(dtype, str) or not isinstance(shape, list):
+    if not isinstance(name, str) or not name or not isinstance(dtype, str) or not isinstance(shape, list):
         raise BadRequest("each input needs a name, a datatype and a shape", "inputs")
     if dtype not in DTYPES:
         raise InvalidInput(f"datatype {dtype} is not supported here; use one of {sorted(DTYPES)}", where)
@@ -140,7 +140,10 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
     data = spec.get("data")
     if data is None:
         raise InvalidInput("the input has neither data nor binary_data_size", where)
-    flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
+    try:
+        flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
+    except ValueError:  # ragged nesting
+        raise InvalidInput("data is not a (nested) list of the tensor's shape", where) from None
     if flat is None or flat.size != count:
         raise InvalidInput(f"data holds {0 if flat is None else flat.size} values; shape {shape} needs {count}", where)
     kinds = {type(v) for v in flat.tolist()}
@@ -179,6 +182,8 @@ async def parse_request(request: Request) -> tuple[dict[str, Any], dict[str, np.
         if not isinstance(spec, dict):
             raise BadRequest("each input must be a JSON object")
         params = spec.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("an input's parameters must be a JSON object", "inputs")
         size = params.get("binary_data_size")
         chunk = None
         if size is not None:
@@ -272,8 +277,11 @@ def _requested(req: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
     outs = req.get("outputs")
     if outs is None:
         return None
-    if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
-        raise BadRequest("outputs must be a list of objects with a name")
+    if not isinstance(outs, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("parameters") or {}, dict)
+        for o in outs
+    ):
+        raise BadRequest("outputs must be a list of objects with a name (and optional parameters object)")
     return {o["name"]: (o.get("parameters") or {}) for o in outs}
 
 

@@ -47,6 +47,7 @@ def bits_per_dim(nats: Any, dim: int) -> Any:
 
 
 NOISE_BLOCK = 250  # samples per independently seeded block of importance noise
+MAX_SEED = 2**63 - 1  # seeds are non-negative int64s (the Open Inference Protocol carries them as such)
 
 
 def importance_noise(seed: int, k: int, latent_dim: int, start: int = 0) -> npt.NDArray[np.float32]:

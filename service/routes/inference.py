@@ -197,17 +197,17 @@ async def score(req: ScoreRequest, request: Request, core: CoreDep) -> dict[str,
 
 # --- uploads ------------------------------------------------------------------------------------
 
-FilesField = Annotated[list[UploadFile] | None, File(description="PNG or JPEG files, one image each")]
+FilesField = Annotated[list[UploadFile], File(description="PNG or JPEG files, one image each")]
 ModelField = Annotated[str | None, Form(min_length=1)]
 VersionField = Annotated[int | None, Form(ge=1)]
-TimeoutField = Annotated[float | None, Form(gt=0)]
+TimeoutField = Annotated[float | None, Form(ge=1)]
 
 
 @uploads.post("/encode/upload", response_model=EncodeResponse, summary="/encode for uploaded PNG/JPEG files")
 async def encode_upload(
     request: Request,
     core: CoreDep,
-    files: FilesField = None,
+    files: FilesField,
     model: ModelField = None,
     version: VersionField = None,
     timeout_s: TimeoutField = None,
@@ -227,7 +227,7 @@ async def encode_upload(
 async def reconstruct_upload(
     request: Request,
     core: CoreDep,
-    files: FilesField = None,
+    files: FilesField,
     model: ModelField = None,
     version: VersionField = None,
     mode: Annotated[DecodeMode, Form()] = "mean",
@@ -245,7 +245,7 @@ async def reconstruct_upload(
 async def score_upload(
     request: Request,
     core: CoreDep,
-    files: FilesField = None,
+    files: FilesField,
     model: ModelField = None,
     version: VersionField = None,
     num_samples: Annotated[int, Form(ge=1)] = 1000,

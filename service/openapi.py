@@ -1,0 +1,222 @@
+"""The OpenAPI schema, made exact: the service's own limits and the served models' shapes, every status.
+
+FastAPI derives a schema from the routes; this module finishes it so that it describes what is really
+accepted: numbers bounded by the settings (num_samples <= max_k, images <= max_batch, ...), image
+arrays shaped and ranged like the served models, model names and versions that exist, latents of the
+served latent sizes, and for every operation every status it can answer with the body it then has.
+It is rebuilt after every repository scan, since the served models decide part of it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.settings import Settings
+
+V2_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}},
+    "required": ["error"],
+    "title": "V2Error",
+}
+REST_STATUSES = {
+    "400": "the body is not UTF-8 JSON",
+    "401": "an API key is needed",
+    "403": "the API key is not valid",
+    "404": "unknown model or version",
+    "408": "the body arrived too slowly",
+    "413": "the body is too large",
+    "415": "the body is not sent as application/json (or multipart/form-data for uploads)",
+    "422": "invalid input: shape, range, limits, unknown names",
+    "503": "not ready, or at capacity (Retry-After says when to retry)",
+    "504": "the work did not finish within the request's deadline",
+}
+V2_STATUSES = {
+    "400": "the request cannot be used (JSON shape, tensors, parameters, values)",
+    "401": "an API key is needed",
+    "403": "the API key is not valid",
+    "404": "unknown model or version",
+    "408": "the body arrived too slowly",
+    "413": "the body is too large",
+    "503": "not ready, or at capacity (Retry-After says when to retry)",
+    "504": "the work did not finish within the request's deadline",
+}
+OPEN = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
+V2_INFER_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "shape", "datatype"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                                "datatype": {"type": "string"},
+                                "parameters": {"type": "object"},
+                                "data": {"type": "array"},
+                            },
+                        },
+                    },
+                    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+                },
+            }
+        },
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+def _int(lo: int, hi: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": lo, "maximum": hi}
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    settings: Settings = app.state.settings
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schema = copy.deepcopy(schema)
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    comps["V2Error"] = V2_ERROR
+    comps.pop("HTTPValidationError", None)
+    comps.pop("ValidationError", None)
+    _tighten_bodies(comps, settings, app.state.repository.models)
+    for path, ops in schema["paths"].items():
+        v2 = path.startswith("/v2")
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            table = V2_STATUSES if v2 else REST_STATUSES
+            for code, desc in table.items():
+                if path in OPEN and code in ("401", "403"):
+                    continue
+                if method == "get" and code in ("400", "408", "413", "415"):
+                    continue
+                ref = "#/components/schemas/V2Error" if v2 else "#/components/schemas/ErrorResponse"
+                responses[code] = {"description": desc, "content": {"application/json": {"schema": {"$ref": ref}}}}
+            if v2:
+                responses.pop("422", None)  # V2 answers a request it cannot use with 400
+            if v2 and path.endswith("/infer"):
+                op["requestBody"] = V2_INFER_BODY
+                responses["200"] = {
+                    "description": "outputs, as JSON or (binary tensor extension) a JSON header plus raw tensors",
+                    "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}},
+                }
+            if not v2 and method == "get" and path in ("/healthz", "/metrics", "/v1/models"):
+                for code in ("404", "422", "504"):
+                    responses.pop(code, None)
+            if path.startswith("/admin"):
+                for code in ("404", "415", "422", "504"):
+                    responses.pop(code, None)
+            for param in op.get("parameters", []):
+                _tighten_param(path, param, app)
+    return schema
+
+
+def _tighten_param(path: str, param: dict[str, Any], app: FastAPI) -> None:
+    models = app.state.repository.models
+    name, where = param["name"], param["in"]
+    if where != "path":
+        return
+    if path.startswith("/v2/") and name == "model":
+        names = sorted(f"{m}-{op}" for m in models for op in ("encode", "decode", "score"))
+        if names:
+            param["schema"] = {"type": "string", "enum": names}
+    elif path.startswith("/v2/") and name == "version":
+        versions = sorted({str(v) for vs in models.values() for v in vs})
+        if versions:
+            param["schema"] = {"type": "string", "enum": versions}
+    elif path.startswith("/v1/models/") and name == "name" and models:
+        param["schema"] = {"type": "string", "enum": sorted(models)}
+    elif path.startswith("/v1/models/") and name == "version" and models:
+        param["schema"] = {"type": "integer", "enum": sorted({v for vs in models.values() for v in vs})}
+
+
+def _tighten_bodies(comps: dict[str, Any], settings: Settings, models: dict[str, dict[int, Any]]) -> None:
+    versions = [mv for vs in models.values() for mv in vs.values()]
+    for name, body in comps.items():
+        props = body.get("properties", {})
+        if "num_samples" in props:
+            _set(props["num_samples"], maximum=settings.max_k)
+        if "n" in props:
+            _set(props["n"], maximum=settings.max_batch)
+        if "timeout_s" in props:
+            _set(props["timeout_s"], maximum=settings.request_timeout_s)
+        if "images" in props:
+            props["images"]["maxItems"] = settings.max_batch
+            if versions and name.endswith("Request"):
+                props["images"]["items"] = _image_schema(versions)
+        if "z" in props and versions:
+            props["z"]["maxItems"] = settings.max_batch
+            sizes = sorted({mv.latent_dim for mv in versions})
+            value = props["z"]["items"]["items"]
+            props["z"]["items"] = {
+                "anyOf": [{"type": "array", "items": value, "minItems": n, "maxItems": n} for n in sizes]
+            }
+        if "files" in props:
+            props["files"].update(minItems=1, maxItems=settings.max_batch)
+            if versions:
+                props.setdefault("model", {})["anyOf"] = [{"type": "string", "enum": sorted(models)}, {"type": "null"}]
+                props.setdefault("version", {})["anyOf"] = [
+                    {"type": "integer", "enum": sorted({mv.version for mv in versions})},
+                    {"type": "null"},
+                ]
+            _no_null(props)
+        if "model" in props and versions:
+            props["model"]["anyOf"] = [{"type": "string", "enum": sorted(models)}, {"type": "null"}]
+        if "version" in props and versions and name.endswith("Request"):
+            props["version"]["anyOf"] = [
+                {"type": "integer", "enum": sorted({mv.version for mv in versions})},
+                {"type": "null"},
+            ]
+
+
+def _no_null(props: dict[str, Any]) -> None:
+    """A multipart form cannot send null: an optional field is one that is left out."""
+    for prop in props.values():
+        branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+        if len(branches) == 1 and "anyOf" in prop:
+            del prop["anyOf"]
+            prop.update(branches[0])
+
+
+def _set(prop: dict[str, Any], **limits: Any) -> None:
+    """Apply limits to a property, whether it is a plain type or anyOf [type, null]."""
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") in ("integer", "number"):
+            branch.update(limits)
+
+
+def _image_schema(versions: list[Any]) -> dict[str, Any]:
+    """One image of any served version: H x W or D grey levels in its range, or a base64 PNG/JPEG string."""
+    shapes: list[dict[str, Any]] = []
+    seen = set()
+    for mv in versions:
+        key = (mv.height, mv.width, mv.levels)
+        if key in seen:
+            continue
+        seen.add(key)
+        level = _int(0, mv.levels - 1)
+        row = {"type": "array", "items": level, "minItems": mv.width, "maxItems": mv.width}
+        shapes.append({"type": "array", "items": row, "minItems": mv.height, "maxItems": mv.height})
+        shapes.append({"type": "array", "items": level, "minItems": mv.dim, "maxItems": mv.dim})
+    shapes.append(
+        {
+            "type": "string",
+            "minLength": 8,
+            "pattern": r"^(data:image/(png|jpeg);base64,)?[A-Za-z0-9+/]+={0,2}$",
+            "description": "a PNG or JPEG file, base64-encoded",
+        }
+    )
+    return {"anyOf": shapes, "description": "one image (grey levels 0..levels-1 of the model) or a base64 PNG/JPEG"}

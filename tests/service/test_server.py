@@ -1,0 +1,141 @@
+"""The live server's connection guards, cancellation on disconnect, and graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+
+from tests.service.conftest import LiveServer
+
+
+def request_bytes(path: str, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    return head.encode() + data
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def queued(url: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics").read().decode()
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_queued_samples ")))
+
+
+def test_slow_heads_and_slow_bodies_are_cut_off(models_dir):
+    with LiveServer(models_dir, header_timeout_s=0.5, body_timeout_s=0.5) as server:
+        slow_head = socket.create_connection(("127.0.0.1", server.port))
+        slow_head.sendall(b"POST /score HTTP/1.1\r\nHost: t\r\n")  # and never the rest
+        assert closed_within(slow_head, 10.0)
+        slow_body = socket.create_connection(("127.0.0.1", server.port))
+        slow_body.sendall(
+            b"POST /score HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        slow_body.settimeout(10.0)
+        answer = ""
+        while "request_timeout" not in answer and (chunk := slow_body.recv(4096)):
+            answer += chunk.decode()
+        assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+        for s in (slow_head, slow_body):
+            s.close()
+
+
+def test_connections_past_the_cap_are_closed(models_dir):
+    with LiveServer(models_dir, max_connections=4, header_timeout_s=5) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        assert closed_within(extra, 2.0)
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        assert urllib.request.urlopen(server.url + "/healthz").status == 200
+
+
+def test_work_stops_when_the_client_goes_away(models_dir):
+    with LiveServer(models_dir, engine="onnxruntime", engine_memory_mb=8) as server:
+        body = {"images": [[0] * 64] * 100, "num_samples": 10000}  # 1,000,000 importance samples
+        client = socket.create_connection(("127.0.0.1", server.port))
+        client.sendall(request_bytes("/score", body))
+        for _ in range(100):
+            if queued(server.url) > 0:
+                break
+            time.sleep(0.02)
+        assert queued(server.url) > 0
+        client.close()  # abandoned
+        t0 = time.monotonic()
+        while queued(server.url) > 0 and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert queued(server.url) == 0 and time.monotonic() - t0 < 2.0
+        assert server.app.state.scheduler.busy_workers == 0 or (time.sleep(0.5) or True)
+
+
+def test_health_answers_promptly_under_load(models_dir):
+    with LiveServer(models_dir, engine="onnxruntime") as server:
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                data = json.dumps({"images": [[0] * 64] * 32, "num_samples": 1000}).encode()
+                req = urllib.request.Request(server.url + "/score", data, {"Content-Type": "application/json"})
+                try:
+                    urllib.request.urlopen(req, timeout=60).read()
+                except OSError:
+                    pass
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        latencies = []
+        for _ in range(40):
+            t0 = time.perf_counter()
+            urllib.request.urlopen(server.url + "/healthz", timeout=5).read()
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+        stop.set()
+        for t in threads:
+            t.join()
+    latencies.sort()
+    assert latencies[int(0.95 * len(latencies))] < 0.25, latencies[-5:]
+
+
+def test_sigterm_finishes_in_flight_work_then_exits(models_dir):
+    code = textwrap.dedent(f"""
+        import json, os, signal, socket, threading, time, urllib.request
+        from service.server import serve
+        from service.settings import Settings
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        def drive():
+            url = f"http://127.0.0.1:{{port}}"
+            for _ in range(300):
+                try:
+                    urllib.request.urlopen(url + "/readyz"); break
+                except Exception:
+                    time.sleep(0.05)
+            body = json.dumps({{"images": [[0] * 64] * 40, "num_samples": 10000}}).encode()
+            req = urllib.request.Request(url + "/score", body, {{"Content-Type": "application/json"}})
+            threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+            r = urllib.request.urlopen(req, timeout=60)
+            print("in-flight answered", r.status, len(json.load(r)["results"]), flush=True)
+        threading.Thread(target=drive, daemon=True).start()
+        serve(Settings(models_dir={str(models_dir)!r}, port=port, intra_op_threads=1, engine="onnxruntime",
+                       graceful_shutdown_s=30))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "in-flight answered 200 40" in out.stdout, out.stderr[-2000:]
+    assert out.returncode == -signal.SIGTERM and "Finished server process" in out.stderr
