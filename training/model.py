@@ -45,9 +45,11 @@ def mixture_log_prob(
 
 
 def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """log sigmoid(x) = -softplus(-x), stable for any x. (The ONNX exporter writes F.logsigmoid as
-    Log(Sigmoid(x)), which underflows to -inf below x = -88 on onnxruntime.)"""
-    return -F.softplus(-x)
+    """log sigmoid(x), stable for any x. Exported as -softplus(-x): the ONNX exporter writes F.logsigmoid as
+    Log(Sigmoid(x)), which underflows to -inf below x = -88 on onnxruntime. In training, torch's fused kernel."""
+    if torch.onnx.is_in_onnx_export():
+        return -F.softplus(-x)
+    return F.logsigmoid(x)
 
 
 def log1mexp(log_neg_d: torch.Tensor) -> torch.Tensor:
@@ -283,7 +285,7 @@ class VAE(nn.Module):
     def __init__(self, cfg: TrainConfig, dim: int, levels: int):
         super().__init__()
         self.cfg, self.dim, self.levels = cfg, dim, levels
-        if cfg.likelihood not in DECODERS:
+        if cfg.likelihood not in DECODERS or cfg.dropout is None or cfg.iw_train is None:
             raise ValueError(f"likelihood {cfg.likelihood!r} is not resolved; call TrainConfig.resolve first")
         if cfg.likelihood == "bernoulli" and levels != 2:
             raise ValueError(f"the bernoulli likelihood needs 2 grey levels, the data has {levels}")

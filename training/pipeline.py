@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from training.config import ConfigError, TrainConfig
@@ -23,6 +24,13 @@ from training.ood import calibrate
 from training.train import train
 
 Log = Callable[[str], None]
+
+
+def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """All of x when n is 0 or covers it, else n rows chosen by a seeded permutation (in their original order)."""
+    if n == 0 or len(x) <= n:
+        return x
+    return x[np.sort(np.random.default_rng(seed).permutation(len(x))[:n])]
 
 
 def check_model_size(cfg: TrainConfig, dim: int, levels: int) -> tuple[int, float]:
@@ -78,13 +86,14 @@ def run(
             f"{result.best_epoch} ({result.weights} weights)"
         )
         t0 = time.monotonic()
-        x_test = torch.from_numpy(data.flat("test"))
-        metrics = evaluate(result.model, x_test, k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed)
+        x_test = subsample(data.flat("test"), cfg.eval_images, cfg.seed)
+        metrics = evaluate(result.model, torch.from_numpy(x_test), k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed)
+        metrics["of_images"] = len(data.test)
         eval_seconds = time.monotonic() - t0
         t0 = time.monotonic()
-        calibration = calibrate(
-            result.model, data.flat("val"), k=cfg.eval_k, seed=cfg.seed + 2, default_score=cfg.ood_score
-        )
+        x_cal = subsample(data.flat("val"), cfg.calibration_images, cfg.seed + 2)
+        calibration = calibrate(result.model, x_cal, k=cfg.eval_k, seed=cfg.seed + 2, default_score=cfg.ood_score)
+        calibration["of_images"] = len(data.val)
         calibration_seconds = time.monotonic() - t0
         extra = {"metrics.jsonl": work / "metrics.jsonl"}
         if plots:
@@ -130,7 +139,10 @@ def run(
         shutil.rmtree(work, ignore_errors=True)
     m = manifest["metrics"]
     log(f"test -ELBO (K=1): {m['neg_elbo']['nats']:.3f} nats = {m['neg_elbo']['bits_per_dim']:.4f} bits/dim")
-    log(f"test NLL (K={m['nll']['K']}): {m['nll']['nats']:.3f} nats = {m['nll']['bits_per_dim']:.4f} bits/dim")
+    log(
+        f"test NLL (K={m['nll']['K']}, {m['images']} of {m['of_images']} test images): "
+        f"{m['nll']['nats']:.3f} nats = {m['nll']['bits_per_dim']:.4f} bits/dim"
+    )
     log(f"active units: {m['active_units']} of {resolved.latent_dim}")
     log(f"evaluation {eval_seconds:.1f} s, calibration {calibration_seconds:.1f} s (K={cfg.eval_k})")
     parity = manifest["export_check"]["max_abs_diff_log_likelihood_nats"]

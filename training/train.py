@@ -157,6 +157,7 @@ def train(
                 row.update({f"val_loss_{k}": v for k, v in losses.items()})
                 row.update({"val_loss": val_loss, "best": improved})
                 log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
             if stale >= cfg.patience:
                 stopped = f"early stopping (no validation improvement in {cfg.patience} epochs)"
                 break
