@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # `make docker-test`: the images for real, on a machine with a Docker engine and the Compose plugin.
 # Builds the serving image (and the train image with DOCKER_TEST_TRAIN=1), starts the compose stack under its
-# own project name on a free port, waits for healthy, calls /readyz, /score and /sample through the published
-# port, checks that the serving image has no torch and runs as a non-root user, prints the figures, and tears
-# the stack down, on failure too.
+# own project name on a free port, waits for healthy, calls /readyz, /score, /sample, /v1/models (the scoring
+# engine: openvino bf16 where the CPU has bf16) and /docs through the published port, checks that the serving
+# image has no torch, that its trimmed OpenVINO loads, and that it runs as a non-root user, prints the figures
+# (size, time to healthy, memory), and tears the stack down, on failure too.
 #   DOCKER_TEST_PORT=8000     host port (default: a free one)
 #   DOCKER_TEST_NO_CACHE=1    build from scratch (the build time then includes every download)
+#   FAST_PATH=0               test the image without openvino (compose passes it as a build argument)
 #   DOCKER_TEST_TRAIN=1       also build the train target and run `vae-train --help` in it; where the PyTorch
 #                             CPU index is unreachable: TORCH_INDEX_URL= and the wheel in requirements/wheels/
 set -euo pipefail
@@ -49,6 +51,15 @@ say "built $IMAGE in ${BUILD_S}s, ${SIZE_MB} MB"
 if docker run --rm --entrypoint python "$IMAGE" -c "import torch" >/dev/null 2>&1; then
   fail "torch imports in the serving image"
 fi
+# the trimmed OpenVINO (CPU plugin only; FAST_PATH=0 images have none) still loads and reports its capabilities
+OV_CAPS=$(docker run --rm --entrypoint python "$IMAGE" -c "
+import importlib.util
+if importlib.util.find_spec('openvino') is None:
+    print('none')
+else:
+    import openvino as ov
+    print(','.join(ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')))") || fail "openvino in $IMAGE does not load"
+say "openvino CPU capabilities: $OV_CAPS"
 IMAGE_UID=$(docker run --rm --entrypoint id "$IMAGE" -u)
 [ "$IMAGE_UID" != 0 ] || fail "the serving image runs as root"
 
@@ -68,10 +79,11 @@ RUN_UID=$(docker exec "$CID" id -u)
 [ "$RUN_UID" != 0 ] || fail "the api container runs as root"
 say "healthy ${HEALTHY_S}s after 'docker compose up'; runs as uid $RUN_UID"
 
-SCORE=$(python3 - "$PORT" <<'PY'
+SCORE=$(python3 - "$PORT" "$OV_CAPS" <<'PY'
 import json, sys, urllib.request
 
 base = f"http://127.0.0.1:{sys.argv[1]}"
+ov_caps = sys.argv[2].split(",")
 
 
 def call(path, body=None):
@@ -92,10 +104,26 @@ text = json.dumps(score)
 assert "nll" in text or "log_likelihood" in text, score
 sample = call("/sample", {"n": 2, "seed": 1})
 assert sample, sample
-print(json.dumps(score, separators=(",", ":")))
+# the scoring engine: OpenVINO bf16 wherever the image has openvino and the CPU has bf16 instructions (unless a
+# version fails its bf16 parity check: a property of that model, not of the image)
+expected = ("openvino", "bf16") if "BF16" in ov_caps else ("onnxruntime", "fp32")
+engines = set()
+for model in call("/v1/models")["models"]:
+    for version, details in model["details"].items():
+        scoring = details["scoring"]
+        engines.add(f"{model['name']}/{version}: {scoring['engine']} {scoring['precision']}")
+        if "parity check failed" not in (scoring.get("fallback") or ""):
+            assert (scoring["engine"], scoring["precision"]) == expected, (model["name"], version, expected, scoring)
+# Swagger UI from the image's own assets (no CDN)
+for path in ("/docs", "/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"):
+    with urllib.request.urlopen(base + path, timeout=10) as r:
+        assert r.status == 200 and r.read(), path
+print(", ".join(sorted(engines)), "|", json.dumps(score, separators=(",", ":")))
 PY
 ) || fail "API calls through port $PORT"
-say "/readyz 200, /sample 200, /score (one 8x8 digit, K=1000): $SCORE"
+say "/readyz, /sample, /v1/models, /docs 200; scoring engines | /score (one 8x8 digit, K=1000): $SCORE"
+MEM=$(docker stats --no-stream --format '{{.MemUsage}}' "$CID")
+say "memory of the api container (docker stats): $MEM"
 
 if [ "${DOCKER_TEST_TRAIN:-0}" = 1 ]; then
   t=$(now)
@@ -110,4 +138,4 @@ if [ "${DOCKER_TEST_TRAIN:-0}" = 1 ]; then
   say "built $TRAIN_IMAGE in ${TRAIN_BUILD_S}s, ${TRAIN_MB} MB (CPU-only torch, vae-train runs)"
 fi
 
-say "summary: serving image build ${BUILD_S}s, size ${SIZE_MB} MB, up->healthy ${HEALTHY_S}s"
+say "summary: serving image build ${BUILD_S}s, size ${SIZE_MB} MB, up->healthy ${HEALTHY_S}s, memory ${MEM%% /*}"

@@ -14,7 +14,17 @@ from tests.deploy.helpers import REPO, tool
 def _compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     # no engine is contacted by `config`; an unreachable DOCKER_HOST proves it
     # the file's own defaults, whatever this shell exports
-    ours = ("API_PORT", "API_CPUS", "TRAIN_CPUS", "VAE_TAG", "VAE_LOG_LEVEL", "TORCH_INDEX_URL", "HOST_UID", "HOST_GID")
+    ours = (
+        "API_PORT",
+        "API_CPUS",
+        "TRAIN_CPUS",
+        "VAE_TAG",
+        "VAE_LOG_LEVEL",
+        "TORCH_INDEX_URL",
+        "HOST_UID",
+        "HOST_GID",
+        "FAST_PATH",
+    )
     full_env = {k: v for k, v in os.environ.items() if k not in ours}
     full_env.update(DOCKER_HOST="unix:///nonexistent/docker.sock", **(env or {}))
     return subprocess.run(
@@ -61,6 +71,11 @@ def test_the_api_service() -> None:
     assert env["VAE_INTRA_OP_THREADS"] == str(int(float(limits["cpus"]))), "threads = the CPU limit"
     assert "container_name" not in api, "a fixed container name forbids --scale"
     assert api["read_only"] is True and api["cap_drop"] == ["ALL"]
+
+
+def test_the_api_image_has_the_fast_path_unless_told_otherwise() -> None:
+    assert _config()["services"]["api"]["build"]["args"]["FAST_PATH"] == "1"
+    assert _config(env={"FAST_PATH": "0"})["services"]["api"]["build"]["args"]["FAST_PATH"] == "0"
 
 
 def test_several_api_replicas_take_a_port_range() -> None:

@@ -61,6 +61,19 @@ def test_the_default_stage_serves_without_torch_as_a_non_root_user() -> None:
     assert re.search(r"^COPY .*models/? /models/?$", serve_text, re.M), serve_text
 
 
+def test_the_serving_build_trims_openvino_and_checks_what_is_left() -> None:
+    """The serving venv loses OpenVINO's GPU/NPU plugins and other frontends; the same RUN must prove that the
+    CPU plugin still compiles the ONNX graphs, and FAST_PATH=0 must leave openvino out altogether."""
+    build = next(s for s in dockerfile_stages() if s.name == "build-serve")
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in build.instructions if i == "ARG" and "=" in a}
+    assert args.get("FAST_PATH") == "1", "the fast path is in the default image"
+    [trim] = [a for i, a in build.instructions if i == "RUN" and "libopenvino_intel_cpu_plugin.so" in a]
+    assert "-delete" in trim and "compile_model(" in trim and "'CPU'" in trim
+    assert "OPTIMIZATION_CAPABILITIES" in trim
+    installs = [a for i, a in build.instructions if i == "RUN" and "pip install --no-deps -r" in a]
+    assert installs and "FAST_PATH" in installs[0] and "openvino" in installs[0]
+
+
 def test_the_train_target_runs_vae_train_with_a_cpu_torch() -> None:
     cfg = image_config("train")
     assert cfg.entrypoint[:1] == ["vae-train"]
