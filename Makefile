@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 MODEL := models/digits/1
 HOST ?= 127.0.0.1
 PORT ?= 8000
+PERF := .venv-perf/bin/perf_analyzer
 
-.PHONY: run test bench lint model clean
+.PHONY: run test bench lint typecheck model clean lock docker-test
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,31 +16,40 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[train,serve,dev]"
 	touch $(STAMP)
 
-$(MODEL)/manifest.json: | $(STAMP)
+$(MODEL)/manifest.json: | $(STAMP)  # shipped in the repository; trained only if someone removed it
 	$(BIN)/vae-train --dataset digits --out $(MODEL)
 
-model: $(MODEL)/manifest.json  ## train the default digits model if it is missing
-
-run: $(STAMP) $(MODEL)/manifest.json  ## train the default model if missing, then serve it
+run: $(STAMP) $(MODEL)/manifest.json  ## serve the shipped default model (models/digits/1) on $(HOST):$(PORT)
 	$(BIN)/vae-serve --models models --host $(HOST) --port $(PORT)
 
-test: $(STAMP)  ## the whole test suite
+test: $(STAMP) lint typecheck  ## ruff, mypy, then the whole test suite
 	$(BIN)/python -m pytest -q
-
-bench: $(STAMP) $(MODEL)/manifest.json  ## speed and memory figures, written to bench/results.json
-	$(BIN)/python -m bench.run --model $(MODEL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check training service tests bench
+	$(BIN)/ruff format --check .
 
-clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+typecheck: $(STAMP)  ## mypy over the service and the contract package (settings in pyproject.toml)
+	$(BIN)/mypy
 
-.PHONY: lock docker-test
+model: $(STAMP)  ## retrain the shipped default model, deterministically (same machine: same weights)
+	$(BIN)/vae-train --dataset digits --out $(MODEL) --force
+
+# perf_analyzer (Triton's load tool) ships in tritonclient 2.51.0's wheel; it needs libb64 (Debian: libb64-0d)
+# and links libcudart at start-up, though HTTP never uses CUDA.
+$(PERF):
+	test -d .venv-perf || $(PYTHON) -m venv .venv-perf
+	.venv-perf/bin/pip install --quiet "tritonclient==2.51.0" "nvidia-cuda-runtime-cu12==12.*"
+	@ldconfig -p | grep -q libb64.so.0d || echo "perf_analyzer needs libb64: apt-get install libb64-0d"
+
+bench: $(STAMP) $(PERF)  ## speed and memory figures: bench/results.json and bench/results.md
+	$(BIN)/python -m bench.run --model $(MODEL)
 
 lock:  ## regenerate requirements/*.txt, the exact versions the images install, from pyproject.toml
 	PYTHON=$(PYTHON) requirements/lock.sh
 
 docker-test:  ## needs a Docker engine: build the images, docker compose up, call the API, tear down
 	scripts/docker_test.sh
+
+clean:
+	rm -rf $(VENV) .venv-perf .pytest_cache .ruff_cache .mypy_cache

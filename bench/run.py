@@ -1,53 +1,230 @@
-"""`make bench`: scoring throughput of the served path (onnxruntime) against eager PyTorch, in one run.
+"""`make bench`: speed and memory figures in one run, written to bench/results.json and bench/results.md.
 
-Writes bench/results.json. Not a timed test: figures are reported as a ratio measured in the same run.
+Not a timed test: the machines are noisy, so figures are compared as ratios taken in the same run.
+Sections: fp32 matmul rate and the scoring path's share of it; in-process scoring at K=1000 on every
+engine (and the fast path's NLL difference from fp32 over the test split); over HTTP with Triton's
+perf_analyzer in its own process (/v2 score and encode, concurrency 1, 8, 32; encode with batching off);
+a bounded overload run; the service's peak memory at the largest K on a 28x28, 256-level model; training
+throughput against a minimal plain PyTorch loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if "model name" in line)
+        flags = next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split()
+        info["bf16_instructions"] = [f for f in flags if "bf16" in f or f.startswith("amx")]
+    except (OSError, StopIteration):
+        pass
+    from service.settings import available_cpus
+
+    info["cpus"] = available_cpus()
+    import onnxruntime
+
+    info["onnxruntime"] = onnxruntime.__version__
+    try:
+        import openvino
+
+        info["openvino"] = openvino.__version__
+    except ImportError:
+        info["openvino"] = None
+    return info
+
+
+def tiny_large_model(root: Path) -> Path:
+    """The default architecture on 28x28 images with 256 levels, trained one epoch on generated images:
+    memory depends on the architecture and the request, not on how well the model is trained."""
+    from bench.training import images_28x28
+    from training.config import TrainConfig
+    from training.data import ImageData
+    from training.export import write_version
+    from training.train import train
+
+    images = images_28x28(2600)
+    data = ImageData(images[:2000], images[2000:2300], images[2300:], 256, "bench")
+    cfg = TrainConfig(epochs=1).resolve(256, 2000)
+    result = train(cfg, data, progress=False)
+    out = root / "mnist8" / "1"
+    write_version(
+        result.model,
+        out,
+        verify_images=data.flat("test")[:64],
+        metrics={},
+        training={"config": cfg.to_dict()},
+        data_info={"image_shape": [28, 28]},
+    )
+    return out
+
+
+def run(model: Path, quick: bool) -> dict[str, Any]:
+    from bench import inprocess, serving, training
+    from training.data import prepare
+
+    t_start = time.time()
+    results: dict[str, Any] = {"model": str(model), "machine": machine()}
+    test = prepare("digits").flat("test")
+    threads = results["machine"]["cpus"]
+
+    print("1/6 fp32 matmul rate and the graph's FLOPs", flush=True)
+    rate = inprocess.matmul_rate(threads=threads)
+    flops = inprocess.graph_flops(model, 1000)
+    results["matmul"] = {"gflops": round(rate / 1e9, 1), "shape": "8192x1024 @ 1024x1024, onnxruntime MatMul"}
+    results["flops"] = {k: round(v / 1e6, 4) for k, v in flops.items()} | {"units": "MFLOP", "K": 1000}
+
+    print("2/6 in-process scoring, K=1000", flush=True)
+    batches = [1, 16] if quick else [1, 16, 64]
+    sc = inprocess.scoring_rates(model, test, 1000, batches, threads)
+    for row in sc["rates"].values():
+        fp32 = row["onnxruntime fp32"]
+        row["fp32_fraction_of_matmul_rate"] = round(fp32 * flops["per_image"] / rate, 3)
+        for name, v in list(row.items()):
+            if name not in ("onnxruntime fp32", "fp32_fraction_of_matmul_rate"):
+                row[f"{name} / fp32"] = round(v / fp32, 2)
+    results["scoring"] = sc
+    results["fast_path_parity"] = inprocess.fast_path_parity(model, test, 1000, threads)
+
+    print("3/6 HTTP with perf_analyzer (in its own process)", flush=True)
+    conc = [1, 8] if quick else [1, 8, 32]
+    rows = test[:64]
+    http: dict[str, Any] = {}
+    with serving.Server(model.parent.parent) as server:
+        http["score_v2"] = serving.perf_analyzer(server.url, "digits-score", "x", rows, conc)
+        http["encode_v2"] = serving.perf_analyzer(server.url, "digits-encode", "x", rows, conc)
+        http["server_memory_mb"] = server.memory_mb()
+    with serving.Server(model.parent.parent, batching="false") as server:
+        http["encode_v2_batching_off"] = serving.perf_analyzer(server.url, "digits-encode", "x", rows, [32])
+    results["http"] = http
+
+    print("4/6 bounded overload run", flush=True)
+    with serving.Server(model.parent.parent) as server:
+        img = [test[i].tolist() for i in range(32)]
+        results["overload"] = serving.overload(server.url, img, 1000, 16 if quick else 64, 10 if quick else 30)
+        results["overload"]["settings"] = "default settings; each request 32 images at K=1000"
+        results["overload"]["server_memory_mb"] = server.memory_mb()
+
+    print("5/6 peak memory at the largest K on a 28x28, 256-level model", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        large = tiny_large_model(Path(tmp))
+        with serving.Server(large.parent.parent) as server:
+            import httpx
+
+            from service.settings import Settings
+
+            s = Settings()
+            n = max(1, min(s.max_batch, s.max_request_samples // s.max_k))
+            idle = server.memory_mb()
+            imgs = np.random.default_rng(0).integers(0, 256, (n, 784)).tolist()
+            r = httpx.post(server.url + "/score", json={"images": imgs, "num_samples": s.max_k}, timeout=600)
+            results["memory_large_model"] = {
+                "request": f"{n} images x K={s.max_k} (the largest K, max_request_samples={s.max_request_samples})",
+                "status": r.status_code,
+                "idle_mb": idle,
+                "after_mb": server.memory_mb(),
+                "engine_memory_mb_setting": s.engine_memory_mb,
+            }
+
+    print("6/6 training throughput", flush=True)
+    results["training"] = training.measure(n_train=6000 if quick else 12000, epochs=1 if quick else 2)
+    results["seconds"] = round(time.time() - t_start, 1)
+    return results
+
+
+def markdown(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        f"# vae-serve benchmark ({m.get('cpu', '?')}, {m['cpus']} CPUs, "
+        f"bf16: {', '.join(m.get('bf16_instructions', [])) or 'no'})",
+        "",
+        f"fp32 matmul rate (onnxruntime, {r['matmul']['shape']}): **{r['matmul']['gflops']} GFLOP/s**. "
+        f"log_weights graph: {r['flops']['decoder_per_sample']} MFLOP per importance sample, "
+        f"{r['flops']['per_image']} MFLOP per image at K=1000.",
+        "",
+        "## In-process scoring, K=1000 (images/s)",
+        "",
+    ]
+    rates = r["scoring"]["rates"]
+    engines = r["scoring"]["engines"]
+    lines += ["| batch | " + " | ".join(engines) + " | fp32 share of matmul rate | " + " | ".join(
+        f"{e} / fp32" for e in engines[1:]) + " |"]  # fmt: skip
+    lines += ["|---" * (2 + 2 * len(engines) - 1) + "|"]
+    for b, row in rates.items():
+        cells = [f"{row[e]:.1f}" for e in engines] + [f"{row['fp32_fraction_of_matmul_rate']:.0%}"]
+        cells += [f"{row[f'{e} / fp32']:.2f}x" for e in engines[1:]]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    p = r["fast_path_parity"]
+    if "mean_abs_diff_nats" in p:
+        lines += [
+            "",
+            f"Fast path ({p['engine']}) against fp32 on the {p['images']} test images, same noise, K={p['K']}: "
+            f"mean |diff| {p['mean_abs_diff_nats']} nats (signed {p['mean_signed_diff_nats']}), "
+            f"worst image {p['worst_abs_diff_nats']} nats.",
+        ]
+    else:
+        lines += ["", f"Fast path: {p.get('note')}"]
+    lines += ["", "## Over HTTP (perf_analyzer, /v2, one image a request)", ""]
+    lines += ["| operation | concurrency | requests/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    for op, per in r["http"].items():
+        if not isinstance(per, dict) or op == "server_memory_mb":
+            continue
+        for c, v in per.items():
+            if "error" in v:
+                lines.append(f"| {op} | {c} | error: {v['error'][:80]} | | | |")
+            else:
+                lines.append(f"| {op} | {c} | {v['requests_per_s']} | {v['p50_ms']} | {v['p95_ms']} | {v['p99_ms']} |")
+    o = r["overload"]
+    lines += [
+        "",
+        f"## Overload: {o.get('clients')} clients for {o.get('seconds')} s ({o.get('settings')})",
+        "",
+        f"statuses {o.get('statuses')}; accepted p50 {o.get('accepted_p50_ms')} ms, p99 {o.get('accepted_p99_ms')} ms; "
+        f"/healthz p99 {o.get('healthz_p99_ms')} ms; server memory {o.get('server_memory_mb')} MB.",
+    ]
+    mem = r["memory_large_model"]
+    lines += [
+        "",
+        f"## Memory, 28x28 256-level model: {mem['request']}: status {mem['status']}, idle {mem['idle_mb']} MB, "
+        f"after {mem['after_mb']} MB (VmHWM = peak)",
+        "",
+    ]
+    t = r["training"]
+    lines += [
+        f"## Training ({t['data']}; {t['model']})",
+        "",
+        f"product loop {t['product_images_per_s']} images/s, "
+        f"plain PyTorch loop {t['plain_loop_images_per_s']} images/s: "
+        f"**{t['ratio_product_over_plain']}x**.",
+        "",
+        f"Total bench time {r['seconds']} s.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="bench")
+    p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=Path("models/digits/1"))
-    p.add_argument("--k", type=int, default=1000)
-    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="fewer batch sizes, concurrencies and seconds")
     args = p.parse_args()
-
-    import torch
-
-    from service.repository import load_version
-    from service.settings import Settings
-    from training.data import prepare
-    from training.evaluate import log_likelihood
-    from training.export import load_checkpoint
-
-    x = prepare("digits").flat("test")[: args.images]
-    mv = load_version(args.model, Settings())
-    model = load_checkpoint(args.model)
-    t0 = time.perf_counter()
-    mv.runtime.importance_stats(x, args.k, seed=0, chunk_elements=Settings().k_chunk_elements)
-    ort_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    log_likelihood(model, torch.from_numpy(x), args.k, chunk=100, seed=0)
-    torch_s = time.perf_counter() - t0
-    n = args.images * args.k
-    result = {
-        "model": str(args.model),
-        "images": args.images,
-        "K": args.k,
-        "onnxruntime_seconds": round(ort_s, 3),
-        "torch_eager_seconds": round(torch_s, 3),
-        "onnxruntime_samples_per_second": round(n / ort_s),
-        "torch_samples_per_second": round(n / torch_s),
-        "speedup_onnxruntime_over_torch": round(torch_s / ort_s, 2),
-    }
-    Path("bench/results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    results = run(args.model, args.quick)
+    (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = markdown(results)
+    (OUT / "results.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

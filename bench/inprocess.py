@@ -1,0 +1,151 @@
+"""In-process figures: the machine's fp32 matmul rate, and scoring throughput at K=1000 on each engine.
+
+Every engine scores through the service's own scoring code (service.scoring.score_direct: the contract's
+noise, the version's chunk size), so the numbers are what /score computes, without HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def matmul_rate(m: int = 8192, k: int = 1024, n: int = 1024, threads: int = 0, seconds: float = 3.0) -> float:
+    """fp32 FLOP/s of onnxruntime's MatMul (the library the fp32 path runs on) on one large GEMM."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["c"])],
+        "mm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts)
+    a = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    sess.run(None, {"a": a})
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sess.run(None, {"a": a})
+        runs += 1
+    return 2.0 * m * k * n * runs / (time.perf_counter() - t0)
+
+
+def graph_flops(version_dir: Path, k: int) -> dict[str, float]:
+    """MatMul/Gemm FLOPs of log_weights.onnx for one image and K samples, counted from the graph's weights:
+    the encoder's layers run once per image, the decoder's once per sample."""
+    import onnx
+
+    model = onnx.load(str(version_dir / "log_weights.onnx"), load_external_data=False)
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    enc = dec = 0.0
+    for node in model.graph.node:
+        if node.op_type not in ("Gemm", "MatMul"):
+            continue
+        weight = next((i for i in node.input[1:2] if i in shapes), None)
+        if weight is None:
+            continue
+        n_out, n_in = shapes[weight][:2]
+        flops = 2.0 * n_out * n_in
+        if ".encoder." in weight:
+            enc += flops
+        else:
+            dec += flops
+    return {"encoder_per_image": enc, "decoder_per_sample": dec, "per_image": enc + k * dec}
+
+
+def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], threads: int) -> dict[str, Any]:
+    """Images/s at K for each batch size on: onnxruntime fp32, the fast path chosen at load, eager PyTorch."""
+    import torch
+
+    from service.repository import load_version
+    from service.settings import Settings
+    from training.export import load_checkpoint
+
+    settings = Settings(models_dir=version_dir.parent.parent, intra_op_threads=threads)
+    mv = load_version(version_dir, settings, version_dir.parent.name, int(version_dir.name))
+    engines = {"onnxruntime fp32": mv.ref}
+    if mv.scoring.engine is not mv.ref:
+        engines[mv.scoring.info.label] = mv.scoring.engine
+    torch.set_num_threads(threads)
+    model = load_checkpoint(version_dir)
+    out: dict[str, Any] = {"K": k, "chunk": mv.chunk, "images_per_call": mv.score_images_per_call, "rates": {}}
+    for b in batches:
+        row = _rates_for_batch(engines, model, mv, x[:b], k)
+        out["rates"][str(b)] = {name: round(v, 2) for name, v in row.items()}
+    out["engines"] = list(engines) + ["pytorch eager fp32"]
+    out["fast_path"] = mv.scoring.describe()
+    return out
+
+
+def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarray, k: int) -> dict[str, float]:
+    import torch
+
+    from service.scoring import score_direct
+    from training.evaluate import importance_log_likelihood
+
+    b = len(xb)
+    row: dict[str, float] = {}
+    for name, engine in engines.items():
+
+        def served(e: Any = engine) -> None:
+            score_direct(e, xb, k, [0] * b, mv.latent_dim, mv.chunk, mv.score_images_per_call)
+
+        served()  # warm up
+        row[name] = _rate(served, b)
+    xt = torch.from_numpy(xb)
+
+    def eager() -> None:
+        importance_log_likelihood(
+            model.log_weights, xt, mv.latent_dim, k, chunk=mv.chunk, seed=0, batch=mv.score_images_per_call
+        )
+
+    eager()
+    row["pytorch eager fp32"] = _rate(eager, b)
+    return row
+
+
+def _rate(fn, images: int, min_seconds: float = 3.0, min_runs: int = 3) -> float:
+    runs, t0 = 0, time.perf_counter()
+    while runs < min_runs or time.perf_counter() - t0 < min_seconds:
+        fn()
+        runs += 1
+    return images * runs / (time.perf_counter() - t0)
+
+
+def fast_path_parity(version_dir: Path, x: np.ndarray, k: int, threads: int) -> dict[str, Any]:
+    """|log p(x)| difference of the fast path from fp32, same noise, over the given images (nats)."""
+    from service.repository import load_version
+    from service.scoring import score_direct
+    from service.settings import Settings
+
+    mv = load_version(version_dir, Settings(intra_op_threads=threads), version_dir.parent.name, int(version_dir.name))
+    if mv.scoring.engine is mv.ref:
+        return {"engine": mv.scoring.info.label, "note": "no fast path on this machine: " + mv.scoring.reason}
+    seeds = list(range(len(x)))
+    ref = score_direct(mv.ref, x, k, seeds, mv.latent_dim, mv.chunk, mv.score_images_per_call)
+    fast = score_direct(mv.scoring.engine, x, k, seeds, mv.latent_dim, mv.chunk, mv.score_images_per_call)
+    diff = np.array([abs(a.acc.log_likelihood()[0] - b.acc.log_likelihood()[0]) for a, b in zip(ref, fast)])
+    signed = np.array([b.acc.log_likelihood()[0] - a.acc.log_likelihood()[0] for a, b in zip(ref, fast)])
+    return {
+        "engine": mv.scoring.info.label,
+        "images": int(len(x)),
+        "K": k,
+        "mean_abs_diff_nats": round(float(diff.mean()), 5),
+        "mean_signed_diff_nats": round(float(signed.mean()), 5),
+        "worst_abs_diff_nats": round(float(diff.max()), 5),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps({"matmul_gflops": matmul_rate() / 1e9}, indent=2))

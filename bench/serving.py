@@ -1,0 +1,183 @@
+"""Over HTTP: the real `vae-serve` in its own process, driven by load generators in other processes.
+
+perf_analyzer (Triton's C++ load tool, speaking the Open Inference Protocol) measures throughput and
+latency percentiles; a small asyncio client measures overload behaviour. The server's memory is read
+from /proc (VmRSS now, VmHWM = peak).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`vae-serve` in a child process with VAE_* settings; stopped with SIGTERM."""
+
+    def __init__(self, models: Path, **settings: Any):
+        self.port = free_port()
+        env = {**os.environ, "VAE_LOG_LEVEL": "warning"}
+        env.update({f"VAE_{k.upper()}": str(v) for k, v in settings.items()})
+        exe = Path(sys.executable).parent / "vae-serve"
+        self.proc = subprocess.Popen(
+            [str(exe), "--models", str(models), "--port", str(self.port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Server:
+        import urllib.request
+
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vae-serve exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            try:
+                urllib.request.urlopen(self.url + "/readyz", timeout=1)
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("vae-serve did not become ready")
+
+    def memory_mb(self) -> dict[str, float]:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return {k: round(int(fields[k].split()[0]) / 1024, 1) for k in ("VmRSS", "VmHWM")}
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def perf_analyzer_binary() -> tuple[Path | None, dict[str, str]]:
+    """perf_analyzer from .venv-perf (make bench installs tritonclient==2.51.0 there) or $PERF_ANALYZER."""
+    explicit = os.environ.get("PERF_ANALYZER")
+    exe = Path(explicit) if explicit else ROOT / ".venv-perf" / "bin" / "perf_analyzer"
+    if not exe.exists():
+        return None, {}
+    libs = sorted((exe.parent.parent / "lib").glob("python3*/site-packages/nvidia/cuda_runtime/lib"))
+    env = dict(os.environ)
+    if libs:  # perf_analyzer links libcudart at start-up though HTTP never uses CUDA
+        env["LD_LIBRARY_PATH"] = ":".join([str(libs[0]), env.get("LD_LIBRARY_PATH", "")])
+    return exe, env
+
+
+def perf_analyzer(
+    url: str, model: str, input_name: str, rows: np.ndarray, concurrency: list[int], window_ms: int = 4000
+) -> dict[str, Any]:
+    """Throughput (requests/s) and latency percentiles (ms) per concurrency, one image per request."""
+    exe, env = perf_analyzer_binary()
+    if exe is None:
+        return {"error": "perf_analyzer not found: run `make bench` (it installs .venv-perf) or set PERF_ANALYZER"}
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.json"
+        data.write_text(json.dumps({"data": [{input_name: {"content": r.tolist(), "shape": [len(r)]}} for r in rows]}))
+        for c in concurrency:
+            report = Path(tmp) / f"c{c}.csv"
+            cmd = [
+                str(exe), "-m", model, "-u", url.removeprefix("http://"), "-i", "http", "-b", "1",
+                "--concurrency-range", str(c), "--input-data", str(data), "-f", str(report),
+                "--measurement-mode", "time_windows", "--measurement-interval", str(window_ms),
+                "--stability-percentage", "50", "--max-trials", "6",
+            ]  # fmt: skip
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            if run.returncode not in (0, 2) or not report.exists():  # 2: not stable within max-trials
+                out[str(c)] = {"error": (run.stdout + run.stderr)[-400:]}
+                continue
+            row = next(csv.DictReader(report.open()))
+            out[str(c)] = {
+                "requests_per_s": round(float(row["Inferences/Second"]), 1),
+                "p50_ms": round(int(row["p50 latency"]) / 1000, 2),
+                "p95_ms": round(int(row["p95 latency"]) / 1000, 2),
+                "p99_ms": round(int(row["p99 latency"]) / 1000, 2),
+                "stable": run.returncode == 0,
+            }
+    return out
+
+
+async def _overload(url: str, body: dict, clients: int, seconds: float, probe: str | None) -> dict[str, Any]:
+    import httpx
+
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    probes: list[float] = []
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                r = await client.post("/score", json=body)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                elif r.status_code == 503:
+                    await asyncio.sleep(min(float(r.headers.get("retry-after", 1)), 0.5))
+
+        async def prober() -> None:
+            while time.monotonic() < deadline:
+                t0 = time.perf_counter()
+                await client.get(probe or "/healthz")
+                probes.append(time.perf_counter() - t0)
+                await asyncio.sleep(0.05)
+
+        await asyncio.gather(*[worker() for _ in range(clients)], prober())
+    lat = np.array(latencies) * 1000
+    pr = np.array(probes) * 1000
+    return {
+        "clients": clients,
+        "seconds": seconds,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "accepted_p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+        "accepted_p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+        "healthz_p99_ms": round(float(np.percentile(pr, 99)), 1) if len(pr) else None,
+        "healthz_max_ms": round(float(pr.max()), 1) if len(pr) else None,
+    }
+
+
+def overload(url: str, images: list, k: int, clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` clients sending `images` at K each, back to back for `seconds`, while /healthz is probed."""
+    code = (
+        "import asyncio, json, sys; from bench.serving import _overload; "
+        "a = json.loads(sys.stdin.read()); "
+        "print(json.dumps(asyncio.run(_overload(a['url'], a['body'], a['clients'], a['seconds'], None))))"
+    )
+    payload = {"url": url, "body": {"images": images, "num_samples": k}, "clients": clients, "seconds": seconds}
+    run = subprocess.run(  # the load generator runs in its own process
+        [sys.executable, "-c", code], input=json.dumps(payload), capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    if run.returncode != 0:
+        return {"error": run.stderr[-500:]}
+    return json.loads(run.stdout)
+
+
+def have_tools() -> dict[str, bool]:
+    return {"perf_analyzer": perf_analyzer_binary()[0] is not None, "httpx": shutil.which("python") is not None}
