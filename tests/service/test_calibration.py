@@ -5,11 +5,11 @@ import numpy as np
 
 def test_score_flags_an_obvious_ood_image_and_passes_a_digit(client, test_images):
     manifest = client.get("/v1/models/digits/1").json()
-    assert manifest["calibration"]["default_score"] == "combined"
+    assert manifest["calibration"]["default_score"] == "nll_bpd"
     noise = np.random.default_rng(0).integers(0, 17, (8, 8)).tolist()
     r = client.post("/score", json={"images": [test_images[5].tolist(), noise], "num_samples": 500})
     body = r.json()
-    assert body["score_name"] == "combined" and body["fpr"] == 0.01
+    assert body["score_name"] == "nll_bpd" and body["fpr"] == 0.01
     digit, odd = body["results"]
     assert digit["is_ood"] is False and digit["p_value"] > 0.01
     assert odd["is_ood"] is True and odd["score"] > odd["threshold"] and odd["p_value"] < 0.01
