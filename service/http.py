@@ -160,7 +160,6 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 await _render(scope, send, PayloadTooLarge(self._message(), "body"))
@@ -194,7 +193,6 @@ class BodyLimitMiddleware:
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
             return await receive()
 
-        del path
         await self.app(scope, replay, send)
 
     def _message(self) -> str:

@@ -47,7 +47,8 @@ def bits_per_dim(nats: Any, dim: int) -> Any:
 
 
 NOISE_BLOCK = 250  # samples per independently seeded block of importance noise
-MAX_SEED = 2**63 - 1  # seeds are non-negative int64s (the Open Inference Protocol carries them as such)
+# the largest integer every JSON parser reads exactly (a float64 holds it), so the schema's bound means what it says
+MAX_SEED = 2**53 - 1
 
 
 def importance_noise(seed: int, k: int, latent_dim: int, start: int = 0) -> npt.NDArray[np.float32]:

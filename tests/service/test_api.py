@@ -252,7 +252,11 @@ def test_bad_latents(client):
     raw = '{"z": [[' + ",".join(["NaN"] * latent) + "]]}"
     err = error_of(client.post("/decode", content=raw, headers={"content-type": "application/json"}), 422)
     assert err["code"] in ("non_finite", "invalid_request")
-    error_of(client.post("/decode", json={"z": [[1e39] * latent]}), 422, "non_finite")
+    # |z| is bounded by the schema (LATENT_LIMIT): an overflowing value is refused before any graph runs
+    err = error_of(client.post("/decode", json={"z": [[1e39] * latent]}), 422, "invalid_request")
+    assert err["where"] == "body.z[0][0]"
+    error_of(client.post("/decode", json={"z": [[1e4 + 1] * latent]}), 422, "invalid_request")
+    assert client.post("/decode", json={"z": [[1e4] * latent]}).status_code == 200
     error_of(client.post("/decode", json={"z": [[0.0] * (latent + 1)]}), 422, "wrong_shape")
     error_of(client.post("/decode", json={"z": [[0.0] * latent], "mode": "median"}), 422, "invalid_request")
 
@@ -269,7 +273,12 @@ def test_limits_and_unknowns(client):
     error_of(client.post("/score", json={"images": [img], "num_samples": True}), 422, "invalid_request")
     error_of(client.post("/score", json={"images": [img], "seed": True}), 422, "invalid_request")
     error_of(client.post("/sample", json={"n": True}), 422, "invalid_request")
-    error_of(client.post("/sample", json={"n": 2.0}), 422, "invalid_request")
+    error_of(client.post("/sample", json={"n": 2.5}), 422, "invalid_request")
+    error_of(client.post("/sample", json={"n": "2"}), 422, "invalid_request")
+    # JSON Schema's integer includes 2.0 (JSON has one number type), so the schema and the service accept it
+    as_float, as_int = (client.post("/sample", json={"n": n}).json()["images"] for n in (2.0, 2))
+    assert as_float == as_int
+    error_of(client.post("/score", json={"images": [img], "timeout_s": 0.5}), 422, "invalid_request")
     error_of(client.post("/encode", json={"images": [img] * 65}), 422, "batch_too_large")
     error_of(client.post("/sample", json={"n": 65}), 422, "batch_too_large")
     error_of(client.post("/sample", json={"n": 2, "seed": -1}), 422, "invalid_request")
