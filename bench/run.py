@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -111,12 +112,21 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
         http["encode_v2_batching_off"] = serving.perf_analyzer(server.url, "digits-encode", "x", rows, [32])
     results["http"] = http
 
-    print("4/6 bounded overload run", flush=True)
+    print("4/6 bounded overload, an abandoned request, a hot reload under load", flush=True)
     with serving.Server(model.parent.parent) as server:
+        idle = server.memory_mb()
         img = [test[i].tolist() for i in range(32)]
         results["overload"] = serving.overload(server.url, img, 1000, 16 if quick else 64, 10 if quick else 30)
         results["overload"]["settings"] = "default settings; each request 32 images at K=1000"
-        results["overload"]["server_memory_mb"] = server.memory_mb()
+        results["overload"]["server_memory_mb"] = {"idle": idle, "end_of_load": server.memory_mb()}
+        time.sleep(3)
+        results["overload"]["server_memory_mb"]["3_s_after"] = server.memory_mb()
+        results["abandoned"] = serving.abandoned(server.url, [test[i].tolist() for i in range(100)], 10000)
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp) / "models"
+        shutil.copytree(model, repo / "digits" / "1")
+        with serving.Server(repo, api_keys="bench-key") as server:
+            results["reload_under_load"] = serving.reload_under_load(server.url, repo, "bench-key", test[0].tolist())
 
     print("5/6 peak memory at the largest K on a 28x28, 256-level model", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,6 +153,33 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
     results["training"] = training.measure(n_train=6000 if quick else 12000, epochs=1 if quick else 2)
     results["seconds"] = round(time.time() - t_start, 1)
     return results
+
+
+def acceptance_ratios(r: dict[str, Any]) -> list[str]:
+    """HTTP against in-process figures of the engine the server scored with, and encode batching on/off."""
+    out = ["Ratios (same run):", ""]
+    engine = r["scoring"]["fast_path"]["engine"] + " " + r["scoring"]["fast_path"]["precision"]
+    if engine not in r["scoring"]["engines"]:
+        engine = "onnxruntime fp32"
+    inproc = r["scoring"]["rates"].get("1", {}).get(engine)
+    score, enc = r["http"].get("score_v2", {}), r["http"].get("encode_v2", {})
+    if inproc and "8" in score and "requests_per_s" in score["8"]:
+        out.append(
+            f"- /score over HTTP at concurrency 8: {score['8']['requests_per_s']} images/s = "
+            f"{score['8']['requests_per_s'] / inproc:.2f}x the in-process batch-1 rate of {engine} ({inproc})"
+        )
+    if inproc and "1" in score and "p50_ms" in score["1"]:
+        out.append(
+            f"- /score p50 at concurrency 1: {score['1']['p50_ms']} ms = "
+            f"{score['1']['p50_ms'] / (1000 / inproc):.2f}x the in-process single-image time ({1000 / inproc:.1f} ms)"
+        )
+    off = r["http"].get("encode_v2_batching_off", {}).get("32", {})
+    if "32" in enc and "requests_per_s" in enc["32"] and "requests_per_s" in off:
+        out.append(
+            f"- /encode at concurrency 32: batching on {enc['32']['requests_per_s']} requests/s, off "
+            f"{off['requests_per_s']}: {enc['32']['requests_per_s'] / off['requests_per_s']:.2f}x"
+        )
+    return out
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -187,6 +224,7 @@ def markdown(r: dict[str, Any]) -> str:
                 lines.append(f"| {op} | {c} | error: {v['error'][:80]} | | | |")
             else:
                 lines.append(f"| {op} | {c} | {v['requests_per_s']} | {v['p50_ms']} | {v['p95_ms']} | {v['p99_ms']} |")
+    lines += ["", *acceptance_ratios(r)]
     o = r["overload"]
     lines += [
         "",
@@ -194,6 +232,15 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"statuses {o.get('statuses')}; accepted p50 {o.get('accepted_p50_ms')} ms, p99 {o.get('accepted_p99_ms')} ms; "
         f"/healthz p99 {o.get('healthz_p99_ms')} ms; server memory {o.get('server_memory_mb')} MB.",
+    ]
+    a, rl = r["abandoned"], r["reload_under_load"]
+    lines += [
+        "",
+        f"Abandoned request ({a['request']}, hung up after 1 s with {a['queued_when_abandoned']:.0f} samples queued): "
+        f"the server was idle again {a['idle_after_s']} s later.",
+        "",
+        f"Hot reload under load: {rl['requests']} requests during two reloads (version 2 added, then removed): "
+        f"statuses {rl['statuses']}.",
     ]
     mem = r["memory_large_model"]
     lines += [

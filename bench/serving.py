@@ -179,5 +179,69 @@ def overload(url: str, images: list, k: int, clients: int, seconds: float) -> di
     return json.loads(run.stdout)
 
 
+def abandoned(url: str, images: list, k: int, after_s: float = 1.0) -> dict[str, Any]:
+    """Send one large /score, hang up after `after_s`, and time until the server has no queued work left."""
+    import urllib.request
+
+    def queued() -> float:
+        text = urllib.request.urlopen(url + "/metrics").read().decode()
+        return float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_queued_samples ")))
+
+    body = json.dumps({"images": images, "num_samples": k}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = f"POST /score HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body)
+    time.sleep(after_s)
+    before = queued()
+    sock.close()
+    t0 = time.monotonic()
+    while queued() > 0 and time.monotonic() - t0 < 30:
+        time.sleep(0.02)
+    return {
+        "request": f"{len(images)} images x K={k}",
+        "queued_when_abandoned": before,
+        "idle_after_s": round(time.monotonic() - t0, 3),
+    }
+
+
+def reload_under_load(url: str, models: Path, key: str, image: list, seconds: float = 12.0) -> dict[str, Any]:
+    """Clients score without pause while version 2 is added, reloaded, removed and reloaded again."""
+    import threading
+
+    import httpx
+
+    statuses: dict[int, int] = {}
+    stop = threading.Event()
+    headers = {"authorization": f"Bearer {key}"}
+
+    def client() -> None:
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/score", json={"images": [image], "num_samples": 1000})
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    steps = []
+    src, dst = models / "digits" / "1", models / "digits" / "2"
+    time.sleep(seconds / 4)
+    shutil.copytree(src, dst)
+    steps.append(httpx.post(url + "/admin/reload", headers=headers, timeout=120).json()["scan"])
+    time.sleep(seconds / 4)
+    shutil.rmtree(dst)
+    steps.append(httpx.post(url + "/admin/reload", headers=headers, timeout=120).json()["scan"])
+    time.sleep(seconds / 4)
+    stop.set()
+    for t in threads:
+        t.join()
+    return {
+        "requests": sum(statuses.values()),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "scans": [{k: v for k, v in s.items() if v} for s in steps],
+    }
+
+
 def have_tools() -> dict[str, bool]:
     return {"perf_analyzer": perf_analyzer_binary()[0] is not None, "httpx": shutil.which("python") is not None}
