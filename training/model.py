@@ -43,7 +43,8 @@ def mixture_log_prob(
 
     Written as const_c - 0.5 sum_l t_cl^2 with t = z / sd_c - m_c / sd_c: per (sample, component, dim)
     element only a multiply, a subtract and a square; the rest depends on the prior alone and is a
-    constant of the exported graph. The prior term is most of a scoring call's elementwise work.
+    constant of the exported graph. (Written as a matrix product instead, it would lose ~0.1 nats in
+    OpenVINO's bf16 path; it is a small share of a scoring call either way.)
     """
     inv_sd = torch.exp(-0.5 * log_vars)  # (C, L)
     t = z.unsqueeze(-2) * inv_sd - means * inv_sd  # (..., C, L)
