@@ -109,7 +109,7 @@ def train(
     best = {"loss": math.inf, "epoch": -1, "which": "raw", "state": None, "losses": {}}
     stale = steps = 0
     start = time.monotonic()
-    stopped, time_limited = f"epoch cap of {cfg.epochs} ({cfg.max_steps} steps)", False
+    stopped, time_limited = f"epoch cap of {cfg.epochs}", False
     bar = tqdm(
         total=cfg.epochs, desc="training", unit="epoch", disable=not progress, file=sys.stderr, dynamic_ncols=True
     )
