@@ -38,6 +38,20 @@ def levels_to_pixels(images: np.ndarray, levels: int) -> npt.NDArray[np.uint8]:
     return np.floor(images.astype(np.float64) * 255.0 / (levels - 1) + 0.5).astype(np.uint8)
 
 
+PARITY_ABS_NATS = 1e-3
+PARITY_REL = 2e-6
+
+
+def fp32_parity_tolerance(log_likelihood_nats: np.ndarray | float) -> FloatArray:
+    """How far two fp32 computations of the same log-likelihood may differ, in nats, per image.
+
+    1e-3 nats plus 2e-6 of its magnitude: summing D per-pixel terms in another order (other kernels,
+    threads or batch sizes) moves the total by a few fp32 ulps of it, and an 8-bit 28x28 image has a
+    log-likelihood of thousands of nats, where one ulp alone is 2.4e-4.
+    """
+    return PARITY_ABS_NATS + PARITY_REL * np.abs(np.asarray(log_likelihood_nats, dtype=np.float64))
+
+
 def bits_per_dim(nats: Any, dim: int) -> Any:
     """Nats per image -> bits per dimension (pixel)."""
     return nats / (dim * LN2)

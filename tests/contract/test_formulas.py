@@ -73,3 +73,12 @@ def test_images_from_probs_modes():
     np.testing.assert_array_equal(images_from_probs(probs, "mean"), [[2, 0]])  # 1.6 -> 2, 0.5 -> 0 (round half even)
     draws = np.stack([images_from_probs(probs, "sample", np.random.default_rng(i)) for i in range(2000)])
     np.testing.assert_allclose((draws[:, 0, 0] == 2).mean(), 0.7, atol=0.04)
+
+
+def test_fp32_parity_tolerance_scales_with_the_log_likelihood():
+    from vae_contract.formulas import fp32_parity_tolerance
+
+    tol = fp32_parity_tolerance(np.array([0.0, -85.0, -3000.0]))
+    np.testing.assert_allclose(tol, [1e-3, 1e-3 + 1.7e-4, 7e-3])
+    # never looser than a few fp32 ulps of the value itself would excuse, never tighter than 1e-3 nats
+    assert np.all(tol >= 1e-3) and np.all(tol <= 1e-3 + 40 * np.spacing(np.float32(3000.0)))

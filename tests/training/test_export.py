@@ -38,7 +38,8 @@ def test_version_dir_is_complete_and_verified(version_dir):
     assert manifest["image"] == {"height": 8, "width": 8, "dim": 64, "levels": 17}
     assert manifest["metrics"]["nll"]["K"] == 100 and manifest["metrics"]["neg_elbo"]["K"] == 1
     check = manifest["export_check"]
-    assert check["max_abs_diff_log_likelihood_nats"] <= check["tolerance_nats"] == 1e-3
+    assert check["max_abs_diff_log_likelihood_nats"] <= check["tolerance_nats"]
+    assert 1e-3 < check["tolerance_nats"] < 1e-3 + 2e-6 * 500  # 1e-3 nats + 2e-6 of an 8x8 digit's |log p|
     prior = manifest["prior"]
     assert np.isclose(np.exp(prior["log_weights"]).sum(), 1.0)
     assert np.array(prior["means"]).shape == (prior["components"], manifest["latent_dim"])
