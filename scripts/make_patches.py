@@ -2,6 +2,9 @@
 stand-in for "my own 8-bit images" in the README's folder example and the 8-bit acceptance runs).
 
     python scripts/make_patches.py /tmp/patches600 --n 600 --size 28 --seed 0
+    python scripts/make_patches.py /tmp/patches600s --scale 4 12   # regions 4-12x larger, box-downscaled
+
+Native-resolution crops carry the photos' fine texture and JPEG noise; downscaled regions are smoother.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--scale", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+        help="crop a region MIN..MAX times the size and box-downscale it (default: native-resolution crops)",
+    )  # fmt: skip
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     photos = [np.asarray(Image.fromarray(img).convert("L")) for img in load_sample_images().images]
@@ -27,8 +34,12 @@ def main() -> None:
     s = args.size
     for i in range(args.n):
         photo = photos[i % len(photos)]
-        y, x = rng.integers(0, photo.shape[0] - s), rng.integers(0, photo.shape[1] - s)
-        Image.fromarray(photo[y : y + s, x : x + s]).save(args.out / f"patch_{i:04d}.png")
+        r = s if args.scale is None else int(rng.integers(args.scale[0] * s, args.scale[1] * s))
+        y, x = rng.integers(0, photo.shape[0] - r), rng.integers(0, photo.shape[1] - r)
+        patch = Image.fromarray(photo[y : y + r, x : x + r])
+        if r != s:
+            patch = patch.resize((s, s), Image.Resampling.BOX)
+        patch.save(args.out / f"patch_{i:04d}.png")
     print(f"wrote {args.n} {s}x{s} 8-bit PNGs to {args.out}")
 
 
