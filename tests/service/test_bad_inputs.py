@@ -138,6 +138,12 @@ def test_upload_bad_input_is_a_4xx(client, files):
     assert "BytesIO" not in r.text and "object at 0x" not in r.text
 
 
+def valid_v2_body(**extra) -> bytes:
+    """A valid digits-score request (one 8x8 image of zeros) with `extra` top-level fields set."""
+    tensor = {"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}
+    return json.dumps({**extra, "inputs": [tensor]}).encode()
+
+
 V2_CASES = [
     b"",
     b"{",
@@ -155,21 +161,16 @@ V2_CASES = [
     b'{"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [' + b",".join([b"0.5"] * 64) + b"]}]}",
     b'{"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "parameters": [1], "data": [0]}]}',
     b'{"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "parameters": {"binary_data_size": 9}}]}',
-    b'{"parameters": 3, "inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": ['
-    + b",".join([b"0"] * 64)
-    + b"]}]}",
-    b'{"parameters": {"num_samples": "7"}, "inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": ['
-    + b",".join([b"0"] * 64)
-    + b"]}]}",
-    b'{"outputs": [{"name": "nope"}], "inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": ['
-    + b",".join([b"0"] * 64)
-    + b"]}]}",
-    b'{"parameters": {"seed": -1}, "inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": ['
-    + b",".join([b"0"] * 64)
-    + b"]}]}",
-    b'{"outputs": 5, "inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": ['
-    + b",".join([b"0"] * 64)
-    + b"]}]}",
+    *(
+        valid_v2_body(**extra)
+        for extra in (
+            {"parameters": 3},
+            {"parameters": {"num_samples": "7"}},
+            {"outputs": [{"name": "nope"}]},
+            {"parameters": {"seed": -1}},
+            {"outputs": 5},
+        )
+    ),
 ]
 
 
