@@ -86,10 +86,18 @@ class PriorSpec(_Strict):
     log_vars: list[list[float]]
 
 
+class SpanSpec(_Strict):
+    """Two tensors inside a graph: the part between them may run at reduced precision."""
+
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+
 class GraphSpec(_Strict):
     file: str
     inputs: dict[str, list[Dim]]
     outputs: dict[str, list[Dim]]
+    low_precision_span: SpanSpec | None = None
 
     @field_validator("file")
     @classmethod

@@ -26,6 +26,8 @@ def test_health_ready_and_models(client):
     brief = model["details"]["1"]
     assert brief["image"]["levels"] == 17 and brief["metrics"]["nll"]["K"] == 100
     assert len(brief["digest"]) == 64 and brief["scoring"]["engine"] in ("onnxruntime", "openvino")
+    if brief["scoring"]["precision"] == "bf16":  # only the span the manifest names runs in bf16
+        assert "bf16 between decoder_hidden and decoder_features, fp32 elsewhere" in brief["scoring"]["reason"]
     full = client.get("/v1/models/digits/1").json()
     assert full["digest"] == brief["digest"] and len(full["files"]["encoder.onnx"]) == 64
     error_of(client.get("/v1/models/digits/7"), 404, "unknown_version")

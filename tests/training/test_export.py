@@ -12,6 +12,8 @@ from training.export import (
     export_ready,
     load_checkpoint,
     read_verified,
+    reexport,
+    reexport_main,
     share_weights,
     verify,
     write_version,
@@ -151,3 +153,72 @@ def test_edited_manifest_is_detected(version_dir, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     with pytest.raises(ExportError, match="manifest was modified"):
         read_verified(copy)
+
+
+@pytest.mark.parametrize("likelihood,levels", [("logistic_mixture", 17), ("categorical", 17), ("bernoulli", 2)])
+def test_the_scoring_graph_names_its_low_precision_span(tmp_path, likelihood, levels):
+    """decoder_hidden is the decoder's first activation, decoder_features its output layer's result; cut
+    there into three graphs (as the service's bf16 path does) and run in fp32, they compute the whole."""
+    import onnx
+    import onnxruntime as ort
+
+    from service.engine import _split_at_span
+
+    frozen = export_ready(small_model(levels, likelihood=likelihood))
+    spec = export_graphs(frozen, tmp_path)["log_weights"]
+    share_weights(tmp_path, ["encoder.onnx", "decoder.onnx", "log_weights.onnx"], {})
+    assert spec["low_precision_span"] == {"input": "decoder_hidden", "output": "decoder_features"}
+    graph = onnx.load(str(tmp_path / "log_weights.onnx"))
+    made_by = {out: node for node in graph.graph.node for out in node.output}
+    assert made_by["decoder_hidden"].op_type == "LeakyRelu"
+    assert made_by["decoder_features"].op_type == "Gemm"
+    assert "vae.decoder.net.0.weight" in made_by[made_by["decoder_hidden"].input[0]].input
+    ov = pytest.importorskip("openvino")
+    core = ov.Core()
+    head, span, tail = (
+        core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        for m in _split_at_span(core, tmp_path / "log_weights.onnx", "decoder_hidden", "decoder_features")
+    )
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, levels, (5, 64))
+    eps = rng.standard_normal((7, 5, 3)).astype(np.float32)
+    whole = ort.InferenceSession(str(tmp_path / "log_weights.onnx")).run(None, {"x": x, "eps": eps})[0]
+    hidden = head([x, eps])[0]
+    assert hidden.shape == (35, 16)
+    cut = tail([x, eps, span([hidden])[0]])[0]
+    np.testing.assert_allclose(cut, whole, rtol=1e-5, atol=1e-4)
+
+
+def test_reexport_rewrites_the_graphs_and_keeps_the_records(version_dir, tmp_path):
+    """vae-export: the same model, graphs from this exporter, every record and extra file carried over."""
+    before = read_verified(version_dir)
+    out = tmp_path / "digits" / "3"
+    assert reexport_main([str(version_dir), "--out", str(out)]) == 0
+    after = read_verified(out)
+    assert (after["name"], after["version"]) == ("digits", 3)
+    for key in ("metrics", "calibration", "training", "data", "prior", "image", "likelihood", "latent_dim"):
+        assert after[key] == before[key], key
+    assert set(after["files"]) == set(before["files"])
+    for fname in set(before["files"]) - {"log_weights.onnx", "encoder.onnx", "decoder.onnx", "weights.bin"}:
+        if fname != "checkpoint.json":
+            assert after["files"][fname] == before["files"][fname], fname
+    np.testing.assert_allclose(
+        after["check"]["log_likelihood_nats"], before["check"]["log_likelihood_nats"], rtol=0, atol=1e-3
+    )
+    assert after["export_check"]["max_abs_diff_log_likelihood_nats"] < 1e-3
+    # in place: the same version directory, verified afterwards
+    copy = tmp_path / "inplace" / "digits" / "1"
+    shutil.copytree(version_dir, copy)
+    reexport(copy)
+    assert read_verified(copy)["metrics"] == before["metrics"]
+    # an existing other directory is not overwritten without --force
+    assert reexport_main([str(version_dir), "--out", str(out)]) == 1
+    assert reexport_main([str(version_dir), "--out", str(out), "--force"]) == 0
+
+
+def test_reexport_refuses_what_is_not_a_verified_version(version_dir, tmp_path, capsys):
+    broken = tmp_path / "digits" / "1"
+    shutil.copytree(version_dir, broken)
+    (broken / "manifest.json").write_text("{}")
+    assert reexport_main([str(broken)]) == 1
+    assert "vae-export:" in capsys.readouterr().err
