@@ -203,8 +203,10 @@ class InferenceCore:
         finally:
             if watcher is not None:
                 watcher.cancel()
-        if job.future in done:
+        if job.future in done and not job.future.cancelled():
             return job.future.result()
+        # A cancelled future: the worker saw the deadline pass (and dropped the job) a moment before this
+        # wait timed out; it is answered as the deadline below.
         if watcher is not None and watcher in done:
             job.cancelled = "client"
             raise Cancelled("the client went away")

@@ -117,6 +117,31 @@ def test_a_deadline_stops_the_work(models_dir, test_images):
     core.scheduler.stop()
 
 
+def test_a_deadline_the_worker_sees_first_is_still_a_deadline(models_dir, test_images, monkeypatch):
+    """The worker may drop a job at its deadline a moment before the request's own wait times out; the
+    request must still end in DeadlineExceeded (it once surfaced as a bare CancelledError, a 500)."""
+    import service.core
+
+    real_wait = asyncio.wait
+
+    async def late_wait(waiters, timeout=None, return_when=asyncio.ALL_COMPLETED):  # an event loop running late
+        await asyncio.sleep((timeout or 0) + 0.3)
+        return await real_wait(waiters, timeout=0, return_when=return_when)
+
+    monkeypatch.setattr(service.core.asyncio, "wait", late_wait)
+    core = make_core(models_dir, engine="onnxruntime", engine_memory_mb=8)
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)[:64]
+
+    async def run() -> None:
+        ctx = RequestContext.start(core.settings, 0.1)
+        with pytest.raises(DeadlineExceeded):
+            await core.score(mv, x, 10000, 0, None, None, ctx)
+
+    asyncio.run(run())
+    core.scheduler.stop()
+
+
 def test_overload_over_http_is_503_with_retry_after(models_dir, test_images):
     img = test_images[0].tolist()
     with make_client(models_dir, max_queued_samples=330_000, max_request_samples=330_000, engine="onnxruntime") as c:
