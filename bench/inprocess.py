@@ -68,7 +68,7 @@ def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], 
     """Images/s at K for each batch size on: onnxruntime fp32, the fast path chosen at load, eager PyTorch."""
     import torch
 
-    from service.repository import load_version
+    from service.repository import images_per_call, load_version
     from service.settings import Settings
     from training.export import load_checkpoint
 
@@ -79,7 +79,12 @@ def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], 
         engines[mv.scoring.info.label] = mv.scoring.engine
     torch.set_num_threads(threads)
     model = load_checkpoint(version_dir)
-    out: dict[str, Any] = {"K": k, "chunk": mv.chunk, "images_per_call": mv.score_images_per_call, "rates": {}}
+    out: dict[str, Any] = {
+        "K": k,
+        "chunk": mv.chunk,
+        "images_per_call": {name: images_per_call(e, mv.score_rows, mv.chunk) for name, e in engines.items()},
+        "rates": {},
+    }
     for b in batches:
         row = _rates_for_batch(engines, model, mv, x[:b], k)
         out["rates"][str(b)] = {name: round(v, 2) for name, v in row.items()}
@@ -91,6 +96,7 @@ def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], 
 def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarray, k: int) -> dict[str, float]:
     import torch
 
+    from service.repository import images_per_call
     from service.scoring import score_direct
     from training.evaluate import importance_log_likelihood
 
@@ -98,8 +104,8 @@ def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarra
     row: dict[str, float] = {}
     for name, engine in engines.items():
 
-        def served(e: Any = engine) -> None:
-            score_direct(e, xb, k, [0] * b, mv.latent_dim, mv.chunk, mv.score_images_per_call)
+        def served(e: Any = engine) -> None:  # with the images per call the service would give this engine
+            score_direct(e, xb, k, [0] * b, mv.latent_dim, mv.chunk, images_per_call(e, mv.score_rows, mv.chunk))
 
         served()  # warm up
         row[name] = _rate(served, b)

@@ -36,6 +36,12 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+def images_per_call(engine: Any, rows: int, chunk: int) -> int:
+    """Images a scoring call takes: as many chunks as `rows` allows, capped by the engine's preference."""
+    preferred = getattr(engine, "rows_per_call", None)
+    return max(1, min(rows, preferred or rows) // chunk)
+
+
 @dataclass
 class ModelVersion:
     """One loaded, verified version and what serving it needs."""
@@ -48,8 +54,9 @@ class ModelVersion:
     scoring: ScoringChoice
     calibrations: dict[str, ScoreCalibration]
     chunk: int  # importance samples per engine call and image
-    score_images_per_call: int
+    score_images_per_call: int  # on the scoring engine: `images_per_call(scoring.engine, score_rows, chunk)`
     decode_rows_per_call: int
+    score_rows: int  # the most rows one log_weights call may hold (engine_memory_mb)
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -121,7 +128,7 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
     budget = settings.engine_memory_mb * 1_000_000
     rows = max(1, budget // (4 * dim * per_pixel * WORKING_SET))
     chunk = chunk_size(rows)
-    images_per_call = max(1, rows // chunk)
+    check_images_per_call = images_per_call(ref, rows, chunk)
     # per-level probabilities (and, for a mixture, each component's CDF at every edge) of each latent
     decode_rows = max(1, min(settings.batch_max_rows, budget // (4 * dim * levels * (per_pixel // 3 + 2))))
     try:
@@ -132,7 +139,7 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
         check = manifest["check"]
         x = np.asarray(check["images"], dtype=np.int64)
         seeds = [int(check["seed"])] * len(x)
-        tasks = score_direct(ref, x, int(check["K"]), seeds, latent, chunk, images_per_call)
+        tasks = score_direct(ref, x, int(check["K"]), seeds, latent, chunk, check_images_per_call)
         got = np.array([t.acc.log_likelihood()[0] for t in tasks])
     except ModelLoadError:
         raise
@@ -145,11 +152,21 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
             f"onnxruntime does not reproduce the export's check scores: max |diff| {np.max(diffs):.3g} nats over "
             f"{len(x)} images (tolerance 1e-3 nats + 2e-6 of the log-likelihood)"
         )
-    scoring = choose_scoring_engine(settings, version_dir, manifest, ref, chunk, images_per_call)
+    scoring = choose_scoring_engine(settings, version_dir, manifest, ref, chunk, check_images_per_call)
     blocks = (manifest.get("calibration") or {}).get("scores", {})
     calibrations = {n: ScoreCalibration.from_block(n, block) for n, block in blocks.items()}
     return ModelVersion(
-        name, version, digest, manifest, ref, scoring, calibrations, chunk, images_per_call, decode_rows
+        name,
+        version,
+        digest,
+        manifest,
+        ref,
+        scoring,
+        calibrations,
+        chunk,
+        images_per_call(scoring.engine, rows, chunk),
+        decode_rows,
+        rows,
     )
 
 

@@ -82,9 +82,11 @@ class LogWeightsGraph(nn.Module):
 
 
 def export_ready(model: VAE) -> VAE:
-    """A copy in eval mode whose prior is frozen to the Gaussian mixture the manifest records."""
+    """A copy in eval mode whose prior is frozen to the Gaussian mixture the manifest records, its log-density
+    in matrix-product form where that is exact in fp32 (see `mixture_log_prob`)."""
     frozen = copy.deepcopy(model).eval()
     frozen.prior = model.frozen_prior()
+    frozen.prior.as_matmul = frozen.prior.matmul_is_exact()
     for p in frozen.parameters():
         p.requires_grad_(False)
     return frozen
@@ -353,6 +355,7 @@ def write_version(
         state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
         index = share_weights(staging, list(GRAPH_FILES.values()), state)
         check = verify(frozen, staging, verify_images)
+        check["prior_as_matmul"] = frozen.prior.as_matmul
         (staging / CHECKPOINT).write_text(
             json.dumps(
                 {

@@ -158,3 +158,22 @@ def test_loss_is_negative_elbo_for_k1_and_iwae_for_k():
 def test_unresolved_config_is_refused():
     with pytest.raises(ValueError, match="resolve"):
         VAE(TrainConfig(), dim=10, levels=17)
+
+
+def test_the_matrix_product_prior_is_used_only_where_it_is_exact():
+    """The expanded square cancels in fp32 for narrow components far from the origin: that prior keeps the
+    elementwise form; a benign one gets the matrix products, equal to the elementwise form."""
+    from training.model import FixedMixturePrior, mixture_log_prob
+
+    gen = torch.Generator().manual_seed(0)
+    benign = FixedMixturePrior(
+        torch.log_softmax(torch.randn(8, generator=gen), 0),
+        torch.randn(8, 4, generator=gen),
+        0.3 * torch.randn(8, 4, generator=gen),
+    )
+    narrow = FixedMixturePrior(torch.zeros(2) - math.log(2), torch.full((2, 4), 30.0), torch.full((2, 4), -9.0))
+    assert benign.matmul_is_exact() and not narrow.matmul_is_exact()
+    z = 2.0 * torch.randn(1000, 4, generator=gen)
+    exact = mixture_log_prob(z.double(), *(t.double() for t in benign.mixture()))
+    fast = mixture_log_prob(z, *benign.mixture(), as_matmul=True)
+    assert (fast.double() - exact).abs().max() < 1e-4
