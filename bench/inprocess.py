@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 
-def matmul_rate(m: int = 8192, k: int = 1024, n: int = 1024, threads: int = 0, seconds: float = 3.0) -> float:
-    """fp32 FLOP/s of onnxruntime's MatMul (the library the fp32 path runs on) on one large GEMM."""
+def matmul_runner(m: int = 8192, k: int = 1024, n: int = 1024, threads: int = 0) -> tuple[Any, float]:
+    """A call of onnxruntime's fp32 MatMul (the library the fp32 path runs on) on one large GEMM, and its FLOPs."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -33,12 +33,41 @@ def matmul_rate(m: int = 8192, k: int = 1024, n: int = 1024, threads: int = 0, s
         opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), opts)
     a = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
-    sess.run(None, {"a": a})
+
+    def run() -> None:
+        sess.run(None, {"a": a})
+
+    run()
+    return run, 2.0 * m * k * n
+
+
+def matmul_rate(m: int = 8192, k: int = 1024, n: int = 1024, threads: int = 0, seconds: float = 3.0) -> float:
+    """fp32 FLOP/s of onnxruntime's MatMul on one large GEMM."""
+    run, flops = matmul_runner(m, k, n, threads)
     runs, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        sess.run(None, {"a": a})
+        run()
         runs += 1
-    return 2.0 * m * k * n * runs / (time.perf_counter() - t0)
+    return flops * runs / (time.perf_counter() - t0)
+
+
+def interleaved_rates(
+    fns: dict[str, tuple[Any, float]], rounds: int = 5, turn_s: float = 0.6, pause_s: float = 0.1
+) -> dict[str, float]:
+    """Units/s of each (function, units per call), measured in rounds in which every function takes a turn
+    of at least `turn_s` (whole calls), after a pause that lets the previous library's worker threads go
+    idle; each rate is the median over its turns. The machines here change speed by tens of percent
+    within seconds: taking turns lets every function see the same machine, so the ratios hold."""
+    per_turn: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, (fn, units) in fns.items():
+            time.sleep(pause_s)
+            calls, t0 = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - t0 < turn_s:
+                fn()
+                calls += 1
+            per_turn[name].append(units * calls / (time.perf_counter() - t0))
+    return {name: float(np.median(rates)) for name, rates in per_turn.items()}
 
 
 def graph_flops(version_dir: Path, k: int) -> dict[str, float]:
@@ -84,9 +113,11 @@ def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], 
         "chunk": mv.chunk,
         "images_per_call": {name: images_per_call(e, mv.score_rows, mv.chunk) for name, e in engines.items()},
         "rates": {},
+        "matmul_gflops": {},  # measured in the same rounds as each batch's rates
     }
     for b in batches:
         row = _rates_for_batch(engines, model, mv, x[:b], k)
+        out["matmul_gflops"][str(b)] = round(row.pop("matmul_flops") / 1e9, 1)
         out["rates"][str(b)] = {name: round(v, 2) for name, v in row.items()}
     out["engines"] = list(engines) + ["pytorch eager fp32"]
     out["fast_path"] = mv.scoring.describe()
@@ -94,6 +125,7 @@ def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], 
 
 
 def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarray, k: int) -> dict[str, float]:
+    """Images/s of each engine and of eager PyTorch, and the fp32 matmul rate (FLOP/s), in interleaved rounds."""
     import torch
 
     from service.repository import images_per_call
@@ -101,14 +133,14 @@ def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarra
     from training.evaluate import importance_log_likelihood
 
     b = len(xb)
-    row: dict[str, float] = {}
+    fns: dict[str, tuple[Any, float]] = {}
     for name, engine in engines.items():
 
         def served(e: Any = engine) -> None:  # with the images per call the service would give this engine
             score_direct(e, xb, k, [0] * b, mv.latent_dim, mv.chunk, images_per_call(e, mv.score_rows, mv.chunk))
 
         served()  # warm up
-        row[name] = _rate(served, b)
+        fns[name] = (served, b)
     xt = torch.from_numpy(xb)
 
     def eager() -> None:
@@ -117,16 +149,9 @@ def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarra
         )
 
     eager()
-    row["pytorch eager fp32"] = _rate(eager, b)
-    return row
-
-
-def _rate(fn, images: int, min_seconds: float = 3.0, min_runs: int = 3) -> float:
-    runs, t0 = 0, time.perf_counter()
-    while runs < min_runs or time.perf_counter() - t0 < min_seconds:
-        fn()
-        runs += 1
-    return images * runs / (time.perf_counter() - t0)
+    fns["pytorch eager fp32"] = (eager, b)
+    fns["matmul_flops"] = matmul_runner(threads=torch.get_num_threads())
+    return interleaved_rates(fns)
 
 
 def fast_path_parity(version_dir: Path, x: np.ndarray, k: int, threads: int) -> dict[str, Any]:
