@@ -240,8 +240,9 @@ class Scheduler:
 
     def _take_score(self, dq: deque[Job]) -> list[tuple[ScoreJob, int]] | None:
         """Images for the next call: one from each queued job in turn (a large request does not hold up
-        small ones behind it), all with the same chunk length, up to the version's images per call."""
-        limit = dq[0].mv.score_images_per_call
+        small ones behind it), all with the same chunk length, up to the rows the scoring engine takes
+        a call (images with K below the chunk size share a call by their rows, not by a count of images)."""
+        mv = dq[0].mv
         jobs = [job for job in dq if isinstance(job, ScoreJob)]
         if not self.settings.batching:
             jobs = jobs[:1]
@@ -256,6 +257,7 @@ class Scheduler:
                 if t.next_len() == length:
                     eligible.setdefault(id(job), []).append(i)
         picked: list[tuple[ScoreJob, int]] = []
+        limit = max(1, mv.score_images_per_call * mv.chunk // length) if length else 0
         while len(picked) < limit and any(eligible.values()):
             for job in jobs:
                 queue = eligible.get(id(job))

@@ -95,6 +95,25 @@ def test_admission_control_refuses_past_the_queue_budget(models_dir, test_images
     core.scheduler.stop()
 
 
+@pytest.mark.parametrize("engine", ["onnxruntime", "auto"])
+def test_images_below_the_chunk_size_share_calls_by_rows(models_dir, test_images, engine):
+    """K=100 is a tenth of the chunk: ten times as many images fit a call as at K=1000, on either engine."""
+    core = make_core(models_dir, engine=engine)
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)[:40]
+    per_call_rows = mv.score_images_per_call * mv.chunk
+
+    async def run() -> None:
+        await core.score(mv, x, 100, 0, None, None, RequestContext.start(core.settings, None))
+
+    asyncio.run(run())
+    core.scheduler.stop()
+    rows = core.metrics.batch_rows.labels("score")
+    calls = sum(b.get() for b in rows._buckets)
+    assert rows._sum.get() == 40 * 100
+    assert calls == -(-40 * 100 // per_call_rows)  # as few calls as the rows a call takes allow
+
+
 def test_a_deadline_stops_the_work(models_dir, test_images):
     core = make_core(models_dir, engine="onnxruntime", engine_memory_mb=8)
     mv = core.model(None, None)
