@@ -227,8 +227,7 @@ class LogisticMixtureDecoder(Decoder):
         The parameters are taken component-major, (M, ..., B, D): each elementwise op then runs on
         contiguous (..., B, D) slices that x's (B, D) terms broadcast onto from the right, and the
         mixture is a log-sum-exp over the leading axis. The same arithmetic on (..., B, D, M), with
-        its inner axis of size M, made the exported scoring graph 1.3 to 2.5 times slower (README,
-        Performance).
+        its inner axis of size M, was broadcast and reduced slowly by both engines (README, Performance).
         """
         p = self.features(z).unflatten(-1, (3, self.dim, self.components))  # (..., 3, D, M)
         p = p.permute(p.dim() - 1, *range(p.dim() - 1))  # (M, ..., 3, D); dims spelled out for the ONNX trace
@@ -329,7 +328,6 @@ class FixedMixturePrior(Prior):
         self.register_buffer("log_weights", log_weights.detach().clone())
         self.register_buffer("means", means.detach().clone())
         self.register_buffer("log_vars", log_vars.detach().clone())
-
         self.as_matmul = False  # set by the export, where `matmul_is_exact` holds
 
     def mixture(self):

@@ -42,6 +42,7 @@ def test_version_dir_is_complete_and_verified(version_dir):
     check = manifest["export_check"]
     assert check["max_abs_diff_log_likelihood_nats"] <= check["tolerance_nats"]
     assert 1e-3 < check["tolerance_nats"] < 1e-3 + 2e-6 * 500  # 1e-3 nats + 2e-6 of an 8x8 digit's |log p|
+    assert check["prior_as_matmul"] is True  # a trained digits prior is far from fp32 cancellation
     prior = manifest["prior"]
     assert np.isclose(np.exp(prior["log_weights"]).sum(), 1.0)
     assert np.array(prior["means"]).shape == (prior["components"], manifest["latent_dim"])
