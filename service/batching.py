@@ -257,7 +257,7 @@ class Scheduler:
                 if t.next_len() == length:
                     eligible.setdefault(id(job), []).append(i)
         picked: list[tuple[ScoreJob, int]] = []
-        limit = max(1, mv.score_images_per_call * mv.chunk // length) if length else 0
+        limit = max(1, mv.score_call_rows // length) if length else 0
         while len(picked) < limit and any(eligible.values()):
             for job in jobs:
                 queue = eligible.get(id(job))

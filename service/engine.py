@@ -133,12 +133,13 @@ def _split_at_span(core: Any, graph: Path, span_in: str, span_out: str) -> list[
             target.replace_source_output(param.output(0))
         return param
 
-    head = core.read_model(str(graph))
+    whole = core.read_model(str(graph))  # read once; each stage is cut from its own copy of the graph
+    head = whole.clone()
     head = Model([ops.result(port(head, span_in))], head.get_parameters(), "head")
-    span = core.read_model(str(graph))
+    span = whole.clone()
     out = port(span, span_out)
     span = Model([ops.result(out)], [cut(span, span_in)], "span")
-    tail = core.read_model(str(graph))
+    tail = whole
     features = cut(tail, span_out)
     tail = Model(tail.get_results(), [*tail.get_parameters(), features], "tail")
     return [head, span, tail]

@@ -60,6 +60,11 @@ class ModelVersion:
     loaded_at: float = field(default_factory=time.time)
 
     @property
+    def score_call_rows(self) -> int:
+        """Rows (images x samples) one scoring call takes on the scoring engine."""
+        return self.score_images_per_call * self.chunk
+
+    @property
     def height(self) -> int:
         return int(self.manifest["image"]["height"])
 

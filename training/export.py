@@ -470,23 +470,19 @@ def reexport(version_dir: Path, out: Path | None = None, force: bool = False) ->
         force = True
     own = {CHECKPOINT, WEIGHTS, *GRAPH_FILES.values()}
     image = manifest["image"]
-    with tempfile.TemporaryDirectory() as keep:
-        extra = {}
-        for fname in manifest["files"]:
-            if fname not in own:
-                extra[fname] = Path(keep) / fname
-                shutil.copyfile(version_dir / fname, extra[fname])
-        written = write_version(
-            model,
-            target,
-            verify_images=np.asarray(manifest["check"]["images"], dtype=np.int64),
-            metrics=manifest.get("metrics", {}),
-            training=manifest.get("training", {}),
-            data_info={**manifest.get("data", {}), "image_shape": (image["height"], image["width"])},
-            extra_files=extra,
-            calibration=manifest.get("calibration"),
-            force=force,
-        )
+    # write_version copies the extra files into its staging directory before it replaces `target`,
+    # so they can be read from `version_dir` even when re-exporting in place
+    written = write_version(
+        model,
+        target,
+        verify_images=np.asarray(manifest["check"]["images"], dtype=np.int64),
+        metrics=manifest.get("metrics", {}),
+        training=manifest.get("training", {}),
+        data_info={**manifest.get("data", {}), "image_shape": (image["height"], image["width"])},
+        extra_files={f: version_dir / f for f in manifest["files"] if f not in own},
+        calibration=manifest.get("calibration"),
+        force=force,
+    )
     carried = {k: v for k, v in manifest.items() if k not in written}
     if carried:  # records added after training (vae-ood-eval's summary)
         written.update(carried)
