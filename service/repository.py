@@ -106,6 +106,7 @@ class ModelVersion:
             "digest": self.digest,
             "image": m["image"],
             "likelihood": m["likelihood"],
+            "context": ((m.get("decoder") or {}).get("context") or {}).get("kind", "none"),
             "latent_dim": m["latent_dim"],
             "prior": {"kind": m["prior"]["kind"], "components": m["prior"]["components"]},
             "metrics": m.get("metrics", {}),

@@ -20,7 +20,9 @@ LIKELIHOODS = ("auto", "categorical", "bernoulli", "logistic_mixture")
 PRIORS = ("standard", "mog", "vamp")
 INPUT_SCALES = ("unit", "raw")
 OOD_SCORES = ("nll_bpd", "complexity", "typicality", "combined")
+CONTEXTS = ("auto", "none", "rows")
 CATEGORICAL_MAX_LEVELS = 3  # "auto": categorical up to this many levels, logistic mixture above (README: measured)
+CONTEXT_MIN_LEVELS = 64  # "auto": the rows context for logistic mixtures over at least this many levels (README)
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,13 @@ class TrainConfig:
         LIKELIHOODS,
     )
     logistic_components: int = opt(2, "mixture components per pixel of the logistic_mixture likelihood", "model")
+    context: str = opt(
+        "auto",
+        "rows: the logistic mixture's means also follow the pixels just above (an autoregressive p(x|z) over "
+        f"rows); auto: rows for the logistic mixture from {CONTEXT_MIN_LEVELS} grey levels up, else none",
+        "model",
+        CONTEXTS,
+    )
     prior: str = opt("mog", "p(z): standard Gaussian, learnable Gaussian mixture, VampPrior", "model", PRIORS)
     components: int = opt(32, "mixture components (mog) or pseudo-inputs (vamp)", "model")
     latent_dim: int = opt(16, "latent dimensions L", "model")
@@ -110,6 +119,7 @@ class TrainConfig:
     def validate(self) -> None:
         for name, allowed in (
             ("likelihood", LIKELIHOODS),
+            ("context", CONTEXTS),
             ("prior", PRIORS),
             ("input_scale", INPUT_SCALES),
             ("ood_score", OOD_SCORES),
@@ -135,6 +145,8 @@ class TrainConfig:
             raise ConfigError(f"levels must be between 2 and 256, got {self.levels}")
         if self.likelihood == "bernoulli" and self.levels not in (None, 2):
             raise ConfigError("the bernoulli likelihood needs binary images: use --levels 2")
+        if self.context == "rows" and self.likelihood not in ("auto", "logistic_mixture"):
+            raise ConfigError(f"--context rows needs the logistic_mixture likelihood, not {self.likelihood}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema < 1.0:
@@ -169,6 +181,14 @@ class TrainConfig:
             raise ConfigError(
                 f"the bernoulli likelihood needs binary images; the data has {levels} levels: add --levels 2"
             )
+        if self.context == "rows" and likelihood != "logistic_mixture":
+            raise ConfigError(
+                f"--context rows needs the logistic_mixture likelihood; {levels} levels chose {likelihood}: "
+                "add --likelihood logistic_mixture"
+            )
+        context = self.context
+        if context == "auto":
+            context = "rows" if likelihood == "logistic_mixture" and levels >= CONTEXT_MIN_LEVELS else "none"
         batch = self.batch_size or auto_batch_size(n_train)
         epochs = self.epochs or max(1, math.ceil(self.max_steps / math.ceil(n_train / batch)))
         # Small data sets overfit: dropout and the tighter IWAE bound help there. Large ones need no dropout
@@ -176,7 +196,9 @@ class TrainConfig:
         small = n_train < 10_000
         dropout = self.dropout if self.dropout is not None else (0.2 if small else 0.0)
         iw_train = self.iw_train or (5 if small else 1)
-        return self.replace(likelihood=likelihood, batch_size=batch, epochs=epochs, dropout=dropout, iw_train=iw_train)
+        return self.replace(
+            likelihood=likelihood, context=context, batch_size=batch, epochs=epochs, dropout=dropout, iw_train=iw_train
+        )
 
     # JSON round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -227,6 +249,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 #: decoder over 17 levels fed raw level numbers, Adamax lr 1e-3, batch 64, early stopping with patience 20.
 SEED_PRESET: dict[str, Any] = dict(
     likelihood="categorical",
+    context="none",
     prior="standard",
     latent_dim=16,
     hidden=256,

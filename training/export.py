@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
-from training.model import VAE
+from training.model import CONTEXT_TAPS, VAE
 from vae_contract.formulas import ImportanceAccumulator, fp32_parity_tolerance, importance_noise
 from vae_contract.manifest import (
     MANIFEST_FORMAT,
@@ -362,6 +362,7 @@ def write_version(
                     "config": model.cfg.to_dict(),
                     "dim": model.dim,
                     "levels": model.levels,
+                    "image_shape": list(data_info["image_shape"]),
                     "weights": WEIGHTS,
                     "tensors": index,
                 },
@@ -381,7 +382,7 @@ def write_version(
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "image": {"height": h, "width": w, "dim": h * w, "levels": model.levels},
             "likelihood": model.cfg.likelihood,
-            "decoder": {"outputs_per_pixel": model.decoder.out_per_pixel},
+            "decoder": decoder_spec(model),
             "latent_dim": model.cfg.latent_dim,
             "prior": {
                 "kind": model.cfg.prior,
@@ -429,6 +430,18 @@ def write_version(
     return manifest
 
 
+def decoder_spec(model: VAE) -> dict[str, Any]:
+    """The manifest's `decoder` entry: outputs per pixel, and the rows context's taps and weights if any."""
+    spec: dict[str, Any] = {"outputs_per_pixel": model.decoder.out_per_pixel}
+    if getattr(model.decoder, "context", False):
+        spec["context"] = {
+            "kind": "rows",
+            "taps": [list(t) for t in CONTEXT_TAPS],
+            "weights": model.decoder.context_weights.detach().double().numpy().round(6).tolist(),
+        }
+    return spec
+
+
 def load_checkpoint(version_dir: Path) -> VAE:
     """Rebuild the trained torch model of a model version from checkpoint.json and weights.bin."""
     try:
@@ -440,7 +453,10 @@ def load_checkpoint(version_dir: Path) -> VAE:
     for name, t in ckpt["tensors"].items():
         raw = blob[t["offset"] : t["offset"] + t["length"]]
         state[name] = torch.from_numpy(np.frombuffer(raw.tobytes(), dtype=t["dtype"]).reshape(t["shape"]).copy())
-    model = VAE(TrainConfig.from_dict(ckpt["config"]), ckpt["dim"], ckpt["levels"])
+    # versions written before the rows context existed have no "context" in their resolved config
+    config = {"context": "none", **ckpt["config"]}
+    shape = ckpt.get("image_shape")
+    model = VAE(TrainConfig.from_dict(config), ckpt["dim"], ckpt["levels"], tuple(shape) if shape else None)
     model.load_state_dict(state)
     return model.eval()
 

@@ -17,6 +17,10 @@ from training.config import TrainConfig
 LOG_2PI = math.log(2.0 * math.pi)
 MIN_LOG_SCALE = -7.0  # smallest log scale of a logistic component (PixelCNN++)
 MAX_LOG_SCALE = 7.0  # largest: beyond it a bin's width over the scale underflows float32
+#: (row, column) offsets of the pixels whose values shift a pixel's logistic means under the "rows" context:
+#: the three above it and the one two rows up. Rows above only, so an image's pixels are independent given z
+#: and the rows above them, and a whole row can be generated at once.
+CONTEXT_TAPS: tuple[tuple[int, int], ...] = ((-1, -1), (-1, 0), (-1, 1), (-2, 0))
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
@@ -131,9 +135,9 @@ class Decoder(nn.Module):
 
     out_per_pixel: int
 
-    def __init__(self, cfg: TrainConfig, dim: int, levels: int):
+    def __init__(self, cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None):
         super().__init__()
-        self.dim, self.levels = dim, levels
+        self.dim, self.levels, self.shape = dim, levels, shape
         self.net = mlp([cfg.latent_dim] + [cfg.hidden] * cfg.depth + [dim * self.out_per_pixel], cfg.dropout)
 
     def features(self, z: torch.Tensor) -> torch.Tensor:
@@ -158,9 +162,9 @@ class Decoder(nn.Module):
 class CategoricalDecoder(Decoder):
     """Each pixel a categorical over the grey levels: one logit per level and pixel."""
 
-    def __init__(self, cfg: TrainConfig, dim: int, levels: int):
+    def __init__(self, cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None):
         self.out_per_pixel = levels
-        super().__init__(cfg, dim, levels)
+        super().__init__(cfg, dim, levels, shape)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.features(z).unflatten(-1, (self.dim, self.levels))  # (..., D, levels)
@@ -191,6 +195,14 @@ class BernoulliDecoder(Decoder):
         return torch.stack([1.0 - p1, p1], dim=-1)
 
 
+def shifted(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """out[..., r, c] = img[..., r + dy, c + dx], zero where that falls outside the image; img (N, H, W), dy <= 0."""
+    h, w = img.shape[-2:]
+    left = max(-dx, 0)
+    padded = F.pad(img, (left, max(dx, 0), -dy, 0))
+    return padded[:, :h, left + dx : left + dx + w]
+
+
 class LogisticMixtureDecoder(Decoder):
     """Each pixel a mixture of M discretized logistics (PixelCNN++; Kingma et al.'s IAF-VAE).
 
@@ -199,30 +211,45 @@ class LogisticMixtureDecoder(Decoder):
     on the bin, with the edge bins open: level 0 takes everything below its upper edge, the top level
     everything above its lower edge, so the levels' probabilities sum to exactly 1. 3 M numbers per pixel
     (mixture logit, mean, log scale) instead of one per level.
+
+    With `context == "rows"` the model is autoregressive over rows: component m's mean at a pixel also
+    adds sum_t a_mt v_t over the pixels at `CONTEXT_TAPS` (the rows above; 0 outside the image), with the
+    M x T weights a learned alongside the network. The network given z draws the image's shapes; the
+    context codes the texture a pixel shares with its neighbours, which no pixel-independent p(x|z) can.
     """
 
-    def __init__(self, cfg: TrainConfig, dim: int, levels: int):
+    def __init__(self, cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None):
         self.components = cfg.logistic_components
         self.out_per_pixel = 3 * self.components
-        super().__init__(cfg, dim, levels)
+        super().__init__(cfg, dim, levels, shape)
+        self.context = cfg.context == "rows"
+        if self.context:
+            if shape is None or shape[0] * shape[1] != dim:
+                raise ValueError(f"the rows context needs the image's [H, W] (with H x W = {dim}), got {shape}")
+            self.context_weights = nn.Parameter(torch.zeros(self.components, len(CONTEXT_TAPS)))
 
     def params(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(log mixture weights, means, log scales), each (..., D, M)."""
+        """(log mixture weights, means before any context, log scales), each (..., D, M)."""
         p = self.features(z).unflatten(-1, (3, self.dim, self.components))  # (..., 3, D, M)
         logit, mean, log_scale = p.unbind(-3)
         return F.log_softmax(logit, dim=-1), mean, torch.clamp(log_scale, MIN_LOG_SCALE, MAX_LOG_SCALE)
+
+    def context_shift(self, v: torch.Tensor) -> torch.Tensor:
+        """What the context adds to each component's means: v (N, H, W) on [-1, 1] -> (M, N, H, W)."""
+        taps = torch.stack([shifted(v, dy, dx) for dy, dx in CONTEXT_TAPS])  # (T, N, H, W)
+        return (self.context_weights @ taps.flatten(1)).unflatten(1, taps.shape[1:])
 
     def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return self.pixel_log_probs(x, z).sum(-1)
 
     def pixel_log_probs(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p(x_d | z) of each pixel: x (B, D) int64, z (..., B, L) -> (..., B, D).
+        """log p(x_d | z, the rows above) of each pixel: x (B, D) int64, z (..., B, L) -> (..., B, D).
 
         With a = (v + h - mu) / s and b = (v - h - mu) / s, the bin's log-probability is
         log sigmoid(a) + log sigmoid(-b) + log(1 - exp(-w)), w = a - b = 2h / s: stable everywhere. The
         open edge bins put their outer edge at -/+1e30, which zeroes the second term (bottom) or the first
-        (top), and the last term is masked off there. Everything that depends on x alone is computed on
-        (B, D) before it meets the parameters.
+        (top), and the last term is masked off there. Everything that depends on x alone (the context's
+        shift of the means included) is computed on (B, D) before it meets the parameters.
 
         The parameters are taken component-major, (M, ..., B, D): each elementwise op then runs on
         contiguous (..., B, D) slices that x's (B, D) terms broadcast onto from the right, and the
@@ -235,6 +262,12 @@ class LogisticMixtureDecoder(Decoder):
         log_scale = torch.clamp(log_scale, MIN_LOG_SCALE, MAX_LOG_SCALE)
         half = 1.0 / (self.levels - 1)
         v = x.to(mean.dtype) * (2.0 * half) - 1.0  # (B, D)
+        if self.context:
+            assert self.shape is not None
+            shift = self.context_shift(v.unflatten(-1, self.shape)).flatten(-2)  # (M, B, D)
+            for _ in range(mean.dim() - 3):
+                shift = shift.unsqueeze(1)  # (M, 1.., B, D): the same for every sample of z
+            mean = mean + shift
         top, bottom = x == self.levels - 1, x == 0
         v_hi = torch.where(top, torch.full_like(v, 1e30), v + half)
         v_lo = torch.where(bottom, torch.full_like(v, -1e30), v - half)
@@ -245,14 +278,41 @@ class LogisticMixtureDecoder(Decoder):
         # log sum_m softmax(logit)_m p_m(x), with the softmax's normaliser taken out of the sum
         return logsumexp_first(logit + log_bin) - logsumexp_first(logit)
 
-    def probs(self, z: torch.Tensor) -> torch.Tensor:
-        log_w, mean, log_scale = self.params(z)  # (..., D, M)
+    def bin_probs(self, log_w: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+        """Every level's probability from mixture parameters (..., P, M) -> (..., P, levels)."""
         half = 1.0 / (self.levels - 1)
         edges = torch.arange(self.levels - 1, dtype=mean.dtype) * (2.0 * half) - 1.0 + half  # (levels-1,)
-        cdf_m = torch.sigmoid((edges - mean.unsqueeze(-1)) * torch.exp(-log_scale).unsqueeze(-1))  # (..., D, M, lv-1)
-        cdf = (log_w.exp().unsqueeze(-1) * cdf_m).sum(-2)  # (..., D, levels-1)
+        cdf_m = torch.sigmoid((edges - mean.unsqueeze(-1)) * torch.exp(-log_scale).unsqueeze(-1))  # (..., P, M, lv-1)
+        cdf = (log_w.exp().unsqueeze(-1) * cdf_m).sum(-2)  # (..., P, levels-1)
         full = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)  # CDF at every edge, -inf .. +inf
         return torch.clamp(full[..., 1:] - full[..., :-1], min=0.0)
+
+    def probs(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-pixel probabilities of every level given z. Under the rows context a pixel's distribution
+        depends on the rows above; these are its distribution given z and the *expected* values of those
+        rows, generated row by row (a mean rollout): exact for the first row, and what the mean image
+        follows; per-pixel draws from them lack the texture the context would give a true sample."""
+        log_w, mean, log_scale = self.params(z)  # (..., D, M)
+        if not self.context:
+            return self.bin_probs(log_w, mean, log_scale)
+        assert self.shape is not None
+        h, w = self.shape
+        lead = z.shape[:-1]
+        log_w, mean, log_scale = (t.reshape(-1, h, w, self.components) for t in (log_w, mean, log_scale))
+        values = torch.arange(self.levels, dtype=mean.dtype) * (2.0 / (self.levels - 1)) - 1.0  # v of each level
+        rows: list[torch.Tensor] = []  # per-level probabilities of each finished row, (N, W, levels)
+        expected: list[torch.Tensor] = []  # E[v] of each finished row, (N, W)
+        for r in range(h):
+            mean_r = mean[:, r]  # (N, W, M)
+            for t, (dy, dx) in enumerate(CONTEXT_TAPS):
+                if r + dy < 0:
+                    continue  # that row lies above the image: its v counts as 0
+                above = shifted(expected[r + dy].unsqueeze(1), 0, dx).squeeze(1)  # (N, W)
+                mean_r = mean_r + above.unsqueeze(-1) * self.context_weights[:, t]
+            p_r = self.bin_probs(log_w[:, r], mean_r, log_scale[:, r])  # (N, W, levels)
+            rows.append(p_r)
+            expected.append(p_r @ values)
+        return torch.stack(rows, dim=1).reshape(lead + (self.dim, self.levels))
 
 
 DECODERS: dict[str, type[Decoder]] = {
@@ -351,15 +411,17 @@ class FixedMixturePrior(Prior):
 class VAE(nn.Module):
     """Encoder, decoder and prior of one configuration; `cfg` must be resolved (no "auto" left)."""
 
-    def __init__(self, cfg: TrainConfig, dim: int, levels: int):
+    def __init__(self, cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None):
         super().__init__()
-        self.cfg, self.dim, self.levels = cfg, dim, levels
-        if cfg.likelihood not in DECODERS or cfg.dropout is None or cfg.iw_train is None:
+        self.cfg, self.dim, self.levels, self.shape = cfg, dim, levels, shape
+        if cfg.likelihood not in DECODERS or cfg.context == "auto" or cfg.dropout is None or cfg.iw_train is None:
             raise ValueError(f"likelihood {cfg.likelihood!r} is not resolved; call TrainConfig.resolve first")
         if cfg.likelihood == "bernoulli" and levels != 2:
             raise ValueError(f"the bernoulli likelihood needs 2 grey levels, the data has {levels}")
         self.encoder = Encoder(cfg, dim, levels)
-        self.decoder = DECODERS[cfg.likelihood](cfg, dim, levels)
+        if cfg.context == "rows" and cfg.likelihood != "logistic_mixture":
+            raise ValueError(f"the rows context needs the logistic_mixture likelihood, not {cfg.likelihood!r}")
+        self.decoder = DECODERS[cfg.likelihood](cfg, dim, levels, shape)
         if cfg.prior == "standard":
             self.prior: Prior = StandardGaussianPrior(cfg.latent_dim)
         elif cfg.prior == "mog":
@@ -391,7 +453,7 @@ class VAE(nn.Module):
             return FixedMixturePrior(*self.prior.mixture())
 
 
-def parameter_count(cfg: TrainConfig, dim: int, levels: int) -> int:
+def parameter_count(cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None) -> int:
     """Parameters of the model a resolved config builds, counted without allocating them."""
     with torch.device("meta"):
-        return sum(p.numel() for p in VAE(cfg, dim, levels).parameters())
+        return sum(p.numel() for p in VAE(cfg, dim, levels, shape).parameters())

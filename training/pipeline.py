@@ -33,9 +33,11 @@ def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     return x[np.sort(np.random.default_rng(seed).permutation(len(x))[:n])]
 
 
-def check_model_size(cfg: TrainConfig, dim: int, levels: int) -> tuple[int, float]:
+def check_model_size(
+    cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None
+) -> tuple[int, float]:
     """(parameters, MB of float32 weights) of the model `cfg` builds; ConfigError above max_model_mb."""
-    params = parameter_count(cfg, dim, levels)
+    params = parameter_count(cfg, dim, levels, shape)
     mb = params * 4 / 1e6
     if mb > cfg.max_model_mb:
         hint = (
@@ -66,13 +68,14 @@ def run(
         raise ExportError(f"{out} already holds a model version; pick a new version or pass --force")
     data = prepare_config(cfg)
     resolved = cfg.resolve(data.levels, len(data.train))
-    params, mb = check_model_size(resolved, data.dim, data.levels)
+    params, mb = check_model_size(resolved, data.dim, data.levels, data.shape)
     log(
         f"data: {cfg.dataset}, images {data.shape[0]}x{data.shape[1]}, {data.levels} levels, "
         f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}"
     )
     log(
-        f"model: {resolved.likelihood} likelihood, {resolved.prior} prior, latent {resolved.latent_dim}, "
+        f"model: {resolved.likelihood} likelihood{' over rows' if resolved.context == 'rows' else ''}, "
+        f"{resolved.prior} prior, latent {resolved.latent_dim}, "
         f"{params / 1e6:.2f} M parameters ({mb:.1f} MB); batch {resolved.batch_size}, at most {resolved.epochs} epochs "
         f"({resolved.max_steps} steps), patience {resolved.patience}, seed {resolved.seed}"
     )

@@ -93,7 +93,7 @@ def train(
     """Train a VAE on `data` with a resolved `cfg`; return the best state by validation loss."""
     assert cfg.batch_size is not None and cfg.epochs is not None, "resolve the config first"
     seed_everything(cfg.seed)
-    model = VAE(cfg, data.dim, data.levels)
+    model = VAE(cfg, data.dim, data.levels, data.shape)
     average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
     opt = torch.optim.Adamax(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x_train = torch.from_numpy(data.flat("train"))
@@ -173,7 +173,7 @@ def train(
             f"WARNING: --max-minutes {cfg.max_minutes} stopped training after {epoch} of {cfg.epochs} epochs: "
             "this model depends on the machine's speed and load, and is recorded as time-limited in its manifest"
         )
-    chosen = VAE(cfg, data.dim, data.levels)
+    chosen = VAE(cfg, data.dim, data.levels, data.shape)
     chosen.load_state_dict(best["state"])
     chosen.eval()
     return TrainResult(

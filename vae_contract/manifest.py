@@ -156,6 +156,27 @@ class Calibration(_Strict):
         return self
 
 
+class ContextSpec(_Strict):
+    """The rows context: each logistic component's means add sum_t weights[m][t] v(pixel + taps[t])."""
+
+    kind: Literal["rows"]
+    taps: list[tuple[int, int]]
+    weights: list[list[float]]
+
+    @model_validator(mode="after")
+    def _causal(self) -> ContextSpec:
+        if not self.taps or any(dy >= 0 for dy, _ in self.taps):
+            raise ValueError("context taps must all lie in rows above the pixel (negative row offsets)")
+        if not self.weights or any(len(row) != len(self.taps) for row in self.weights):
+            raise ValueError("context weights must be one row per mixture component, one weight per tap")
+        return self
+
+
+class DecoderSpec(_Strict):
+    outputs_per_pixel: int = Field(ge=1)
+    context: ContextSpec | None = None
+
+
 class CheckSpec(_Strict):
     """Images with their log-likelihoods as export computed them on onnxruntime fp32 (contract noise)."""
 
@@ -180,6 +201,7 @@ class Manifest(_Strict):
     image: ImageSpec
     likelihood: Literal["categorical", "bernoulli", "logistic_mixture"]
     latent_dim: int = Field(ge=1)
+    decoder: DecoderSpec | None = None
     prior: PriorSpec
     graphs: dict[str, GraphSpec]
     check: CheckSpec

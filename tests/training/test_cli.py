@@ -47,6 +47,22 @@ def test_8bit_folder_trains_with_the_defaults(tmp_path):
     assert m["likelihood"] == "logistic_mixture" and m["image"]["levels"] == 256
     assert m["training"]["config"]["input_scale"] == "unit"
     assert m["metrics"]["nll"]["bits_per_dim"] < 8.0  # better than uniform after 3 epochs
+    # the rows context is the 8-bit default, in the manifest and in the graphs the service runs
+    context = m["decoder"]["context"]
+    assert m["training"]["config"]["context"] == "rows" and context["kind"] == "rows" and len(context["taps"]) == 4
+    from fastapi.testclient import TestClient
+
+    from service.main import create_app
+    from service.settings import Settings
+
+    images = [np.asarray(Image.open(folder / "000.png")).reshape(-1).tolist()]
+    with TestClient(create_app(Settings(models_dir=tmp_path / "models", intra_op_threads=1))) as client:
+        assert client.get("/v1/models").json()["models"][0]["details"]["1"]["context"] == "rows"
+        scored = client.post("/score", json={"model": "png", "images": images, "num_samples": 100, "seed": 3})
+        assert scored.status_code == 200, scored.text
+        assert 0.0 < scored.json()["results"][0]["nll_bits_per_dim"] < 8.0
+        decoded = client.post("/sample", json={"model": "png", "n": 2, "seed": 1}, headers={"accept": "image/png"})
+        assert decoded.status_code == 200 and decoded.headers["content-type"] == "image/png"
 
 
 def test_png_folder_binary(tmp_path):

@@ -24,7 +24,7 @@ from training.model import VAE
 def small_model(levels: int = 17, **kw) -> VAE:
     torch.manual_seed(0)
     cfg = TrainConfig(hidden=16, latent_dim=3, **kw).resolve(levels, 100)
-    return VAE(cfg, dim=64, levels=levels).eval()
+    return VAE(cfg, dim=64, levels=levels, shape=(8, 8)).eval()
 
 
 def test_version_dir_is_complete_and_verified(version_dir):
@@ -90,6 +90,24 @@ def test_parity_holds_and_a_drift_is_caught(tmp_path, levels, likelihood):
     assert verify(frozen, tmp_path, x)["max_abs_diff_log_likelihood_nats"] < 1e-3
     with torch.no_grad():  # the graphs on disk no longer match the torch model
         frozen.decoder.net[-1].bias.add_(0.05 * torch.randn_like(frozen.decoder.net[-1].bias))
+    with pytest.raises(ExportError, match="parity failed"):
+        verify(frozen, tmp_path, x)
+
+
+def test_the_rows_context_is_in_the_exported_graphs(tmp_path):
+    """A 256-level model gets the rows context by default; its weights are in the scoring graph (a drift in
+    them alone is caught) and its decoder graph is the mean rollout."""
+    frozen = export_ready(small_model(256))
+    assert frozen.decoder.context
+    with torch.no_grad():
+        frozen.decoder.context_weights.normal_(0.0, 1.0)
+    export_graphs(frozen, tmp_path)
+    share_weights(tmp_path, ["encoder.onnx", "decoder.onnx", "log_weights.onnx"], {})
+    x = np.random.default_rng(0).integers(0, 256, (8, 64))
+    report = verify(frozen, tmp_path, x)
+    assert report["max_abs_diff_log_likelihood_nats"] < 1e-3 and report["max_abs_diff_decoder_probs"] < 1e-4
+    with torch.no_grad():
+        frozen.decoder.context_weights.add_(0.05)
     with pytest.raises(ExportError, match="parity failed"):
         verify(frozen, tmp_path, x)
 

@@ -51,6 +51,15 @@ def test_auto_choices_follow_the_data():
     assert resolved(levels=17).likelihood == "logistic_mixture"
     assert resolved(levels=256).likelihood == "logistic_mixture"
     assert resolved(levels=256, likelihood="categorical").likelihood == "categorical"  # a flag overrides
+    # the rows context: on for logistic mixtures from 64 levels (8-bit images), off below and for other families
+    assert [resolved(levels=lv).context for lv in (2, 17, 63, 64, 256)] == ["none", "none", "none", "rows", "rows"]
+    assert resolved(levels=256, likelihood="categorical").context == "none"
+    assert resolved(levels=256, context="none").context == "none"
+    assert resolved(levels=17, context="rows").context == "rows"
+    with pytest.raises(ConfigError, match="logistic_mixture"):
+        TrainConfig(context="rows", likelihood="categorical")
+    with pytest.raises(ConfigError, match="logistic_mixture"):
+        resolved(levels=2, context="rows")  # auto picks bernoulli for 2 levels
     with pytest.raises(ConfigError, match="binary"):
         resolved(levels=17, likelihood="bernoulli")
     assert [auto_batch_size(n) for n in (300, 1000, 12000, 48000, 10**6)] == [64, 64, 64, 256, 256]
@@ -76,7 +85,10 @@ def test_log_densities_match_torch_distributions():
 )
 def test_vae_shapes_and_frozen_prior(prior, likelihood, levels):
     torch.manual_seed(0)
-    cfg = resolved(levels=levels, prior=prior, likelihood=likelihood, components=5, hidden=16, latent_dim=3)
+    # pixel-independent p(x|z) at every level count here (the rows context has its own tests below)
+    cfg = resolved(
+        levels=levels, prior=prior, likelihood=likelihood, context="none", components=5, hidden=16, latent_dim=3
+    )
     vae = VAE(cfg, dim=10, levels=levels).eval()
     x = torch.randint(0, levels, (4, 10))
     x[0, :2] = torch.tensor([0, levels - 1])  # the open edge bins
@@ -97,7 +109,9 @@ def test_vae_shapes_and_frozen_prior(prior, likelihood, levels):
 
 def _mixture_decoder(levels: int, seed: int = 0) -> tuple[LogisticMixtureDecoder, torch.Tensor]:
     torch.manual_seed(seed)
-    cfg = resolved(levels=levels, likelihood="logistic_mixture", logistic_components=3, hidden=8, latent_dim=2)
+    cfg = resolved(
+        levels=levels, likelihood="logistic_mixture", context="none", logistic_components=3, hidden=8, latent_dim=2
+    )
     dec = LogisticMixtureDecoder(cfg, dim=5, levels=levels).eval()
     with torch.no_grad():  # spread the scales: sharp and wide components, means on and off [-1, 1]
         dec.net[-1].weight.mul_(3.0)
@@ -177,3 +191,76 @@ def test_the_matrix_product_prior_is_used_only_where_it_is_exact():
     exact = mixture_log_prob(z.double(), *(t.double() for t in benign.mixture()))
     fast = mixture_log_prob(z, *benign.mixture(), as_matmul=True)
     assert (fast.double() - exact).abs().max() < 1e-4
+
+
+def _rows_decoder(levels: int, shape: tuple[int, int], seed: int = 0) -> tuple[LogisticMixtureDecoder, torch.Tensor]:
+    """A rows-context decoder with strong context weights of both signs (an untrained one has all zeros)."""
+    torch.manual_seed(seed)
+    cfg = resolved(levels=levels, context="rows", logistic_components=2, hidden=8, latent_dim=2)
+    dec = LogisticMixtureDecoder(cfg, dim=shape[0] * shape[1], levels=levels, shape=shape).eval()
+    with torch.no_grad():
+        dec.context_weights.normal_(0.0, 1.5)
+    return dec, torch.randn(3, 2)
+
+
+def test_rows_context_is_a_normalised_likelihood_over_whole_images():
+    """Every one of the 4^6 images of a 3x2, 4-level model: their probabilities sum to 1 for each z. A context
+    that looked at a pixel of its own row or below would break this (the product would not be normalised)."""
+    import itertools
+
+    dec, z = _rows_decoder(4, (3, 2))
+    images = torch.tensor(list(itertools.product(range(4), repeat=6)))  # (4096, 6)
+    with torch.no_grad():
+        for zi in z:
+            total = dec.log_prob(images, zi.expand(len(images), 2)).double().exp().sum()
+            assert abs(total.item() - 1.0) < 1e-5
+
+
+def test_rows_context_sums_to_one_over_256_levels_and_sees_only_the_rows_above():
+    dec, z = _rows_decoder(256, (4, 5))
+    x = torch.randint(0, 256, (3, 20))
+    with torch.no_grad():
+        # the last row's pixels condition on the rows above only: set all of them to each level in turn
+        per_level = []
+        for lv in range(256):
+            xl = x.clone()
+            xl[:, 15:] = lv
+            per_level.append(dec.pixel_log_probs(xl, z)[:, 15:])
+        np.testing.assert_allclose(torch.stack(per_level).double().exp().sum(0).numpy(), 1.0, atol=1e-5)
+        # changing pixel (1, 2) changes its own term and those of the pixels whose taps reach it, nothing else
+        x2 = x.clone()
+        x2[:, 7] = (x2[:, 7] + 128) % 256
+        changed = (dec.pixel_log_probs(x2, z) - dec.pixel_log_probs(x, z)).abs().amax(0) > 0  # (20,)
+        expected = torch.zeros(4, 5, dtype=torch.bool)
+        expected[1, 2] = True  # the pixel itself
+        expected[2, 1:4] = True  # taps (-1, +1), (-1, 0), (-1, -1) of the row below
+        expected[3, 2] = True  # tap (-2, 0)
+        assert torch.equal(changed.view(4, 5), expected)
+
+
+def test_rows_context_decoder_probs_are_the_mean_rollout():
+    """probs(z): the first row as without context; each later row given z and the expected values of the
+    rows above, which is what log_prob gives for an image whose rows above hold those (real) values."""
+    dec, z = _rows_decoder(17, (3, 4))
+    with torch.no_grad():
+        probs = dec.probs(z)  # (3, 12, 17)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(3, 12))
+        plain = dec.bin_probs(*dec.params(z))
+        torch.testing.assert_close(probs[:, :4], plain[:, :4])  # row 0 has no context
+        assert (probs[:, 4:] - plain[:, 4:]).abs().max() > 1e-3  # later rows do
+        # the rollout's row 1 at each level: log_prob's row 1 for an image whose row 0 is at E[v] exactly
+        values = torch.linspace(-1.0, 1.0, 17)
+        expected_row0 = probs[:, :4] @ values  # (3, 4) on [-1, 1]
+        shift = dec.context_shift(torch.cat([expected_row0.unsqueeze(1), torch.zeros(3, 2, 4)], 1))  # (M, 3, 3, 4)
+        log_w, mean, log_scale = dec.params(z)
+        row1 = dec.bin_probs(log_w[:, 4:8], mean[:, 4:8] + shift[:, :, 1].permute(1, 2, 0), log_scale[:, 4:8])
+        torch.testing.assert_close(probs[:, 4:8], row1)
+
+
+def test_rows_context_needs_the_image_shape():
+    cfg = resolved(levels=256, hidden=8, latent_dim=2)
+    with pytest.raises(ValueError, match="H, W"):
+        VAE(cfg, dim=20, levels=256)
+    with pytest.raises(ValueError, match="H, W"):
+        VAE(cfg, dim=20, levels=256, shape=(4, 4))
+    assert VAE(cfg, dim=20, levels=256, shape=(4, 5)).decoder.context
