@@ -45,7 +45,7 @@ def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0) -> dict[str, A
     product_s = time.perf_counter() - t0
 
     torch.manual_seed(cfg.seed)
-    model = VAE(cfg, data.dim, data.levels)
+    model = VAE(cfg, data.dim, data.levels, data.shape)
     opt = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
     x = torch.from_numpy(data.flat("train"))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -65,6 +65,7 @@ def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0) -> dict[str, A
         "data": f"{n_train} generated 28x28 8-bit images, {epochs} epochs",
         "model": {
             "likelihood": cfg.likelihood,
+            "context": cfg.context,
             "batch_size": cfg.batch_size,
             "iw_train": cfg.iw_train,
             "hidden": cfg.hidden,
