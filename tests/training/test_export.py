@@ -241,3 +241,14 @@ def test_reexport_refuses_what_is_not_a_verified_version(version_dir, tmp_path, 
     (broken / "manifest.json").write_text("{}")
     assert reexport_main([str(broken)]) == 1
     assert "vae-export:" in capsys.readouterr().err
+
+
+def test_a_version_written_before_the_rows_context_still_loads():
+    """The shipped digits version predates the rows context: no "context" in its config, no image_shape."""
+    from pathlib import Path
+
+    version = Path(__file__).resolve().parents[2] / "models" / "digits" / "1"
+    ckpt = json.loads((version / "checkpoint.json").read_text())
+    assert "context" not in ckpt["config"] and "image_shape" not in ckpt
+    model = load_checkpoint(version)
+    assert model.cfg.context == "none" and not model.decoder.context
