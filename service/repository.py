@@ -54,10 +54,14 @@ class ModelVersion:
     scoring: ScoringChoice
     calibrations: dict[str, ScoreCalibration]
     chunk: int  # importance samples per engine call and image
-    score_images_per_call: int  # on the scoring engine: `images_per_call(scoring.engine, score_rows, chunk)`
     decode_rows_per_call: int
     score_rows: int  # the most rows one log_weights call may hold (engine_memory_mb)
     loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def score_images_per_call(self) -> int:
+        """Images one scoring call takes on the scoring engine."""
+        return images_per_call(self.scoring.engine, self.score_rows, self.chunk)
 
     @property
     def score_call_rows(self) -> int:
@@ -170,7 +174,6 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
         scoring,
         calibrations,
         chunk,
-        images_per_call(scoring.engine, rows, chunk),
         decode_rows,
         rows,
     )

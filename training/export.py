@@ -433,7 +433,7 @@ def write_version(
 def decoder_spec(model: VAE) -> dict[str, Any]:
     """The manifest's `decoder` entry: outputs per pixel, and the rows context's taps and weights if any."""
     spec: dict[str, Any] = {"outputs_per_pixel": model.decoder.out_per_pixel}
-    if getattr(model.decoder, "context", False):
+    if model.decoder.context:
         spec["context"] = {
             "kind": "rows",
             "taps": [list(t) for t in CONTEXT_TAPS],

@@ -134,6 +134,7 @@ class Decoder(nn.Module):
     """p(x|z): a network from z to per-pixel distribution parameters. Subclasses fix the family."""
 
     out_per_pixel: int
+    context = False  # whether a pixel's distribution also depends on the pixels above it (LogisticMixtureDecoder)
 
     def __init__(self, cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None):
         super().__init__()
@@ -302,14 +303,12 @@ class LogisticMixtureDecoder(Decoder):
         values = torch.arange(self.levels, dtype=mean.dtype) * (2.0 / (self.levels - 1)) - 1.0  # v of each level
         rows: list[torch.Tensor] = []  # per-level probabilities of each finished row, (N, W, levels)
         expected: list[torch.Tensor] = []  # E[v] of each finished row, (N, W)
+        # a row not generated yet (no tap of row r reaches it); zeros_like would trace to the export's batch size
+        pending = 0.0 * mean[:, 0, :, 0]
         for r in range(h):
-            mean_r = mean[:, r]  # (N, W, M)
-            for t, (dy, dx) in enumerate(CONTEXT_TAPS):
-                if r + dy < 0:
-                    continue  # that row lies above the image: its v counts as 0
-                above = shifted(expected[r + dy].unsqueeze(1), 0, dx).squeeze(1)  # (N, W)
-                mean_r = mean_r + above.unsqueeze(-1) * self.context_weights[:, t]
-            p_r = self.bin_probs(log_w[:, r], mean_r, log_scale[:, r])  # (N, W, levels)
+            so_far = torch.stack(expected + [pending] * (h - r), dim=1)  # (N, H, W)
+            shift = self.context_shift(so_far)[:, :, r].permute(1, 2, 0)  # row r's shift, (N, W, M)
+            p_r = self.bin_probs(log_w[:, r], mean[:, r] + shift, log_scale[:, r])  # (N, W, levels)
             rows.append(p_r)
             expected.append(p_r @ values)
         return torch.stack(rows, dim=1).reshape(lead + (self.dim, self.levels))
@@ -413,7 +412,7 @@ class VAE(nn.Module):
 
     def __init__(self, cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None):
         super().__init__()
-        self.cfg, self.dim, self.levels, self.shape = cfg, dim, levels, shape
+        self.cfg, self.dim, self.levels = cfg, dim, levels
         if cfg.likelihood not in DECODERS or cfg.context == "auto" or cfg.dropout is None or cfg.iw_train is None:
             raise ValueError(f"likelihood {cfg.likelihood!r} is not resolved; call TrainConfig.resolve first")
         if cfg.likelihood == "bernoulli" and levels != 2:
