@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    http_impl: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="HTTP/1.1 parser; auto: httptools (C) where installed, else h11 (pure Python)"
+    )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto", description="event loop; auto: uvloop (libuv) where installed, else asyncio's own"
+    )
     max_connections: int = Field(512, ge=1, description="open connections; past it new ones are closed at once")
     header_timeout_s: float = Field(10.0, gt=0, description="close a connection whose request head is this slow")
     body_timeout_s: float = Field(30.0, gt=0, description="408 when a request body arrives this slowly")

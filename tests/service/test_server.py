@@ -12,6 +12,8 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from tests.service.conftest import LiveServer
 
 
@@ -36,8 +38,19 @@ def queued(url: str) -> float:
     return float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_queued_samples ")))
 
 
-def test_slow_heads_and_slow_bodies_are_cut_off(models_dir):
-    with LiveServer(models_dir, header_timeout_s=0.5, body_timeout_s=0.5) as server:
+def test_the_c_parser_and_loop_are_the_default():
+    from service.server import uvicorn_config
+    from service.settings import Settings
+
+    config = uvicorn_config(None, Settings())
+    assert config.http.__name__ == "GuardedHttpToolsProtocol" and config.loop == "uvloop"
+    config = uvicorn_config(None, Settings(http_impl="h11", event_loop="asyncio"))
+    assert config.http.__name__ == "GuardedH11Protocol" and config.loop == "asyncio"
+
+
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+def test_slow_heads_and_slow_bodies_are_cut_off(models_dir, http_impl):
+    with LiveServer(models_dir, header_timeout_s=0.5, body_timeout_s=0.5, http_impl=http_impl) as server:
         slow_head = socket.create_connection(("127.0.0.1", server.port))
         slow_head.sendall(b"POST /score HTTP/1.1\r\nHost: t\r\n")  # and never the rest
         assert closed_within(slow_head, 10.0)
@@ -54,8 +67,9 @@ def test_slow_heads_and_slow_bodies_are_cut_off(models_dir):
             s.close()
 
 
-def test_connections_past_the_cap_are_closed(models_dir):
-    with LiveServer(models_dir, max_connections=4, header_timeout_s=5) as server:
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+def test_connections_past_the_cap_are_closed(models_dir, http_impl):
+    with LiveServer(models_dir, max_connections=4, header_timeout_s=5, http_impl=http_impl) as server:
         idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
         time.sleep(0.2)
         extra = socket.create_connection(("127.0.0.1", server.port))
