@@ -24,6 +24,7 @@ from service.openapi import build_openapi
 from service.repository import ModelRepository, ScanReport
 from service.routes import admin, health, inference, models
 from service.settings import Settings
+from service.v2 import InferLane
 from service.v2 import router as v2_router
 
 VERSION = "0.2.0"
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, inference.router, inference.uploads, admin.router, v2_router):
         app.include_router(router)
     install_docs(app)
+    app.add_middleware(InferLane)  # innermost: the limits, keys and metrics apply
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(AuthMiddleware, keys=settings.keys(), routes=lambda: app.routes)
     if settings.cors_origins:

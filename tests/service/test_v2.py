@@ -109,3 +109,32 @@ def test_binary_request_and_response_by_hand(client, test_images):
     values = np.frombuffer(r.content[n:], dtype="<f8")
     plain = client.post("/score", json={"images": x.tolist(), "num_samples": 100}).json()
     np.testing.assert_array_equal(values, [res["log_likelihood_nats"] for res in plain["results"]])
+
+
+def test_the_infer_lane_answers_as_the_routes_would(models_dir, monkeypatch):
+    """POST .../infer skips FastAPI's router (service.v2.InferLane): same answers, same /metrics labels,
+    the app's error handlers, the body limit; GET on an infer path is still the router's 405."""
+    from service.core import InferenceCore
+
+    ok = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}]}
+    with make_client(models_dir, max_body_bytes=4096) as c:
+        for path in ("/v2/models/digits-encode/infer", "/v2/models/digits-encode/versions/1/infer"):
+            r = c.post(path, json=ok)
+            assert r.status_code == 200 and r.json()["model_version"] == "1"
+        assert c.post("/v2/models/digits-encode/versions/7/infer", json=ok).status_code == 404
+        assert c.post("/v2/models/digits-encode/infer/extra", json=ok).status_code == 404
+        assert c.get("/v2/models/digits-encode/infer").status_code == 405
+        big = c.post(
+            "/v2/models/digits-encode/infer", content=b"x" * 5000, headers={"content-type": "application/json"}
+        )
+        assert big.status_code == 413 and set(big.json()) == {"error"}
+        metrics = c.get("/metrics").text
+        for template in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
+            assert f'vae_requests_total{{endpoint="{template}",method="POST",status="200"}} 1.0' in metrics
+
+        async def broken(self, *args, **kwargs):
+            raise RuntimeError("engine exploded")
+
+        monkeypatch.setattr(InferenceCore, "encode", broken)
+        r = c.post("/v2/models/digits-encode/infer", json=ok)
+        assert r.status_code == 500 and r.json() == {"error": "internal server error; see the service log"}
