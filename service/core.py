@@ -34,6 +34,9 @@ from vae_contract.formulas import (
 
 DEFAULT_FPR = 0.01
 MAX_PROBS_NUMBERS = 4_000_000  # per-level probabilities one response may carry (mode=probs)
+#: A request whose work is not done after this long starts watching for its client to hang up (and so
+#: stops queued work when it does); shorter ones finish before that would matter.
+WATCH_DISCONNECT_AFTER_S = 0.05
 
 
 @dataclass
@@ -188,30 +191,59 @@ class InferenceCore:
 
     # --- running jobs -------------------------------------------------------------------------
     async def _run(self, job: Job, ctx: RequestContext) -> Any:
+        """Submit the job and wait for its result, its deadline, or (when the protocol can tell) the client
+        going away: past the deadline DeadlineExceeded, client gone Cancelled; either way the worker drops
+        the job's remaining work within one engine call.
+
+        Timers rather than asyncio.wait over tasks: this wait is on every request's path, and a short one
+        (most of them) never starts the disconnect watcher, a task of its own (README Performance)."""
         self.scheduler.submit(job)
-        waiters: set[asyncio.Future] = {job.future}
-        watcher = asyncio.ensure_future(ctx.disconnected()) if ctx.disconnected else None
-        if watcher is not None:
-            waiters.add(watcher)
+        loop = asyncio.get_running_loop()
+        future = job.future
+        watcher: asyncio.Future | None = None
+
+        def stop(reason: str, error: Exception) -> None:
+            if not future.done():
+                job.cancelled = reason
+                future.set_exception(error)
+
+        def expire() -> None:
+            stop("deadline", self._deadline_error(ctx))
+
+        def client_gone(w: asyncio.Future) -> None:
+            if not w.cancelled() and w.exception() is None:
+                stop("client", Cancelled("the client went away"))
+
+        def watch() -> None:
+            nonlocal watcher
+            if not future.done() and ctx.disconnected is not None:
+                watcher = asyncio.ensure_future(ctx.disconnected())
+                watcher.add_done_callback(client_gone)
+
+        timers = [loop.call_later(max(0.0, ctx.deadline - time.monotonic()), expire)]
+        if ctx.disconnected is not None:
+            timers.append(loop.call_later(WATCH_DISCONNECT_AFTER_S, watch))
         try:
-            done, _ = await asyncio.wait(
-                waiters, timeout=max(0.0, ctx.deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
-            )
+            return await future
         except asyncio.CancelledError:
-            job.cancelled = "client"
+            task = asyncio.current_task()
+            if future.cancelled() and job.cancelled and not (task and task.cancelling()):
+                # The worker dropped the job (its deadline passed, or a watcher saw the client go) and
+                # cancelled the future a moment before this side's own timer: answer as that.
+                if job.cancelled == "client":
+                    raise Cancelled("the client went away") from None
+                raise self._deadline_error(ctx) from None
+            job.cancelled = "client"  # this request was cancelled: the work is nobody's any more
             raise
         finally:
+            for timer in timers:
+                timer.cancel()
             if watcher is not None:
                 watcher.cancel()
-        if job.future in done and not job.future.cancelled():
-            return job.future.result()
-        # A cancelled future: the worker saw the deadline pass (and dropped the job) a moment before this
-        # wait timed out; it is answered as the deadline below.
-        if watcher is not None and watcher in done:
-            job.cancelled = "client"
-            raise Cancelled("the client went away")
-        job.cancelled = "deadline"
-        raise DeadlineExceeded(
+
+    @staticmethod
+    def _deadline_error(ctx: RequestContext) -> DeadlineExceeded:
+        return DeadlineExceeded(
             f"the work was not done within the request's deadline of {ctx.timeout_s:g} s; it was stopped "
             "(send less work, or a larger timeout_s up to the server's limit)",
             "timeout_s",

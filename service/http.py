@@ -167,23 +167,24 @@ class BodyLimitMiddleware:
         chunks: list[bytes] = []
         size = 0
         more = True
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
-            except TimeoutError:
-                await _render(
-                    scope, send, RequestTimeout(f"the request body did not arrive within {self.timeout_s:g} s")
-                )
-                return
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                await _render(scope, send, PayloadTooLarge(self._message(), "body"))
-                return
-            chunks.append(body)
-            more = message.get("more_body", False)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(None) as timer:  # one timer, moved on per message: no task per read
+                while more and size <= self.max_bytes:
+                    timer.reschedule(loop.time() + self.timeout_s)
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body = message.get("body", b"")
+                    size += len(body)
+                    chunks.append(body)
+                    more = message.get("more_body", False)
+        except TimeoutError:
+            await _render(scope, send, RequestTimeout(f"the request body did not arrive within {self.timeout_s:g} s"))
+            return
+        if size > self.max_bytes:
+            await _render(scope, send, PayloadTooLarge(self._message(), "body"))
+            return
         replayed = False
 
         async def replay() -> Message:
