@@ -1,0 +1,29 @@
+"""make bench's report arithmetic, on made-up figures (the measurements themselves are not tests)."""
+
+from __future__ import annotations
+
+from bench.run import acceptance_ratios
+
+
+def test_the_encode_batching_ratio_is_the_ratio_of_the_medians_of_alternating_turns():
+    r = {
+        "scoring": {
+            "fast_path": {"engine": "openvino", "precision": "bf16"},
+            "engines": ["onnxruntime fp32", "openvino bf16"],
+            "rates": {"1": {"onnxruntime fp32": 100.0, "openvino bf16": 200.0}},
+        },
+        "http": {
+            "score_v2": {"1": {"requests_per_s": 150.0, "p50_ms": 6.0}, "8": {"requests_per_s": 180.0}},
+            "encode_v2_batching_turns": {
+                "concurrency": 32,
+                "requests_per_s": {"on": [5000.0, 3000.0, 6000.0], "off": [2000.0, 2500.0, 1000.0]},
+                "median_on": 5000.0,
+                "median_off": 2000.0,
+            },
+        },
+    }
+    lines = acceptance_ratios(r)
+    assert any("0.90x the in-process batch-1 rate of openvino bf16" in line for line in lines)
+    assert any("6.0 ms = 1.20x the in-process single-image time (5.0 ms)" in line for line in lines)
+    encode = [line for line in lines if line.startswith("- /encode")]
+    assert len(encode) == 1 and "medians of 3 alternating turns" in encode[0] and ": 2.50x" in encode[0]
