@@ -228,8 +228,8 @@ class InferenceCore:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if future.cancelled() and job.cancelled and not (task and task.cancelling()):
-                # The worker dropped the job (its deadline passed, or a watcher saw the client go) and
-                # cancelled the future a moment before this side's own timer: answer as that.
+                # The worker dropped the job (it saw the deadline pass) and cancelled the future a moment
+                # before this side's own timer ran: answer with the reason the job was dropped for.
                 if job.cancelled == "client":
                     raise Cancelled("the client went away") from None
                 raise self._deadline_error(ctx) from None
