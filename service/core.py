@@ -228,10 +228,8 @@ class InferenceCore:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if future.cancelled() and job.cancelled and not (task and task.cancelling()):
-                # The worker dropped the job (it saw the deadline pass) and cancelled the future a moment
-                # before this side's own timer ran: answer with the reason the job was dropped for.
-                if job.cancelled == "client":
-                    raise Cancelled("the client went away") from None
+                # The worker dropped the job when it saw the deadline pass, and cancelled the future a
+                # moment before this side's own timer ran (a client gone settles the future here, first).
                 raise self._deadline_error(ctx) from None
             job.cancelled = "client"  # this request was cancelled: the work is nobody's any more
             raise

@@ -14,7 +14,6 @@ h11 and asyncio's loop (README Performance). `http_impl` and `event_loop` choose
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from typing import Any
 
 import uvicorn
@@ -24,21 +23,16 @@ from service.settings import Settings
 
 
 def http_protocol_class(impl: str) -> type[asyncio.Protocol]:
-    """uvicorn's protocol class for `impl` (auto: httptools where installed, else h11)."""
-    if impl == "auto":
-        impl = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    """uvicorn's protocol class for `impl`; auto is uvicorn's own choice (httptools where installed)."""
     if impl == "httptools":
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
         return HttpToolsProtocol
-    return H11Protocol
+    if impl == "h11":
+        return H11Protocol
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-
-def event_loop_name(name: str) -> str:
-    """uvicorn's loop setting for `name` (auto: uvloop where installed, else asyncio's own)."""
-    if name == "auto":
-        return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    return name
+    return AutoHTTPProtocol
 
 
 def guarded_protocol(max_connections: int, header_timeout: float, base: type[Any] = H11Protocol) -> type[Any]:
@@ -97,7 +91,7 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         http=guarded_protocol(
             settings.max_connections, settings.header_timeout_s, http_protocol_class(settings.http_impl)
         ),
-        loop=event_loop_name(settings.event_loop),
+        loop=settings.event_loop,  # uvicorn's own names; its auto takes uvloop where installed
         timeout_keep_alive=int(max(1, settings.keep_alive_s)),
         timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
         backlog=min(2048, settings.max_connections * 2),

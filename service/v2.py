@@ -11,7 +11,6 @@ GET .../config answers Triton's model-configuration call that perf_analyzer make
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import numpy as np
@@ -394,12 +393,7 @@ async def model_version_infer(request: Request, model: str, version: str) -> Res
 
 # --- the inference lane -------------------------------------------------------------------------
 
-INFER_ROUTES = {  # the two infer templates above, as Starlette's default path convertor matches them
-    "/v2/models/{model}/infer": re.compile(r"/v2/models/(?P<model>[^/]+)/infer"),
-    "/v2/models/{model}/versions/{version}/infer": re.compile(
-        r"/v2/models/(?P<model>[^/]+)/versions/(?P<version>[^/]+)/infer"
-    ),
-}
+INFER_PATHS = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer")
 
 
 class InferLane:
@@ -408,46 +402,50 @@ class InferLane:
     For a small model FastAPI's request machinery (matching the path against every route, solving the
     endpoint's parameters, its exception and exit-stack wrappers) took longer than the inference
     handler itself; past it, one-image V2 encodes went from 2016 to 3150 requests/s (README
-    Performance). The lane matches the two infer templates only and answers through the same `infer`
-    and the app's own exception handlers; it sets scope["route"], so /metrics labels the same
-    templates. It sits inside the body-limit, access and metrics middleware, so those apply unchanged.
-    The routes stay declared above: they are what the OpenAPI document shows, and they answer
-    without the lane.
+    Performance). The lane matches the two infer routes only, with their own path patterns, and
+    answers through the same `infer` and the app's own exception handlers; it sets scope["route"], so
+    /metrics labels the same templates. It sits inside the body-limit, access and metrics middleware,
+    so those apply unchanged. The routes stay declared above: they are what the OpenAPI document
+    shows, and they answer without the lane.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.routes: dict[str, APIRoute] = {
-            r.path: r for r in router.routes if isinstance(r, APIRoute) and r.path in INFER_ROUTES
-        }
-        assert set(self.routes) == set(INFER_ROUTES), "the infer routes and INFER_ROUTES disagree"
+        self.routes = [r for r in router.routes if isinstance(r, APIRoute) and r.path in INFER_PATHS]
+        assert len(self.routes) == len(INFER_PATHS), "the infer routes and INFER_PATHS disagree"
+
+    def _match(self, scope: Scope) -> tuple[APIRoute, dict[str, str]] | None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
+            return None
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted below a prefix: match what the router would
+            path = path[len(root) :]
+        for route in self.routes:
+            match = route.path_regex.match(path)
+            if match:
+                return route, match.groupdict()  # str parameters: Starlette's convertor leaves them as they are
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
-            path = scope["path"]
-            root = scope.get("root_path", "")
-            if root and path.startswith(root):  # mounted below a prefix: match what the router would
-                path = path[len(root) :]
-            for template, pattern in INFER_ROUTES.items():
-                match = pattern.fullmatch(path)
-                if match:
-                    route = self.routes[template]
-                    params = match.groupdict()
-                    scope.update(route=route, endpoint=route.endpoint, path_params=params)
-                    request = Request(scope, receive, send)
-                    try:
-                        response = await infer(request, params["model"], params.get("version"))
-                    except Exception as exc:  # noqa: BLE001 - rendered by the app's handler for it, as routed
-                        handler = _handler_for(request.app.exception_handlers, exc)
-                        if handler is None:
-                            raise
-                        response = await handler(request, exc)
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        matched = self._match(scope)
+        if matched is None:
+            await self.app(scope, receive, send)
+            return
+        route, params = matched
+        scope.update(route=route, endpoint=route.endpoint, path_params=params)
+        request = Request(scope, receive, send)
+        try:
+            response = await infer(request, params["model"], params.get("version"))
+        except Exception as exc:  # noqa: BLE001 - rendered by the app's handler for it, as when routed
+            handler = _handler_for(request.app.exception_handlers, exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
 
 
 def _handler_for(handlers: dict[Any, Any], exc: Exception) -> Any:
+    """The app's exception handler for exc, by its classes in order (as Starlette's private lookup does)."""
     for cls in type(exc).__mro__:
         if cls in handlers:
             return handlers[cls]
