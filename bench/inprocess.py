@@ -154,6 +154,30 @@ def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarra
     return interleaved_rates(fns)
 
 
+def single_image_timer(version_dir: Path, x: np.ndarray, k: int, threads: int) -> Any:
+    """A function of a turn's length in seconds that scores one image after another on the engine the service
+    chooses (as /score runs it, without HTTP) and returns the median time of one image, in ms."""
+    from service.repository import load_version
+    from service.scoring import score_direct
+    from service.settings import Settings
+
+    mv = load_version(version_dir, Settings(intra_op_threads=threads), version_dir.parent.name, int(version_dir.name))
+    engine, per_call = mv.scoring.engine, mv.score_images_per_call
+
+    def turn(seconds: float) -> float:
+        times: list[float] = []
+        t0 = time.perf_counter()
+        while not times or time.perf_counter() - t0 < seconds:
+            row = x[len(times) % len(x)][None]
+            t1 = time.perf_counter()
+            score_direct(engine, row, k, [0], mv.latent_dim, mv.chunk, per_call)
+            times.append(time.perf_counter() - t1)
+        return float(np.median(times)) * 1000
+
+    turn(0.2)  # warm up
+    return turn
+
+
 def fast_path_parity(version_dir: Path, x: np.ndarray, k: int, threads: int) -> dict[str, Any]:
     """|log p(x)| difference of the fast path from fp32, same noise, over the given images (nats)."""
     from service.repository import load_version

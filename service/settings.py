@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         "auto", description="event loop; auto: uvloop (libuv) where installed, else asyncio's own"
     )
+    opentelemetry: bool = Field(
+        False,
+        description="FastAPI's native OpenTelemetry (spans, metrics, logs to the globally configured providers); "
+        "off, the check for configured providers no longer runs on every request (/metrics is the service's own)",
+    )
     max_connections: int = Field(512, ge=1, description="open connections; past it new ones are closed at once")
     header_timeout_s: float = Field(10.0, gt=0, description="close a connection whose request head is this slow")
     body_timeout_s: float = Field(30.0, gt=0, description="408 when a request body arrives this slowly")

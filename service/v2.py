@@ -11,6 +11,7 @@ GET .../config answers Triton's model-configuration call that perf_analyzer make
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,7 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
         raise InvalidInput(f"datatype {dtype} is not supported here; use one of {sorted(DTYPES)}", where)
     if not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput(f"shape must be non-negative integers, got {shape}", where)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)
     np_dtype = np.dtype(DTYPES[dtype]).newbyteorder("<")
     if binary is not None:
         if len(binary) != count * np_dtype.itemsize:
@@ -142,13 +143,18 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
     data = spec.get("data")
     if data is None:
         raise InvalidInput("the input has neither data nor binary_data_size", where)
-    try:
-        flat = np.asarray(data, dtype=object).reshape(-1) if isinstance(data, list) else None
-    except ValueError:  # ragged nesting
-        raise InvalidInput("data is not a (nested) list of the tensor's shape", where) from None
-    if flat is None or flat.size != count:
-        raise InvalidInput(f"data holds {0 if flat is None else flat.size} values; shape {shape} needs {count}", where)
-    kinds = {type(v) for v in flat.tolist()}
+    if not isinstance(data, list):
+        raise InvalidInput(f"data holds 0 values; shape {shape} needs {count}", where)
+    if any(type(v) is list for v in data):
+        try:
+            flat = np.asarray(data, dtype=object).reshape(-1).tolist()
+        except ValueError:  # ragged nesting
+            raise InvalidInput("data is not a (nested) list of the tensor's shape", where) from None
+    else:  # the flat form most clients send: no round trip through an object array
+        flat = data
+    if len(flat) != count:
+        raise InvalidInput(f"data holds {len(flat)} values; shape {shape} needs {count}", where)
+    kinds = set(map(type, flat))
     if dtype == "BOOL":
         ok = kinds <= {bool}
     elif np_dtype.kind in "iu":
@@ -158,7 +164,7 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
     if not ok:
         raise InvalidInput(f"data values do not match datatype {dtype}", where)
     try:
-        return np.asarray(flat.tolist(), dtype=np_dtype).reshape(shape)
+        return np.asarray(flat, dtype=np_dtype).reshape(shape)
     except (OverflowError, ValueError):
         raise InvalidInput(f"data values do not fit datatype {dtype}", where) from None
 

@@ -169,3 +169,26 @@ def test_start_up_objects_are_frozen_out_of_the_collector(models_dir):
     gc.unfreeze()
     with make_client(models_dir):
         assert gc.get_freeze_count() > 10_000
+
+
+@pytest.mark.parametrize("wanted", [False, True])
+def test_fastapis_own_opentelemetry_runs_only_when_asked_for(models_dir, monkeypatch, wanted):
+    """With it on, every request asks the global providers whether they are configured (~5% of a small
+    request): off by default, since /metrics is the service's own; VAE_OPENTELEMETRY=true turns it on."""
+    import inspect
+
+    import fastapi
+    from opentelemetry import trace
+
+    from service.main import create_app
+    from service.settings import Settings
+
+    class Configured:  # stands in for an SDK tracer provider set up by the user
+        def get_tracer(self, *args, **kwargs):
+            return trace.NoOpTracer()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: Configured())
+    app = create_app(Settings(models_dir=models_dir, opentelemetry=wanted))
+    if "telemetry" not in inspect.signature(fastapi.FastAPI.__init__).parameters:
+        pytest.skip("this FastAPI has no native telemetry")
+    assert app._native_telemetry.enabled() is wanted
