@@ -52,7 +52,7 @@ def matmul_rate(m: int = 8192, k: int = 1024, n: int = 1024, threads: int = 0, s
 
 
 def interleaved_rates(
-    fns: dict[str, tuple[Any, float]], rounds: int = 5, turn_s: float = 0.6, pause_s: float = 0.1
+    fns: dict[str, tuple[Any, float]], rounds: int = 7, turn_s: float = 0.6, pause_s: float = 0.1
 ) -> dict[str, float]:
     """Units/s of each (function, units per call), measured in rounds in which every function takes a turn
     of at least `turn_s` (whole calls), after a pause that lets the previous library's worker threads go
