@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def telemetry_options(settings: Settings) -> dict[str, Any]:
     """FastAPI's native OpenTelemetry, off unless asked for: with it on, every request asks the global
-    tracer, meter and logger providers whether they are configured (~5% of a one-image encode's time)."""
+    tracer, meter and logger providers whether they are configured (~5.5 us a request, measured)."""
     if settings.opentelemetry or "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
         return {}  # FastAPI's defaults (releases before 0.165 have no native telemetry to turn off)
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
