@@ -93,16 +93,23 @@ def graph_flops(version_dir: Path, k: int) -> dict[str, float]:
     return {"encoder_per_image": enc, "decoder_per_sample": dec, "per_image": enc + k * dec}
 
 
+def load(version_dir: Path, threads: int) -> Any:
+    """The version as the service loads it (engines, parity check, fast-path choice), with `threads` a call."""
+    from service.repository import load_version
+    from service.settings import Settings
+
+    settings = Settings(models_dir=version_dir.parent.parent, intra_op_threads=threads)
+    return load_version(version_dir, settings, version_dir.parent.name, int(version_dir.name))
+
+
 def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], threads: int) -> dict[str, Any]:
     """Images/s at K for each batch size on: onnxruntime fp32, the fast path chosen at load, eager PyTorch."""
     import torch
 
-    from service.repository import images_per_call, load_version
-    from service.settings import Settings
+    from service.repository import images_per_call
     from training.export import load_checkpoint
 
-    settings = Settings(models_dir=version_dir.parent.parent, intra_op_threads=threads)
-    mv = load_version(version_dir, settings, version_dir.parent.name, int(version_dir.name))
+    mv = load(version_dir, threads)
     engines = {"onnxruntime fp32": mv.ref}
     if mv.scoring.engine is not mv.ref:
         engines[mv.scoring.info.label] = mv.scoring.engine
@@ -154,14 +161,13 @@ def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarra
     return interleaved_rates(fns)
 
 
-def single_image_timer(version_dir: Path, x: np.ndarray, k: int, threads: int) -> Any:
+def single_image_timer(version_dir: Path, x: np.ndarray, k: int, threads: int) -> tuple[Any, str]:
     """A function of a turn's length in seconds that scores one image after another on the engine the service
-    chooses (as /score runs it, without HTTP) and returns the median time of one image, in ms."""
-    from service.repository import load_version
+    chooses (as /score runs it, without HTTP) and returns the median time of one image in ms; and that
+    engine's name."""
     from service.scoring import score_direct
-    from service.settings import Settings
 
-    mv = load_version(version_dir, Settings(intra_op_threads=threads), version_dir.parent.name, int(version_dir.name))
+    mv = load(version_dir, threads)
     engine, per_call = mv.scoring.engine, mv.score_images_per_call
 
     def turn(seconds: float) -> float:
@@ -175,16 +181,14 @@ def single_image_timer(version_dir: Path, x: np.ndarray, k: int, threads: int) -
         return float(np.median(times)) * 1000
 
     turn(0.2)  # warm up
-    return turn
+    return turn, mv.scoring.info.label
 
 
 def fast_path_parity(version_dir: Path, x: np.ndarray, k: int, threads: int) -> dict[str, Any]:
     """|log p(x)| difference of the fast path from fp32, same noise, over the given images (nats)."""
-    from service.repository import load_version
     from service.scoring import score_direct
-    from service.settings import Settings
 
-    mv = load_version(version_dir, Settings(intra_op_threads=threads), version_dir.parent.name, int(version_dir.name))
+    mv = load(version_dir, threads)
     if mv.scoring.engine is mv.ref:
         return {"engine": mv.scoring.info.label, "note": "no fast path on this machine: " + mv.scoring.reason}
     seeds = list(range(len(x)))

@@ -111,7 +111,7 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
         # /score at concurrency 1 and 8 against the same images scored one at a time in this process, in
         # alternating turns: step 2's figures were taken minutes earlier, and this machine's speed moves
         # by tens of percent within that time (run to run, c1 p50 against them ranged 1.15x to 1.82x).
-        timer = inprocess.single_image_timer(model, rows, 1000, threads)
+        timer, engine = inprocess.single_image_timer(model, rows, 1000, threads)
         turns_c: dict[str, list[float]] = {"inprocess_ms": [], "c1_p50_ms": [], "c8_images_per_s": []}
         for _ in range(1 if quick else 3):
             turns_c["inprocess_ms"].append(round(timer(2.0), 2))
@@ -119,7 +119,7 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
             turns_c["c1_p50_ms"].append(res["1"].get("p50_ms", float("nan")))
             turns_c["c8_images_per_s"].append(res["8"].get("requests_per_s", float("nan")))
         http["score_v2_turns"] = {
-            "engine": results["scoring"]["fast_path"]["engine"] + " " + results["scoring"]["fast_path"]["precision"],
+            "engine": engine,
             **turns_c,
             **{f"median_{name}": float(np.median(values)) for name, values in turns_c.items()},
         }
@@ -190,11 +190,10 @@ def acceptance_ratios(r: dict[str, Any]) -> list[str]:
         engine = "onnxruntime fp32"
     inproc = r["scoring"]["rates"].get("1", {}).get(engine)
     score = r["http"].get("score_v2", {})
-    if inproc and "8" in score and "requests_per_s" in score["8"]:
-        out.append(
-            f"- the table's /score at concurrency 8 against step 2's batch-1 rate of {engine}, taken minutes "
-            f"apart: {score['8']['requests_per_s']} images/s = {score['8']['requests_per_s'] / inproc:.2f}x ({inproc})"
-        )
+    c8, c1 = score.get("8", {}).get("requests_per_s"), score.get("1", {}).get("p50_ms")
+    if inproc and c8:  # step 2's in-process figures were taken minutes before the HTTP runs
+        out.append(f"- the table's /score at concurrency 8 against step 2's batch-1 rate of {engine}, taken "
+                   f"minutes apart: {c8} images/s = {c8 / inproc:.2f}x ({inproc})")  # fmt: skip
     t = r["http"].get("score_v2_turns")
     if t:
         single = t["median_inprocess_ms"]
@@ -206,18 +205,17 @@ def acceptance_ratios(r: dict[str, Any]) -> list[str]:
         out.append(
             f"  - concurrency 8: {t['median_c8_images_per_s']:.1f} images/s = "
             f"{t['median_c8_images_per_s'] * single / 1000:.2f}x the in-process rate (turns {t['c8_images_per_s']}; "
-            f"each turn against its own in-process time: {_per_turn(t['c8_images_per_s'], t['inprocess_ms'], 1000)})"
+            f"each turn against its own in-process time: "
+            f"{_ratios(c * i / 1000 for c, i in zip(t['c8_images_per_s'], t['inprocess_ms']))})"
         )
         out.append(
             f"  - p50 at concurrency 1: {t['median_c1_p50_ms']} ms = {t['median_c1_p50_ms'] / single:.2f}x the "
             f"in-process single-image time (turns {t['c1_p50_ms']}; each turn against its own in-process time: "
-            f"{_per_turn(t['c1_p50_ms'], t['inprocess_ms'], -1)})"
+            f"{_ratios(c / i for c, i in zip(t['c1_p50_ms'], t['inprocess_ms']))})"
         )
-    if inproc and "1" in score and "p50_ms" in score["1"]:
-        out.append(
-            f"- the table's /score p50 at concurrency 1 against step 2's batch-1 rate, taken minutes apart: "
-            f"{score['1']['p50_ms']} ms = {score['1']['p50_ms'] / (1000 / inproc):.2f}x ({1000 / inproc:.1f} ms)"
-        )
+    if inproc and c1:
+        out.append(f"- the table's /score p50 at concurrency 1 against step 2's batch-1 rate, taken minutes "
+                   f"apart: {c1} ms = {c1 * inproc / 1000:.2f}x ({1000 / inproc:.1f} ms)")  # fmt: skip
     turns = r["http"].get("encode_v2_batching_turns")
     if turns:
         on_off = turns["requests_per_s"]
@@ -229,10 +227,7 @@ def acceptance_ratios(r: dict[str, Any]) -> list[str]:
     return out
 
 
-def _per_turn(http: list[float], inprocess_ms: list[float], scale: float) -> str:
-    """Each turn's HTTP figure against the in-process time of the same turn: a rate times the time
-    (scale 1000: images/s x ms), or with scale -1 a time over the time."""
-    ratios = [h / i if scale < 0 else h * i / scale for h, i in zip(http, inprocess_ms)]
+def _ratios(ratios: Any) -> str:
     return ", ".join(f"{x:.2f}x" for x in ratios)
 
 
