@@ -88,22 +88,29 @@ def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
 
 
 def logsumexp_first(t: torch.Tensor) -> torch.Tensor:
-    """log sum exp over the first axis. Exported as max + log(sum(exp(t - max))): onnxruntime's
-    ReduceLogSumExp over a leading axis ran several times slower than these elementwise ops."""
+    """log sum exp over the first axis (of a size fixed in the graph). Exported as a fold over its slices,
+    a, b -> max(a, b) + log(1 + exp(-|a - b|)): OpenVINO fuses log(1 + exp(.)) into its vectorised
+    SoftPlus kernel, while its Log kernel is a scalar reference implementation, and a ReduceLogSumExp
+    (or a max + log(sum(exp))) over a leading axis ran slowly on onnxruntime. On digits the fold scored
+    1.24x faster on OpenVINO bf16 and the same on onnxruntime (README, Performance). In training,
+    torch's kernel."""
     if torch.onnx.is_in_onnx_export():
-        top = t.max(dim=0).values
-        return top + torch.log(torch.exp(t - top).sum(dim=0))
+        acc = t[0]
+        for i in range(1, t.shape[0]):
+            acc = torch.maximum(acc, t[i]) + torch.log1p(torch.exp(-torch.abs(acc - t[i])))
+        return acc
     return torch.logsumexp(t, dim=0)
 
 
 def log1mexp(log_neg_d: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(d)) for d = -exp(log_neg_d) < 0, accurate near d = 0 (where 1 - exp(d) cancels).
 
-    Near zero it is log(-d) + log(1 + d/2 + d^2/6) (the series of -expm1(d) / -d, error < d^3/24),
-    with log(-d) taken directly; elsewhere log(1 - exp(d)). ONNX-exportable ops only.
+    Near zero it is log(-d) + log((exp(d) - 1) / d) = log(-d) + d/2 + d^2/24 - d^4/2880 + ..., with
+    log(-d) taken directly and the series cut after d^2 (error < 4e-12 for |d| < 0.01): no logarithm
+    to take there. Elsewhere log(1 - exp(d)). ONNX-exportable ops only.
     """
     d = -torch.exp(log_neg_d)
-    near_zero = log_neg_d + torch.log1p(d * (0.5 + d / 6.0))
+    near_zero = log_neg_d + d * (0.5 + d / 24.0)
     return torch.where(d > -0.01, near_zero, torch.log(1.0 - torch.exp(torch.clamp(d, min=-80.0))))
 
 

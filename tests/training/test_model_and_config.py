@@ -6,7 +6,14 @@ import torch
 from torch.distributions import Independent, Normal
 
 from training.config import PRESETS, ConfigError, TrainConfig, auto_batch_size, read_config_file
-from training.model import VAE, LogisticMixtureDecoder, diag_gaussian_log_prob, mixture_log_prob
+from training.model import (
+    VAE,
+    LogisticMixtureDecoder,
+    diag_gaussian_log_prob,
+    log1mexp,
+    logsumexp_first,
+    mixture_log_prob,
+)
 
 
 def resolved(levels=17, n_train=1000, **kw):
@@ -116,6 +123,26 @@ def _mixture_decoder(levels: int, seed: int = 0) -> tuple[LogisticMixtureDecoder
     with torch.no_grad():  # spread the scales: sharp and wide components, means on and off [-1, 1]
         dec.net[-1].weight.mul_(3.0)
     return dec, torch.randn(3, 2)
+
+
+def test_log1mexp_is_accurate_on_both_sides_of_its_switch():
+    # d from -1e-9 (a bin far narrower than the scale) to -80, across the switch at d = -0.01
+    d = -np.concatenate([np.logspace(-9, math.log10(80.0), 400), [0.0099, 0.01, 0.0101]])
+    got = log1mexp(torch.tensor(np.log(-d), dtype=torch.float32)).double().numpy()
+    want = np.log(-np.expm1(d))
+    # float32's own rounding of log(-d) and of the far side's 1 - exp(d), nothing from the series
+    assert np.abs(got - want).max() < 2e-6 * np.maximum(1.0, np.abs(want)).max()
+    near = d > -0.01
+    assert np.abs(got[near] - want[near]).max() < 1e-6 * np.abs(want[near]).max()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_exported_logsumexp_fold_matches_torch(monkeypatch, m):
+    t = torch.randn(m, 5, 7) * 30
+    t[0, 0, 0] = -1e30  # a component with (almost) no mass, as the open edge bins give
+    want = torch.logsumexp(t, dim=0)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert torch.allclose(logsumexp_first(t), want, rtol=1e-6, atol=1e-5)
 
 
 def test_logistic_mixture_bins_sum_to_one_over_256_levels():
