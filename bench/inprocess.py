@@ -93,6 +93,23 @@ def graph_flops(version_dir: Path, k: int) -> dict[str, float]:
     return {"encoder_per_image": enc, "decoder_per_sample": dec, "per_image": enc + k * dec}
 
 
+def largest_decoder_layer(version_dir: Path) -> tuple[int, int]:
+    """(inputs, outputs) of the decoder's matrix product with the most FLOPs in log_weights.onnx: the GEMM
+    shape that sets the fp32 path's speed, run once per importance sample."""
+    import onnx
+
+    model = onnx.load(str(version_dir / "log_weights.onnx"), load_external_data=False)
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    best = (0, 0)
+    for node in model.graph.node:
+        weight = node.input[1] if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 else None
+        if weight in shapes and ".encoder." not in weight and len(shapes[weight]) == 2:
+            n_out, n_in = shapes[weight]  # Gemm weights are (out, in), as torch's Linear exports them
+            if n_in * n_out > best[0] * best[1]:
+                best = (n_in, n_out)
+    return best
+
+
 def load(version_dir: Path, threads: int) -> Any:
     """The version as the service loads it (engines, parity check, fast-path choice), with `threads` a call."""
     from service.repository import load_version
@@ -122,17 +139,28 @@ def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], 
         "rates": {},
         "matmul_gflops": {},  # measured in the same rounds as each batch's rates
     }
+    # The same MatMul at the shape the fp32 path multiplies most: its calls' rows by the decoder's largest
+    # layer. On cache-starved machines this small GEMM runs faster than the large reference one, so the
+    # share against it says how far the fp32 path is from its own matrix products' speed.
+    n_in, n_out = largest_decoder_layer(version_dir)
+    rows = images_per_call(mv.ref, mv.score_rows, mv.chunk) * mv.chunk
+    out["layer_matmul"] = {"shape": f"{rows}x{n_in} @ {n_in}x{n_out}", "gflops": {}}
+    layer = matmul_runner(rows, n_in, n_out, threads=torch.get_num_threads())
     for b in batches:
-        row = _rates_for_batch(engines, model, mv, x[:b], k)
+        row = _rates_for_batch(engines, model, mv, x[:b], k, layer)
         out["matmul_gflops"][str(b)] = round(row.pop("matmul_flops") / 1e9, 1)
+        out["layer_matmul"]["gflops"][str(b)] = round(row.pop("layer_matmul_flops") / 1e9, 1)
         out["rates"][str(b)] = {name: round(v, 2) for name, v in row.items()}
     out["engines"] = list(engines) + ["pytorch eager fp32"]
     out["fast_path"] = mv.scoring.describe()
     return out
 
 
-def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarray, k: int) -> dict[str, float]:
-    """Images/s of each engine and of eager PyTorch, and the fp32 matmul rate (FLOP/s), in interleaved rounds."""
+def _rates_for_batch(
+    engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarray, k: int, layer: tuple[Any, float]
+) -> dict[str, float]:
+    """Images/s of each engine and of eager PyTorch, and the fp32 matmul rates (FLOP/s) of the large
+    reference GEMM and of `layer`, in interleaved rounds."""
     import torch
 
     from service.repository import images_per_call
@@ -158,6 +186,7 @@ def _rates_for_batch(engines: dict[str, Any], model: Any, mv: Any, xb: np.ndarra
     eager()
     fns["pytorch eager fp32"] = (eager, b)
     fns["matmul_flops"] = matmul_runner(threads=torch.get_num_threads())
+    fns["layer_matmul_flops"] = layer
     return interleaved_rates(fns)
 
 

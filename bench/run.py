@@ -94,8 +94,10 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
     for b, row in sc["rates"].items():
         fp32 = row["onnxruntime fp32"]  # against the matmul rate measured in turns with it
         row["fp32_fraction_of_matmul_rate"] = round(fp32 * flops["per_image"] / (sc["matmul_gflops"][b] * 1e9), 3)
+        layer_rate = sc["layer_matmul"]["gflops"][b] * 1e9
+        row["fp32_fraction_of_layer_matmul_rate"] = round(fp32 * flops["per_image"] / layer_rate, 3)
         for name, v in list(row.items()):
-            if name not in ("onnxruntime fp32", "fp32_fraction_of_matmul_rate"):
+            if name != "onnxruntime fp32" and not name.startswith("fp32_fraction"):
                 row[f"{name} / fp32"] = round(v / fp32, 2)
     results["scoring"] = sc
     results["fast_path_parity"] = inprocess.fast_path_parity(model, test, 1000, threads)
@@ -227,6 +229,22 @@ def acceptance_ratios(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def layer_matmul_lines(scoring: dict[str, Any]) -> list[str]:
+    """The fp32 path's share of the matmul rate at its own largest GEMM shape (results without it: none)."""
+    layer = scoring.get("layer_matmul")
+    if not layer:
+        return []
+    batches = list(scoring["rates"])
+    shares = [scoring["rates"][b]["fp32_fraction_of_layer_matmul_rate"] for b in batches]
+    return [
+        "",
+        f"The same MatMul at the shape the fp32 path multiplies most ({layer['shape']}: its calls' rows by the "
+        f"decoder's largest layer), in the same rounds, batch {' / '.join(batches)}: "
+        f"{' / '.join(str(layer['gflops'][b]) for b in batches)} GFLOP/s; the fp32 path's share of that rate: "
+        f"{' / '.join(f'{s:.0%}' for s in shares)}.",
+    ]
+
+
 def _ratios(ratios: Any) -> str:
     return ", ".join(f"{x:.2f}x" for x in ratios)
 
@@ -257,6 +275,7 @@ def markdown(r: dict[str, Any]) -> str:
         cells += [f"{row['fp32_fraction_of_matmul_rate']:.0%}"]
         cells += [f"{row[f'{e} / fp32']:.2f}x" for e in engines[1:]]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines += layer_matmul_lines(r["scoring"])
     p = r["fast_path_parity"]
     if "mean_abs_diff_nats" in p:
         lines += [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from bench.run import acceptance_ratios
+from pathlib import Path
+
+from bench.inprocess import largest_decoder_layer
+from bench.run import acceptance_ratios, layer_matmul_lines
 
 # step 2's in-process figures: openvino bf16 the fast path, 200 images/s at batch 1 (5 ms an image)
 SCORING = {
@@ -53,3 +56,22 @@ def test_the_http_score_ratios_are_ratios_of_the_medians_of_alternating_turns():
     assert len(c8) == 1 and "own in-process time: 0.80x, 0.90x, 0.72x)" in c8[0]
     c1 = [line for line in lines if "concurrency 1: 12.0 ms = 1.50x the in-process single-image time" in line]
     assert len(c1) == 1 and "own in-process time: 1.12x, 1.30x, 2.00x)" in c1[0]
+
+
+def test_the_layer_shape_share_names_the_shape_and_each_batch_size():
+    scoring = {
+        "rates": {
+            "1": {"fp32_fraction_of_layer_matmul_rate": 0.412},
+            "16": {"fp32_fraction_of_layer_matmul_rate": 0.5},
+        },
+        "layer_matmul": {"shape": "1000x512 @ 512x512", "gflops": {"1": 178.4, "16": 160.0}},
+    }
+    (line,) = [line for line in layer_matmul_lines(scoring) if line]
+    assert "(1000x512 @ 512x512:" in line and "batch 1 / 16: 178.4 / 160.0 GFLOP/s" in line
+    assert line.endswith("share of that rate: 41% / 50%.")
+    assert layer_matmul_lines({"rates": {}}) == []  # results from before the figure existed
+
+
+def test_the_largest_decoder_layer_is_read_from_the_shipped_graph():
+    # models/digits/1: decoder 16 -> 512 -> 512 -> 384 (3 numbers x 2 components x 64 pixels)
+    assert largest_decoder_layer(Path(__file__).resolve().parents[2] / "models" / "digits" / "1") == (512, 512)
