@@ -11,6 +11,7 @@ from training.model import (
     LogisticMixtureDecoder,
     diag_gaussian_log_prob,
     log1mexp,
+    log_bin_width,
     logsumexp_first,
     mixture_log_prob,
 )
@@ -125,15 +126,20 @@ def _mixture_decoder(levels: int, seed: int = 0) -> tuple[LogisticMixtureDecoder
     return dec, torch.randn(3, 2)
 
 
-def test_log1mexp_is_accurate_on_both_sides_of_its_switch():
-    # d from -1e-9 (a bin far narrower than the scale) to -80, across the switch at d = -0.01
-    d = -np.concatenate([np.logspace(-9, math.log10(80.0), 400), [0.0099, 0.01, 0.0101]])
-    got = log1mexp(torch.tensor(np.log(-d), dtype=torch.float32)).double().numpy()
-    want = np.log(-np.expm1(d))
-    # float32's own rounding of log(-d) and of the far side's 1 - exp(d), nothing from the series
-    assert np.abs(got - want).max() < 2e-6 * np.maximum(1.0, np.abs(want)).max()
-    near = d > -0.01
-    assert np.abs(got[near] - want[near]).max() < 1e-6 * np.abs(want[near]).max()
+@pytest.mark.parametrize("exporting", [False, True])
+def test_the_log_bin_width_is_accurate_from_tiny_to_wide_bins(monkeypatch, exporting):
+    """log(1 - exp(-w)) for w = 2 half / s from 1e-9 (a bin far narrower than the scale) to 80: training's
+    log1mexp (two sides of a switch at w = 0.01) and the export's branch-free tanh form."""
+    w = np.concatenate([np.logspace(-9, math.log10(80.0), 400), [0.0099, 0.01, 0.0101]])
+    half = 1.0 / 16
+    log_scale = torch.tensor(np.log(2 * half / w), dtype=torch.float32)
+    if exporting:
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    got = log_bin_width(half, log_scale, torch.exp(-log_scale)).double().numpy()
+    want = np.log(-np.expm1(-w))
+    # float32's own rounding of the result (~1e-7 relative), nothing from a series or a cancellation
+    assert np.all(np.abs(got - want) < 1e-6 * np.maximum(1.0, np.abs(want)))
+    assert log1mexp(torch.tensor([-3.0])).item() == pytest.approx(math.log(-math.expm1(-math.exp(-3.0))), rel=1e-6)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3])
