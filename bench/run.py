@@ -261,7 +261,7 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "## In-process scoring, K=1000 (images/s)",
         "",
-        "For each batch size the engines and the fp32 matmul take turns of 0.6 s, seven rounds; each figure is "
+        "For each batch size the engines and the two fp32 matmuls take turns of 0.6 s, seven rounds; each figure is "
         "the median of its turns.",
         "",
     ]
