@@ -110,6 +110,31 @@ def largest_decoder_layer(version_dir: Path) -> tuple[int, int]:
     return best
 
 
+INT8 = "onnxruntime int8"
+
+
+def int8_engine(version_dir: Path, threads: int, out_dir: Path) -> tuple[Any, list[str]]:
+    """onnxruntime on log_weights.onnx with the decoder's matrix products after its first (the span the
+    bf16 path runs in bf16) quantized to int8 by onnxruntime's dynamic quantization: int8 weights per
+    output channel, activations quantized per call. A candidate measured by the bench, not served."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from service.engine import OrtEngine
+
+    model = onnx.load(str(version_dir / "log_weights.onnx"), load_external_data=False)
+    decoder = [n.name for n in model.graph.node if n.op_type == "Gemm" and ".decoder." in n.input[1]]
+    nodes = [f"{name}_MatMul" for name in decoder[1:]]  # the quantizer turns each Gemm into MatMul + Add
+    quantize_dynamic(
+        version_dir / "log_weights.onnx",
+        out_dir / "log_weights_int8.onnx",
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        nodes_to_quantize=nodes,
+    )
+    return OrtEngine(out_dir, {"log_weights": "log_weights_int8.onnx"}, threads), decoder[1:]
+
+
 def load(version_dir: Path, threads: int) -> Any:
     """The version as the service loads it (engines, parity check, fast-path choice), with `threads` a call."""
     from service.repository import load_version
@@ -119,8 +144,11 @@ def load(version_dir: Path, threads: int) -> Any:
     return load_version(version_dir, settings, version_dir.parent.name, int(version_dir.name))
 
 
-def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], threads: int) -> dict[str, Any]:
-    """Images/s at K for each batch size on: onnxruntime fp32, the fast path chosen at load, eager PyTorch."""
+def scoring_rates(
+    version_dir: Path, x: np.ndarray, k: int, batches: list[int], threads: int, int8_dir: Path | None = None
+) -> dict[str, Any]:
+    """Images/s at K for each batch size on: onnxruntime fp32, the fast path chosen at load, an int8
+    candidate (with `int8_dir` to write its graph in; its parity on x too), and eager PyTorch."""
     import torch
 
     from service.repository import images_per_call
@@ -130,6 +158,11 @@ def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], 
     engines = {"onnxruntime fp32": mv.ref}
     if mv.scoring.engine is not mv.ref:
         engines[mv.scoring.info.label] = mv.scoring.engine
+    int8: dict[str, Any] = {}
+    if int8_dir is not None:
+        engine, quantized = int8_engine(version_dir, threads, int8_dir)
+        engines[INT8] = engine
+        int8 = {"quantized": quantized, "parity": parity(mv.ref, engine, INT8, mv, x, k)}
     torch.set_num_threads(threads)
     model = load_checkpoint(version_dir)
     out: dict[str, Any] = {
@@ -153,6 +186,8 @@ def scoring_rates(version_dir: Path, x: np.ndarray, k: int, batches: list[int], 
         out["rates"][str(b)] = {name: round(v, 2) for name, v in row.items()}
     out["engines"] = list(engines) + ["pytorch eager fp32"]
     out["fast_path"] = mv.scoring.describe()
+    if int8:
+        out["int8"] = int8
     return out
 
 
@@ -215,18 +250,26 @@ def single_image_timer(version_dir: Path, x: np.ndarray, k: int, threads: int) -
 
 def fast_path_parity(version_dir: Path, x: np.ndarray, k: int, threads: int) -> dict[str, Any]:
     """|log p(x)| difference of the fast path from fp32, same noise, over the given images (nats)."""
-    from service.scoring import score_direct
-
     mv = load(version_dir, threads)
     if mv.scoring.engine is mv.ref:
         return {"engine": mv.scoring.info.label, "note": "no fast path on this machine: " + mv.scoring.reason}
+    return parity(mv.ref, mv.scoring.engine, mv.scoring.info.label, mv, x, k)
+
+
+def parity(ref_engine: Any, engine: Any, label: str, mv: Any, x: np.ndarray, k: int) -> dict[str, Any]:
+    """|log p(x)| difference of `engine` from the fp32 reference, same noise, over the images x (nats)."""
+    from service.repository import images_per_call
+    from service.scoring import score_direct
+
     seeds = list(range(len(x)))
-    ref = score_direct(mv.ref, x, k, seeds, mv.latent_dim, mv.chunk, mv.score_images_per_call)
-    fast = score_direct(mv.scoring.engine, x, k, seeds, mv.latent_dim, mv.chunk, mv.score_images_per_call)
+    ref = score_direct(
+        ref_engine, x, k, seeds, mv.latent_dim, mv.chunk, images_per_call(ref_engine, mv.score_rows, mv.chunk)
+    )
+    fast = score_direct(engine, x, k, seeds, mv.latent_dim, mv.chunk, images_per_call(engine, mv.score_rows, mv.chunk))
     diff = np.array([abs(a.acc.log_likelihood()[0] - b.acc.log_likelihood()[0]) for a, b in zip(ref, fast)])
     signed = np.array([b.acc.log_likelihood()[0] - a.acc.log_likelihood()[0] for a, b in zip(ref, fast)])
     return {
-        "engine": mv.scoring.info.label,
+        "engine": label,
         "images": int(len(x)),
         "K": k,
         "mean_abs_diff_nats": round(float(diff.mean()), 5),

@@ -90,7 +90,8 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
 
     print("2/6 in-process scoring, K=1000", flush=True)
     batches = [1, 16] if quick else [1, 16, 64]
-    sc = inprocess.scoring_rates(model, test, 1000, batches, threads)
+    with tempfile.TemporaryDirectory() as int8_dir:
+        sc = inprocess.scoring_rates(model, test, 1000, batches, threads, Path(int8_dir))
     for b, row in sc["rates"].items():
         fp32 = row["onnxruntime fp32"]  # against the matmul rate measured in turns with it
         row["fp32_fraction_of_matmul_rate"] = round(fp32 * flops["per_image"] / (sc["matmul_gflops"][b] * 1e9), 3)
@@ -229,6 +230,22 @@ def acceptance_ratios(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def int8_lines(scoring: dict[str, Any]) -> list[str]:
+    """The int8 candidate's speed and accuracy against fp32 (results without it: none)."""
+    int8 = scoring.get("int8")
+    if not int8:
+        return []
+    p, label = int8["parity"], int8["parity"]["engine"]
+    speed = " / ".join(f"{row[f'{label} / fp32']:.2f}x" for row in scoring["rates"].values())
+    return [
+        "",
+        f"int8 candidate ({label}: dynamic quantization of {', '.join(int8['quantized'])}, int8 weights per "
+        f"output channel; measured, not served): batch {' / '.join(scoring['rates'])} at {speed} fp32; against "
+        f"fp32 on the {p['images']} test images, same noise, K={p['K']}: mean |diff| {p['mean_abs_diff_nats']} "
+        f"nats (signed {p['mean_signed_diff_nats']}), worst image {p['worst_abs_diff_nats']} nats.",
+    ]
+
+
 def layer_matmul_lines(scoring: dict[str, Any]) -> list[str]:
     """The fp32 path's share of the matmul rate at its own largest GEMM shape (results without it: none)."""
     layer = scoring.get("layer_matmul")
@@ -286,6 +303,7 @@ def markdown(r: dict[str, Any]) -> str:
         ]
     else:
         lines += ["", f"Fast path: {p.get('note')}"]
+    lines += int8_lines(r["scoring"])
     lines += ["", "## Over HTTP (perf_analyzer, /v2, one image a request)", ""]
     lines += ["| operation | concurrency | requests/s | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|"]
     for op, per in r["http"].items():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.inprocess import largest_decoder_layer
-from bench.run import acceptance_ratios, layer_matmul_lines
+from bench.inprocess import int8_engine, largest_decoder_layer
+from bench.run import acceptance_ratios, int8_lines, layer_matmul_lines
 
 # step 2's in-process figures: openvino bf16 the fast path, 200 images/s at batch 1 (5 ms an image)
 SCORING = {
@@ -75,3 +75,36 @@ def test_the_layer_shape_share_names_the_shape_and_each_batch_size():
 def test_the_largest_decoder_layer_is_read_from_the_shipped_graph():
     # models/digits/1: decoder 16 -> 512 -> 512 -> 384 (3 numbers x 2 components x 64 pixels)
     assert largest_decoder_layer(Path(__file__).resolve().parents[2] / "models" / "digits" / "1") == (512, 512)
+
+
+def test_the_int8_line_gives_speed_and_accuracy_against_fp32():
+    label = "onnxruntime int8"
+    scoring = {
+        "rates": {"1": {f"{label} / fp32": 1.5}, "16": {f"{label} / fp32": 1.91}},
+        "int8": {
+            "quantized": ["/net/net.3/Gemm", "/net/net.6/Gemm"],
+            "parity": {
+                "engine": label,
+                "images": 447,
+                "K": 1000,
+                "mean_abs_diff_nats": 0.048,
+                "mean_signed_diff_nats": -0.002,
+                "worst_abs_diff_nats": 0.19,
+            },
+        },
+    }
+    (line,) = [line for line in int8_lines(scoring) if line]
+    assert "/net/net.3/Gemm, /net/net.6/Gemm" in line and "batch 1 / 16 at 1.50x / 1.91x fp32" in line
+    assert "mean |diff| 0.048 nats (signed -0.002), worst image 0.19 nats." in line
+    assert int8_lines({"rates": {}}) == []
+
+
+def test_the_int8_candidate_really_is_quantized(tmp_path):
+    """The quantizer silently leaves nodes it cannot find alone: the bench's candidate must not be fp32."""
+    import onnx
+
+    shipped = Path(__file__).resolve().parents[2] / "models" / "digits" / "1"
+    engine, quantized = int8_engine(shipped, 1, tmp_path)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "log_weights_int8.onnx")).graph.node]
+    assert quantized == ["/net/net.3/Gemm", "/net/net.6/Gemm"] and ops.count("MatMulInteger") == 2
+    assert "log_weights" in engine.sessions
