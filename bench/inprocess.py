@@ -70,44 +70,37 @@ def interleaved_rates(
     return {name: float(np.median(rates)) for name, rates in per_turn.items()}
 
 
-def graph_flops(version_dir: Path, k: int) -> dict[str, float]:
-    """MatMul/Gemm FLOPs of log_weights.onnx for one image and K samples, counted from the graph's weights:
-    the encoder's layers run once per image, the decoder's once per sample."""
+def matrix_products(version_dir: Path) -> list[tuple[str, str, str, int, int]]:
+    """(node, op, weight, outputs, inputs) of each Gemm/MatMul in log_weights.onnx that multiplies by a
+    weight of the graph, in graph order (Gemm weights are (out, in), as torch's Linear exports them)."""
     import onnx
 
     model = onnx.load(str(version_dir / "log_weights.onnx"), load_external_data=False)
     shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    return [
+        (node.name, node.op_type, node.input[1], *shapes[node.input[1]])
+        for node in model.graph.node
+        if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and len(shapes.get(node.input[1], [])) == 2
+    ]
+
+
+def graph_flops(version_dir: Path, k: int) -> dict[str, float]:
+    """MatMul/Gemm FLOPs of log_weights.onnx for one image and K samples, counted from the graph's weights:
+    the encoder's layers run once per image, the decoder's once per sample."""
     enc = dec = 0.0
-    for node in model.graph.node:
-        if node.op_type not in ("Gemm", "MatMul"):
-            continue
-        weight = next((i for i in node.input[1:2] if i in shapes), None)
-        if weight is None:
-            continue
-        n_out, n_in = shapes[weight][:2]
-        flops = 2.0 * n_out * n_in
+    for _, _, weight, n_out, n_in in matrix_products(version_dir):
         if ".encoder." in weight:
-            enc += flops
+            enc += 2.0 * n_out * n_in
         else:
-            dec += flops
+            dec += 2.0 * n_out * n_in
     return {"encoder_per_image": enc, "decoder_per_sample": dec, "per_image": enc + k * dec}
 
 
 def largest_decoder_layer(version_dir: Path) -> tuple[int, int]:
     """(inputs, outputs) of the decoder's matrix product with the most FLOPs in log_weights.onnx: the GEMM
     shape that sets the fp32 path's speed, run once per importance sample."""
-    import onnx
-
-    model = onnx.load(str(version_dir / "log_weights.onnx"), load_external_data=False)
-    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
-    best = (0, 0)
-    for node in model.graph.node:
-        weight = node.input[1] if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 else None
-        if weight in shapes and ".encoder." not in weight and len(shapes[weight]) == 2:
-            n_out, n_in = shapes[weight]  # Gemm weights are (out, in), as torch's Linear exports them
-            if n_in * n_out > best[0] * best[1]:
-                best = (n_in, n_out)
-    return best
+    decoder = [(n_in, n_out) for _, _, w, n_out, n_in in matrix_products(version_dir) if ".encoder." not in w]
+    return max(decoder, key=lambda shape: shape[0] * shape[1], default=(0, 0))
 
 
 INT8 = "onnxruntime int8"
@@ -117,13 +110,11 @@ def int8_engine(version_dir: Path, threads: int, out_dir: Path) -> tuple[Any, li
     """onnxruntime on log_weights.onnx with the decoder's matrix products after its first (the span the
     bf16 path runs in bf16) quantized to int8 by onnxruntime's dynamic quantization: int8 weights per
     output channel, activations quantized per call. A candidate measured by the bench, not served."""
-    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from service.engine import OrtEngine
 
-    model = onnx.load(str(version_dir / "log_weights.onnx"), load_external_data=False)
-    decoder = [n.name for n in model.graph.node if n.op_type == "Gemm" and ".decoder." in n.input[1]]
+    decoder = [name for name, op, w, _, _ in matrix_products(version_dir) if op == "Gemm" and ".decoder." in w]
     nodes = [f"{name}_MatMul" for name in decoder[1:]]  # the quantizer turns each Gemm into MatMul + Add
     quantize_dynamic(
         version_dir / "log_weights.onnx",
