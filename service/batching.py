@@ -200,14 +200,40 @@ class Scheduler:
                     err = Cancelled("the client went away")
                 self._fail(job, err)
 
-    def _take(self) -> tuple[str, Any] | None:
-        """Under the lock: the next engine call's work, round-robin over the queues with work."""
+    def _ready_at(self, dq: deque[Job], now: float) -> float:
+        """When the queue's next call should run: now, or later while `batch_max_wait_ms` holds back a call
+        that is not full for requests still to come (from the arrival of the call's first request)."""
+        wait = self.settings.batch_max_wait_ms / 1000.0
+        head = dq[0]
+        if not wait or not self.settings.batching or head.started is not None or self._stopping:
+            return now
+        ready = head.enqueued + wait
+        if ready <= now:
+            return now
+        if head.op == "score":
+            assert isinstance(head, ScoreJob)
+            limit = max(1, head.mv.score_call_rows // head.tasks[0].next_len())
+            queued = sum(len(j.tasks) for j in dq if isinstance(j, ScoreJob) and j.started is None)
+        else:
+            limit = self.settings.batch_max_rows if head.op == "encode" else head.mv.decode_rows_per_call
+            queued = sum(j.n - j.dispatched for j in dq if isinstance(j, RowsJob))
+        return now if queued >= limit else ready
+
+    def _take(self) -> tuple[str, Any] | float | None:
+        """Under the lock: the next engine call's work, round-robin over the queues with work; or, when
+        every queue with work is holding its call back for more requests, the time the first is due."""
+        now = time.monotonic()
+        due: float | None = None
         for _ in range(len(self._order)):
             key = self._order[self._next % len(self._order)]
             self._next += 1
             dq = self._queues[key]
             self._drop_dead(dq)
             if not dq:
+                continue
+            ready = self._ready_at(dq, now)
+            if ready > now:
+                due = ready if due is None else min(due, ready)
                 continue
             op = key[2]
             picked: Any
@@ -217,6 +243,8 @@ class Scheduler:
                 picked = self._take_rows(dq)
             if picked:
                 return op, picked
+        if due is not None:
+            return due
         # forget empty queues of versions no longer queued for
         self._order = [k for k in self._order if self._queues[k]]
         self._queues = {k: self._queues[k] for k in self._order}
@@ -285,6 +313,9 @@ class Scheduler:
                     if self._stopping:
                         return
                     taken = self._take()
+                    if isinstance(taken, float):  # a call held back for more requests: wait until it is due
+                        self._cond.wait(max(taken - time.monotonic(), 0.0))
+                        continue
                     if taken is not None:
                         break
                     if not idle_trimmed and self.queued_work == 0:

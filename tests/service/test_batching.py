@@ -74,6 +74,61 @@ def test_concurrent_requests_share_engine_calls(models_dir, test_images):
     assert calls[0] == 200 and calls[1] < 200  # 200 images in fewer calls than requests
 
 
+def _calls(core: InferenceCore, op: str) -> tuple[float, float]:
+    """(rows, engine calls) of `op` so far, from the rows-per-call histogram."""
+    rows = core.metrics.batch_rows.labels(op)
+    return rows._sum.get(), sum(b.get() for b in rows._buckets)
+
+
+@pytest.mark.parametrize("op", ["encode", "decode", "score"])
+def test_max_wait_holds_a_call_back_for_requests_still_to_come(models_dir, test_images, op):
+    """batch_max_wait_ms: a lone request waits for the next one (up to the wait), and both share one call."""
+    core = make_core(models_dir, engine="onnxruntime", batch_max_wait_ms=400)
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+    z = np.zeros((2, mv.latent_dim), dtype=np.float32)
+
+    def request(i: int, ctx: RequestContext):
+        if op == "encode":
+            return core.encode(mv, x[i : i + 1], ctx)
+        if op == "decode":
+            return core.decode(mv, z[i : i + 1], "mean", 0, ctx)
+        return core.score(mv, x[i : i + 1], 100, 0, None, None, ctx)
+
+    async def run() -> float:
+        ctx = RequestContext.start(core.settings, None)
+        t0 = time.monotonic()
+        first = asyncio.ensure_future(request(0, ctx))
+        await asyncio.sleep(0.1)  # the first is queued, held back: nothing has been computed yet
+        assert not first.done() and _calls(core, op)[1] == 0
+        await asyncio.gather(first, request(1, ctx))
+        return time.monotonic() - t0
+
+    elapsed = asyncio.run(run())
+    core.scheduler.stop()
+    rows = 200 if op == "score" else 2  # score: 2 images x K=100 rows
+    assert _calls(core, op) == (rows, 1)  # both requests in one engine call
+    assert elapsed < 5  # held for the wait (0.4 s), not longer
+
+
+@pytest.mark.parametrize("overrides", [{"batch_max_rows": 4}, {"batching": False}])
+def test_max_wait_does_not_hold_a_full_call_or_a_request_when_batching_is_off(models_dir, test_images, overrides):
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+    core = make_core(models_dir, engine="onnxruntime", batch_max_wait_ms=1000, **overrides)
+    mv = core.model(None, None)
+
+    async def run() -> float:
+        ctx = RequestContext.start(core.settings, None)
+        t0 = time.monotonic()
+        await core.encode(mv, x[:4], ctx)  # four rows fill a call of batch_max_rows=4; off, no call waits
+        return time.monotonic() - t0
+
+    elapsed = asyncio.run(run())
+    core.scheduler.stop()
+    assert elapsed < 0.5, elapsed
+    assert _calls(core, "encode") == (4, 1)
+
+
 def test_admission_control_refuses_past_the_queue_budget(models_dir, test_images):
     core = make_core(models_dir, start=False, max_queued_samples=5000, max_request_samples=5000)
     mv = core.model(None, None)
