@@ -212,12 +212,21 @@ class Scheduler:
             return now
         if head.op == "score":
             assert isinstance(head, ScoreJob)
-            limit = max(1, head.mv.score_call_rows // head.tasks[0].next_len())
+            limit = self._score_call_images(head.mv, head.tasks[0].next_len())
             queued = sum(len(j.tasks) for j in dq if isinstance(j, ScoreJob) and j.started is None)
         else:
-            limit = self.settings.batch_max_rows if head.op == "encode" else head.mv.decode_rows_per_call
+            limit = self._rows_call_limit(head)
             queued = sum(j.n - j.dispatched for j in dq if isinstance(j, RowsJob))
         return now if queued >= limit else ready
+
+    def _rows_call_limit(self, job: Job) -> int:
+        """Most rows an encode or decode engine call takes."""
+        return self.settings.batch_max_rows if job.op == "encode" else job.mv.decode_rows_per_call
+
+    @staticmethod
+    def _score_call_images(mv: ModelVersion, length: int) -> int:
+        """Most images a scoring call takes at a chunk of `length` samples."""
+        return max(1, mv.score_call_rows // length)
 
     def _take(self) -> tuple[str, Any] | float | None:
         """Under the lock: the next engine call's work, round-robin over the queues with work; or, when
@@ -252,8 +261,7 @@ class Scheduler:
         return None
 
     def _take_rows(self, dq: deque[Job]) -> list[tuple[RowsJob, int, int]] | None:
-        head = dq[0]
-        limit = self.settings.batch_max_rows if head.op == "encode" else head.mv.decode_rows_per_call
+        limit = self._rows_call_limit(dq[0])
         parts: list[tuple[RowsJob, int, int]] = []
         rows = 0
         while dq and rows < limit:
@@ -291,7 +299,7 @@ class Scheduler:
                 if t.next_len() == length:
                     eligible.setdefault(id(job), []).append(i)
         picked: list[tuple[ScoreJob, int]] = []
-        limit = max(1, mv.score_call_rows // length) if length else 0
+        limit = self._score_call_images(mv, length) if length else 0
         while len(picked) < limit and any(eligible.values()):
             for job in jobs:
                 queue = eligible.get(id(job))

@@ -18,6 +18,12 @@ from service.settings import Settings
 from tests.service.conftest import error_of, make_client
 
 
+def _calls(core: InferenceCore, op: str) -> tuple[float, float]:
+    """(rows, engine calls) of `op` so far, from the rows-per-call histogram."""
+    rows = core.metrics.batch_rows.labels(op)
+    return rows._sum.get(), sum(b.get() for b in rows._buckets)
+
+
 def make_core(models_dir, start: bool = True, **overrides) -> InferenceCore:
     settings = Settings(models_dir=models_dir, intra_op_threads=1, **overrides)
     metrics = Metrics()
@@ -67,17 +73,8 @@ def test_concurrent_requests_share_engine_calls(models_dir, test_images):
 
     asyncio.run(run())
     core.scheduler.stop()
-    calls = (
-        core.metrics.batch_rows.labels("encode")._sum.get(),
-        sum(b.get() for b in core.metrics.batch_rows.labels("encode")._buckets),
-    )
-    assert calls[0] == 200 and calls[1] < 200  # 200 images in fewer calls than requests
-
-
-def _calls(core: InferenceCore, op: str) -> tuple[float, float]:
-    """(rows, engine calls) of `op` so far, from the rows-per-call histogram."""
-    rows = core.metrics.batch_rows.labels(op)
-    return rows._sum.get(), sum(b.get() for b in rows._buckets)
+    rows, calls = _calls(core, "encode")
+    assert rows == 200 and calls < 200  # 200 images in fewer calls than requests
 
 
 @pytest.mark.parametrize("op", ["encode", "decode", "score"])
@@ -163,9 +160,8 @@ def test_images_below_the_chunk_size_share_calls_by_rows(models_dir, test_images
 
     asyncio.run(run())
     core.scheduler.stop()
-    rows = core.metrics.batch_rows.labels("score")
-    calls = sum(b.get() for b in rows._buckets)
-    assert rows._sum.get() == 40 * 100
+    rows, calls = _calls(core, "score")
+    assert rows == 40 * 100
     assert calls == -(-40 * 100 // per_call_rows)  # as few calls as the rows a call takes allow
 
 
