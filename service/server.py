@@ -67,11 +67,13 @@ def guarded_protocol(max_connections: int, header_timeout: float, base: type[Any
                 self.transport.close()
 
         def data_received(self, data: bytes) -> None:
-            before = self.cycle
-            if self._waiting_for_head():
-                self._arm()
+            # Armed only when bytes leave a head unfinished: a head that arrives whole (nearly every one)
+            # costs no timer; the clock still starts with the head's first bytes.
             super().data_received(data)
-            if self.cycle is not before:
+            if self._waiting_for_head():
+                if not self.transport.is_closing():
+                    self._arm()
+            else:
                 self._disarm()  # a request head arrived; a slow body is the middleware's business
 
         def connection_lost(self, exc: Exception | None) -> None:

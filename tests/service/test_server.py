@@ -72,6 +72,39 @@ def test_slow_heads_and_slow_bodies_are_cut_off(models_dir, http_impl):
             s.close()
 
 
+def read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = int(next(line.split(b":")[1] for line in lines if line.startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head
+
+
+@pytest.mark.parametrize("http_impl", ["httptools", "h11"])
+def test_the_head_timeout_holds_for_the_later_requests_of_a_kept_alive_connection(models_dir, http_impl):
+    # the head timer is armed only when bytes leave a head unfinished, on any request of a connection
+    with LiveServer(models_dir, header_timeout_s=0.5, http_impl=http_impl) as server:
+        conn = socket.create_connection(("127.0.0.1", server.port))
+        conn.settimeout(10.0)
+        get = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        conn.sendall(get)
+        assert read_response(conn).startswith(b"HTTP/1.1 200")
+        conn.sendall(get[:10])  # a head in two parts, the second soon: served
+        time.sleep(0.1)
+        conn.sendall(get[10:])
+        assert read_response(conn).startswith(b"HTTP/1.1 200")
+        time.sleep(0.8)  # an idle kept-alive connection is uvicorn's keep-alive timeout's, not this one's
+        conn.sendall(get)
+        assert read_response(conn).startswith(b"HTTP/1.1 200")
+        conn.sendall(get[:10])  # and never the rest
+        assert closed_within(conn, 10.0)
+        conn.close()
+
+
 @pytest.mark.parametrize("http_impl", ["httptools", "h11"])
 def test_connections_past_the_cap_are_closed(models_dir, http_impl):
     with LiveServer(models_dir, max_connections=4, header_timeout_s=5, http_impl=http_impl) as server:
