@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+MAX_CACHED_SERIES = 256
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000, 16000, 32000, 64000)
 
 
@@ -53,6 +55,19 @@ class MetricsMiddleware:
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
+        # (endpoint, method, status) -> its request counter and latency histogram: prometheus_client's
+        # labels() takes a lock and checks its arguments on every call (2.5 against 0.9 us a request)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _series(self, endpoint: str, method: str, status: int) -> tuple[Any, Any]:
+        key = (endpoint, method, status)
+        series = self._children.get(key)
+        if series is None:
+            m = self.metrics
+            series = (m.requests.labels(endpoint, method, str(status)), m.latency.labels(endpoint))
+            if len(self._children) < MAX_CACHED_SERIES:  # methods are the client's to make up
+                self._children[key] = series
+        return series
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,8 +86,8 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            code = str(status["code"])
-            self.metrics.requests.labels(endpoint, scope["method"], code).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            requests, latency = self._series(endpoint, scope["method"], status["code"])
+            requests.inc()
+            latency.observe(time.perf_counter() - start)
             if status["code"] >= 400:
-                self.metrics.errors.labels(endpoint, code).inc()
+                self.metrics.errors.labels(endpoint, str(status["code"])).inc()
