@@ -122,8 +122,14 @@ class InferenceCore:
             )
         if x.dtype.kind not in "iu":
             raise InvalidInput(f"pixel values must be integers, got {x.dtype}", where, code="invalid_value")
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi >= mv.levels:
+        if x.dtype.kind == "u":
+            wrong = int(np.maximum.reduce(x, axis=None)) >= mv.levels
+        elif 1 << (8 * x.dtype.itemsize - 1) >= mv.levels:  # one pass: as unsigned, a negative is >= 2^(bits-1)
+            wrong = int(np.maximum.reduce(x.view(x.dtype.str.replace("i", "u")), axis=None)) >= mv.levels
+        else:  # int8 with more than 128 levels
+            wrong = int(x.min()) < 0 or int(x.max()) >= mv.levels
+        if wrong:
+            lo, hi = int(x.min()), int(x.max())
             bad = int(np.argwhere((x.reshape(len(x), -1) < 0) | (x.reshape(len(x), -1) >= mv.levels))[0][0])
             raise InvalidInput(
                 f"pixel values range over [{lo}, {hi}]; this model takes grey levels 0..{mv.levels - 1}",
