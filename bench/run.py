@@ -127,18 +127,23 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
             **{f"median_{name}": float(np.median(values)) for name, values in turns_c.items()},
         }
     # Batching on against off at concurrency 32, in alternating turns against two servers (both up, the
-    # idle one waiting): one turn each swung the ratio from 2.0x to 3.2x between runs of one build.
-    turns: dict[str, list[float]] = {"on": [], "off": []}
-    with serving.Server(model.parent.parent) as on, serving.Server(model.parent.parent, batching="false") as off:
+    # idle one waiting): one turn each swung the ratio from 2.0x to 3.2x between runs of one build. The
+    # third server is the HTTP floor (bench/floor.py: the same server answering from a recording), which
+    # splits a request's time into the HTTP stack's and perf_analyzer's, and the service's own.
+    turns: dict[str, list[float]] = {"on": [], "off": [], "floor": []}
+    with (
+        serving.Server(model.parent.parent) as on,
+        serving.Server(model.parent.parent, batching="false") as off,
+        serving.Server(model.parent.parent, floor=True) as floor,
+    ):
         for _ in range(1 if quick else 3):
-            for name, server in (("on", on), ("off", off)):
+            for name, server in (("on", on), ("off", off), ("floor", floor)):
                 res = serving.perf_analyzer(server.url, "digits-encode", "x", rows, [32], window_ms=3000)["32"]
                 turns[name].append(res.get("requests_per_s", float("nan")))
     http["encode_v2_batching_turns"] = {
         "concurrency": 32,
         "requests_per_s": turns,
-        "median_on": float(np.median(turns["on"])),
-        "median_off": float(np.median(turns["off"])),
+        **{f"median_{name}": float(np.median(values)) for name, values in turns.items()},
     }
     results["http"] = http
 
@@ -227,7 +232,40 @@ def acceptance_ratios(r: dict[str, Any]) -> list[str]:
             f"{turns['median_on']:.1f} requests/s, off {turns['median_off']:.1f}: "
             f"{turns['median_on'] / turns['median_off']:.2f}x (on {on_off['on']}, off {on_off['off']})"
         )
+        out += encode_floor_lines(turns)
     return out
+
+
+def encode_floor_lines(turns: dict[str, Any]) -> list[str]:
+    """Where an encode request's time goes, from the HTTP floor's throughput (results without it: none).
+
+    A request's time at concurrency 32 is one over the throughput; the floor's is the HTTP stack's and the
+    load generator's share, the rest is the service's own (its middleware, parse, render, the hand-off to
+    the engine and, batching off, an engine call of its own). Most of the service's own time is code both
+    modes run, so cutting it by d makes on/off (off - d) / (on - d); the last figure is the service's own
+    time with batching at which that reaches 3x: own_on - d for d = (3 on - off) / 2, the rest as measured.
+    """
+    floor = turns.get("median_floor")
+    if not floor:
+        return []
+    us = {name: 1e6 / turns[f"median_{name}"] for name in ("on", "off", "floor")}
+    own_on, own_off = us["on"] - us["floor"], us["off"] - us["floor"]
+    needed = own_on - (3 * us["on"] - us["off"]) / 2
+    if needed >= own_on:
+        verdict = "3x is met as it is"
+    elif needed <= 0:
+        verdict = "3x is out of reach even with none of it left"
+    else:
+        verdict = (
+            f"3x would need the code both run cut until {needed:.0f} us a request are left with batching "
+            f"({needed / own_on:.0%} of now)"
+        )
+    return [
+        f"  - the HTTP floor (bench/floor.py: the same server answering every encode from a recording, in the "
+        f"same turns): {floor:.1f} requests/s, {us['floor']:.0f} us a request; the service's own time a "
+        f"request: {own_on:.0f} us with batching, {own_off:.0f} us without; {verdict} "
+        f"(floor turns {turns['requests_per_s']['floor']})"
+    ]
 
 
 def int8_lines(scoring: dict[str, Any]) -> list[str]:

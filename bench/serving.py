@@ -33,15 +33,18 @@ def free_port() -> int:
 
 
 class Server:
-    """`vae-serve` in a child process with VAE_* settings; stopped with SIGTERM."""
+    """`vae-serve` in a child process with VAE_* settings; stopped with SIGTERM.
 
-    def __init__(self, models: Path, **settings: Any):
+    floor=True runs bench.floor instead: the same server, answering V2 inference from a recording."""
+
+    def __init__(self, models: Path, floor: bool = False, **settings: Any):
         self.port = free_port()
         env = {**os.environ, "VAE_LOG_LEVEL": "warning"}
         env.update({f"VAE_{k.upper()}": str(v) for k, v in settings.items()})
-        exe = Path(sys.executable).parent / "vae-serve"
+        exe = [sys.executable, "-m", "bench.floor"] if floor else [str(Path(sys.executable).parent / "vae-serve")]
         self.proc = subprocess.Popen(
-            [str(exe), "--models", str(models), "--port", str(self.port)],
+            [*exe, "--models", str(models), "--port", str(self.port)],
+            cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.inprocess import int8_engine, largest_decoder_layer
-from bench.run import acceptance_ratios, int8_lines, layer_matmul_lines
+from bench.run import acceptance_ratios, encode_floor_lines, int8_lines, layer_matmul_lines
 
 # step 2's in-process figures: openvino bf16 the fast path, 200 images/s at batch 1 (5 ms an image)
 SCORING = {
@@ -108,3 +108,23 @@ def test_the_int8_candidate_really_is_quantized(tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "log_weights_int8.onnx")).graph.node]
     assert quantized == ["/net/net.3/Gemm", "/net/net.6/Gemm"] and ops.count("MatMulInteger") == 2
     assert "log_weights" in engine.sessions
+
+
+def test_the_encode_floor_line_splits_a_request_into_the_http_floor_and_the_services_own_time():
+    # on 5000/s = 200 us, off 2000/s = 500 us, floor 10000/s = 100 us: own 100 and 400 us; cutting the
+    # shared code by d = (3 * 200 - 500) / 2 = 50 us gives (500 - 50) / (200 - 50) = 3x, with 50 us left
+    turns = {
+        "requests_per_s": {"on": [5000.0], "off": [2000.0], "floor": [10000.0]},
+        "median_on": 5000.0,
+        "median_off": 2000.0,
+        "median_floor": 10000.0,
+    }
+    (line,) = encode_floor_lines(turns)
+    assert "10000.0 requests/s, 100 us a request" in line
+    assert "100 us with batching, 400 us without" in line
+    assert "cut until 50 us a request are left with batching (50% of now)" in line
+    met = encode_floor_lines({**turns, "median_off": 1000.0})  # off 1000 us: 5x already
+    assert "3x is met as it is" in met[0]
+    gone = encode_floor_lines({**turns, "median_floor": 5000.0})  # floor 200 us: on is all floor
+    assert "out of reach even with none of it left" in gone[0]
+    assert encode_floor_lines({k: v for k, v in turns.items() if k != "median_floor"}) == []  # older results
