@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-MAX_CACHED_SERIES = 256
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000, 16000, 32000, 64000)
+MAX_CACHED_SERIES = 256  # the middleware's cache of label series (HTTP methods are the client's to make up)
 
 
 class Metrics:
@@ -65,7 +65,7 @@ class MetricsMiddleware:
         if series is None:
             m = self.metrics
             series = (m.requests.labels(endpoint, method, str(status)), m.latency.labels(endpoint))
-            if len(self._children) < MAX_CACHED_SERIES:  # methods are the client's to make up
+            if len(self._children) < MAX_CACHED_SERIES:
                 self._children[key] = series
         return series
 
