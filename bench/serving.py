@@ -43,7 +43,7 @@ class Server:
         env.update({f"VAE_{k.upper()}": str(v) for k, v in settings.items()})
         exe = [sys.executable, "-m", "bench.floor"] if floor else [str(Path(sys.executable).parent / "vae-serve")]
         self.proc = subprocess.Popen(
-            [*exe, "--models", str(models), "--port", str(self.port)],
+            [*exe, "--models", str(Path(models).resolve()), "--port", str(self.port)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
