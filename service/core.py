@@ -122,13 +122,9 @@ class InferenceCore:
             )
         if x.dtype.kind not in "iu":
             raise InvalidInput(f"pixel values must be integers, got {x.dtype}", where, code="invalid_value")
-        if x.dtype.kind == "u":
-            wrong = int(np.maximum.reduce(x, axis=None)) >= mv.levels
-        elif 1 << (8 * x.dtype.itemsize - 1) >= mv.levels:  # one pass: as unsigned, a negative is >= 2^(bits-1)
-            wrong = int(np.maximum.reduce(x.view(x.dtype.str.replace("i", "u")), axis=None)) >= mv.levels
-        else:  # int8 with more than 128 levels
-            wrong = int(x.min()) < 0 or int(x.max()) >= mv.levels
-        if wrong:
+        rows = np.ascontiguousarray(x.reshape(len(x), mv.dim), dtype=np.int64)
+        # one pass for both ends: viewed as unsigned, a negative value (or a uint64 past int64) exceeds every level
+        if int(np.maximum.reduce(rows.view(np.uint64), axis=None)) >= mv.levels:
             lo, hi = int(x.min()), int(x.max())
             bad = int(np.argwhere((x.reshape(len(x), -1) < 0) | (x.reshape(len(x), -1) >= mv.levels))[0][0])
             raise InvalidInput(
@@ -136,7 +132,7 @@ class InferenceCore:
                 f"{where}[{bad}]",
                 code="out_of_range",
             )
-        return np.ascontiguousarray(x.reshape(len(x), mv.dim), dtype=np.int64)
+        return rows
 
     def check_latents(self, mv: ModelVersion, z: np.ndarray, where: str = "z") -> np.ndarray:
         z = np.asarray(z)
