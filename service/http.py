@@ -137,33 +137,31 @@ class JsonRoute(APIRoute):
         return checked
 
 
-async def wait_disconnect(request: Request) -> None:
+async def wait_disconnect(receive: Receive) -> None:
     """Completes when the client disconnects (the body has been read, so receive() waits for that)."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
 
 
 def request_context(request: Request, timeout_s: float | None) -> RequestContext:
     settings: Settings = request.app.state.settings
-    return RequestContext.start(settings, timeout_s, lambda: wait_disconnect(request))
+    return RequestContext.start(settings, timeout_s, lambda: wait_disconnect(request.receive))
 
 
-class BodyLimitMiddleware:
-    """Reads the whole body before the app sees it: 413 past max_body_bytes (declared or chunked), 408 when slow."""
+class BodyReader:
+    """Reads a whole request body: PayloadTooLarge past max_bytes (declared or chunked), RequestTimeout when
+    a part takes longer than timeout_s to arrive. Used by BodyLimitMiddleware and service.v2.InferLane."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+    def __init__(self, max_bytes: int, timeout_s: float) -> None:
+        self.max_bytes, self.timeout_s = max_bytes, timeout_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def read(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The body, or None when the client disconnected before sending all of it."""
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await _render(scope, send, PayloadTooLarge(self._message(), "body"))
-                return
+                raise PayloadTooLarge(self._message(), "body")
         chunks: list[bytes] = []
         size = 0
         more = True
@@ -174,16 +172,37 @@ class BodyLimitMiddleware:
                     timer.reschedule(loop.time() + self.timeout_s)
                     message = await receive()
                     if message["type"] == "http.disconnect":
-                        return
+                        return None
                     body = message.get("body", b"")
                     size += len(body)
                     chunks.append(body)
                     more = message.get("more_body", False)
         except TimeoutError:
-            await _render(scope, send, RequestTimeout(f"the request body did not arrive within {self.timeout_s:g} s"))
-            return
+            raise RequestTimeout(f"the request body did not arrive within {self.timeout_s:g} s") from None
         if size > self.max_bytes:
-            await _render(scope, send, PayloadTooLarge(self._message(), "body"))
+            raise PayloadTooLarge(self._message(), "body")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _message(self) -> str:
+        return f"the request body exceeds the limit of {self.max_bytes} bytes"
+
+
+class BodyLimitMiddleware:
+    """Reads the whole body before the app sees it (BodyReader): 413 past the limit, 408 when slow."""
+
+    def __init__(self, app: ASGIApp, reader: BodyReader) -> None:
+        self.app, self.reader = app, reader
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            whole = await self.reader.read(scope, receive)
+        except ServiceError as exc:
+            await _render(scope, send, exc)
+            return
+        if whole is None:
             return
         replayed = False
 
@@ -191,13 +210,10 @@ class BodyLimitMiddleware:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": whole, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
-
-    def _message(self) -> str:
-        return f"the request body exceeds the limit of {self.max_bytes} bytes"
 
 
 async def _render(scope: Scope, send: Send, exc: ServiceError) -> None:
@@ -209,12 +225,12 @@ async def _noop_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-class AuthMiddleware:
+class ApiKeys:
     """Bearer API keys, compared in constant time. With keys set, everything but liveness and readiness
-    needs one (401 without, 403 wrong); /admin always needs one, so it is closed when no key is set."""
+    needs one (401 without, 403 wrong); /admin always needs one, so it is closed when no key is set.
+    Applied by AuthMiddleware and service.v2.InferLane."""
 
-    def __init__(self, app: ASGIApp, keys: list[str], routes: Callable[[], list[Any]] | None = None) -> None:
-        self.app = app
+    def __init__(self, keys: list[str], routes: Callable[[], list[Any]] | None = None) -> None:
         self.keys = [k.encode() for k in keys]
         self.routes = routes
 
@@ -230,24 +246,38 @@ class AuthMiddleware:
             ok |= hmac.compare_digest(token, key)
         return ok
 
+    def refusal(self, scope: Scope, routed: bool | None = None) -> ServiceError | None:
+        """Why this request may not go on (401, 403), or None. routed: whether a route takes its method
+        and path, when the caller knows (None: look it up)."""
+        path = scope.get("path", "")
+        admin = path.startswith("/admin")
+        if path in OPEN_PATHS or (not self.keys and not admin):
+            return None
+        if not (self._routed(scope) if routed is None else routed):
+            return None
+        if not self.keys:
+            return Forbidden("the admin endpoints are disabled: set VAE_API_KEYS to enable them")
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return Unauthenticated("this endpoint needs an API key: Authorization: Bearer <key>")
+        if not self._valid(token.strip()):
+            return Forbidden("the API key is not valid")
+        return None
+
+
+class AuthMiddleware:
+    """Answers 401 or 403 where ApiKeys refuses a request (preflight OPTIONS requests pass, for CORS)."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app, self.keys = app, keys
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        admin = path.startswith("/admin")
-        if path in OPEN_PATHS or (not self.keys and not admin) or not self._routed(scope):
-            await self.app(scope, receive, send)
-            return
-        if not self.keys:
-            await _render(scope, send, Forbidden("the admin endpoints are disabled: set VAE_API_KEYS to enable them"))
-            return
-        header = dict(scope.get("headers", [])).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not token.strip():
-            await _render(scope, send, Unauthenticated("this endpoint needs an API key: Authorization: Bearer <key>"))
-            return
-        if not self._valid(token.strip()):
-            await _render(scope, send, Forbidden("the API key is not valid"))
+        refused = self.keys.refusal(scope)
+        if refused is not None:
+            await _render(scope, send, refused)
             return
         await self.app(scope, receive, send)

@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.batching import Scheduler
 from service.core import InferenceCore
-from service.http import AuthMiddleware, BodyLimitMiddleware, install_handlers
+from service.http import ApiKeys, AuthMiddleware, BodyLimitMiddleware, BodyReader, install_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import build_openapi
 from service.repository import ModelRepository, ScanReport
@@ -102,9 +102,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, inference.router, inference.uploads, admin.router, v2_router):
         app.include_router(router)
     install_docs(app)
-    app.add_middleware(InferLane)  # innermost: the limits, keys and metrics apply
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
-    app.add_middleware(AuthMiddleware, keys=settings.keys(), routes=lambda: app.routes)
+    keys = ApiKeys(settings.keys(), routes=lambda: app.routes)
+    reader = BodyReader(settings.max_body_bytes, settings.body_timeout_s)
+    app.add_middleware(BodyLimitMiddleware, reader=reader)
+    app.add_middleware(AuthMiddleware, keys=keys)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -114,6 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["retry-after", "inference-header-content-length"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # outermost of the app's own: V2 inference applies the same keys, body limit and metrics in one frame
+    app.add_middleware(InferLane, metrics=metrics, keys=keys, reader=reader, cors=bool(settings.cors_origins))
     return app
 
 

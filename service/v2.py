@@ -10,11 +10,14 @@ GET .../config answers Triton's model-configuration call that perf_analyzer make
 
 from __future__ import annotations
 
-import json
 import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -22,7 +25,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.core import InferenceCore, RequestContext
 from service.errors import BadRequest, InvalidInput, NotReady, UnknownModel
-from service.http import wait_disconnect
+from service.http import ApiKeys, BodyReader, wait_disconnect
+from service.metrics import Metrics
 from service.repository import ModelVersion
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -57,14 +61,14 @@ def split_name(v2_name: str) -> tuple[str, str]:
     return base, op
 
 
-def lookup(request: Request, v2_name: str, version: str | None) -> tuple[ModelVersion, str]:
+def lookup(core: InferenceCore, v2_name: str, version: str | None) -> tuple[ModelVersion, str]:
     base, op = split_name(v2_name)
     number = None
     if version is not None:
         if not version.isdigit() or int(version) < 1:
             raise UnknownModel(f"model {v2_name!r} has no version {version!r}")
         number = int(version)
-    return _core(request).model(base, number), op
+    return core.model(base, number), op
 
 
 def _tensor(name: str, dtype: str, shape: list[Any]) -> dict[str, Any]:
@@ -90,7 +94,7 @@ def signature(mv: ModelVersion, op: str) -> tuple[list[dict[str, Any]], list[dic
 
 
 def metadata(request: Request, v2_name: str, version: str | None) -> dict[str, Any]:
-    mv, op = lookup(request, v2_name, version)
+    mv, op = lookup(_core(request), v2_name, version)
     inputs, outputs = signature(mv, op)
     versions = [str(v) for v in sorted(request.app.state.repository.models[mv.name])] if version is None else [version]
     return {"name": v2_name, "versions": versions, "platform": "vae-serve", "inputs": inputs, "outputs": outputs}
@@ -98,7 +102,7 @@ def metadata(request: Request, v2_name: str, version: str | None) -> dict[str, A
 
 def config(request: Request, v2_name: str, version: str | None) -> dict[str, Any]:
     """Triton's model configuration (perf_analyzer reads it): dims without the batch axis."""
-    mv, op = lookup(request, v2_name, version)
+    mv, op = lookup(_core(request), v2_name, version)
     inputs, outputs = signature(mv, op)
 
     def entries(tensors: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -169,18 +173,18 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
         raise InvalidInput(f"data values do not fit datatype {dtype}", where) from None
 
 
-async def parse_request(request: Request) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    body = await request.body()
-    header_len = request.headers.get(HEADER)
-    if header_len is not None:
-        if not header_len.isdigit() or int(header_len) > len(body):
+def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """An inference request's JSON header and its input tensors. header_length: the
+    Inference-Header-Content-Length header (binary tensor data follows the JSON header), or None."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
             raise BadRequest(f"{HEADER} must be the byte length of the JSON header within the body")
-        head, rest = body[: int(header_len)], body[int(header_len) :]
+        head, rest = body[: int(header_length)], body[int(header_length) :]
     else:
         head, rest = body, b""
     try:
-        req = json.loads(head.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        req = orjson.loads(head)  # RFC 8259 JSON: no NaN or Infinity; integers past 64 bits read as floats
+    except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the inference request is not UTF-8 JSON: {exc}") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise BadRequest("the inference request needs a non-empty 'inputs' list")
@@ -223,16 +227,42 @@ def single(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
     return tensors[name]
 
 
-async def infer(request: Request, v2_name: str, version: str | None) -> Response:
-    core = _core(request)
-    mv, op = lookup(request, v2_name, version)
-    req, tensors = await parse_request(request)
+@dataclass
+class Reply:
+    """An inference response's body: JSON, or (binary tensor data) a JSON header and the tensors' bytes."""
+
+    body: bytes
+    header_length: int | None = None  # of the JSON header, when binary data follows it
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        kind = b"application/json" if self.header_length is None else b"application/octet-stream"
+        out = [(b"content-type", kind), (b"content-length", str(len(self.body)).encode())]
+        if self.header_length is not None:
+            out.append((HEADER.encode(), str(self.header_length).encode()))
+        return out
+
+    def response(self) -> Response:
+        if self.header_length is None:
+            return Response(self.body, media_type="application/json")
+        headers = {HEADER: str(self.header_length)}
+        return Response(self.body, media_type="application/octet-stream", headers=headers)
+
+
+async def infer(
+    core: InferenceCore,
+    v2_name: str,
+    version: str | None,
+    body: bytes,
+    header_length: str | None,
+    disconnected: Callable[[], Awaitable[None]] | None,
+) -> Reply:
+    """One inference request, from its body to its reply (errors raise service errors)."""
+    mv, op = lookup(core, v2_name, version)
+    req, tensors = parse_request(body, header_length)
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequest("parameters must be a JSON object")
-    ctx = RequestContext.start(
-        core.settings, _param(params, "timeout_s", float, None), lambda: wait_disconnect(request)
-    )
+    ctx = RequestContext.start(core.settings, _param(params, "timeout_s", float, None), disconnected)
     outputs: dict[str, tuple[np.ndarray, str]] = {}
     out_params: dict[str, Any] = {}
     if op == "encode":
@@ -295,7 +325,7 @@ def _requested(req: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
 
 def render(
     req: dict[str, Any], mv: ModelVersion, v2_name: str, outputs: dict[str, tuple[np.ndarray, str]], params: dict
-) -> Response:
+) -> Reply:
     wanted = _requested(req)
     if wanted is not None:
         unknown = sorted(set(wanted) - set(outputs))
@@ -320,14 +350,10 @@ def render(
         body["id"] = req["id"]
     if params:
         body["parameters"] = params
+    head = orjson.dumps(body)  # a non-finite number becomes null (RFC 8259 JSON has none)
     if not blobs:
-        return JSONResponse(body)
-    head = json.dumps(body).encode()
-    return Response(
-        head + b"".join(blobs),
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(head))},
-    )
+        return Reply(head)
+    return Reply(head + b"".join(blobs), len(head))
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -367,13 +393,13 @@ async def model_version_metadata(request: Request, model: str, version: str) -> 
 async def model_ready(request: Request, model: str) -> dict:
     if not request.app.state.repository.ready:
         raise NotReady("no model is loaded yet")
-    lookup(request, model, None)
+    lookup(_core(request), model, None)
     return {"name": model, "ready": True}
 
 
 @router.get("/models/{model}/versions/{version}/ready", summary="Model version readiness")
 async def model_version_ready(request: Request, model: str, version: str) -> dict:
-    lookup(request, model, version)
+    lookup(_core(request), model, version)
     return {"name": model, "version": version, "ready": True}
 
 
@@ -387,14 +413,21 @@ async def model_version_config(request: Request, model: str, version: str) -> di
     return config(request, model, version)
 
 
+async def _routed_infer(request: Request, model: str, version: str | None) -> Response:
+    body = await request.body()
+    disconnected = lambda: wait_disconnect(request.receive)  # noqa: E731
+    reply = await infer(_core(request), model, version, body, request.headers.get(HEADER), disconnected)
+    return reply.response()
+
+
 @router.post("/models/{model}/infer", summary="Inference (JSON or binary tensor data)")
 async def model_infer(request: Request, model: str) -> Response:
-    return await infer(request, model, None)
+    return await _routed_infer(request, model, None)
 
 
 @router.post("/models/{model}/versions/{version}/infer", summary="Inference on one version")
 async def model_version_infer(request: Request, model: str, version: str) -> Response:
-    return await infer(request, model, version)
+    return await _routed_infer(request, model, version)
 
 
 # --- the inference lane -------------------------------------------------------------------------
@@ -403,25 +436,29 @@ INFER_PATHS = ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version
 
 
 class InferLane:
-    """ASGI middleware: POST .../infer goes straight to `infer`, past FastAPI's router.
+    """ASGI middleware, the outermost one of the app's own: POST .../infer is answered here, past the
+    rest of the middleware stack and FastAPI's router.
 
-    For a small model FastAPI's request machinery (matching the path against every route, solving the
-    endpoint's parameters, its exception and exit-stack wrappers) took longer than the inference
-    handler itself; past it, one-image V2 encodes went from 2016 to 3150 requests/s (README
-    Performance). The lane matches the two infer routes only, with their own path patterns, and
-    answers through the same `infer` and the app's own exception handlers; it sets scope["route"], so
-    /metrics labels the same templates. It sits inside the body-limit, access and metrics middleware,
-    so those apply unchanged. The routes stay declared above: they are what the OpenAPI document
-    shows, and they answer without the lane.
+    For one-image requests the HTTP machinery costs more than the inference: FastAPI's router (matching
+    every route, solving the endpoint's parameters, its exception and exit-stack wrappers) took longer
+    than the handler itself, and each middleware layer is a coroutine, a send wrapper and a replayed
+    receive per request (README Performance). The lane applies the same policies in one frame: the API
+    keys (ApiKeys), the body limit and timeout (BodyReader), the request metrics (labelled by the same
+    route templates), the app's own exception handlers; it sends the reply as two ASGI messages. Only
+    the two infer routes are matched, with their own path patterns. With CORS configured, a request that
+    carries an Origin header takes the whole stack instead, so CORSMiddleware handles it. The routes stay
+    declared above: they are what the OpenAPI document shows, and they answer those requests.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, metrics: Metrics, keys: ApiKeys, reader: BodyReader, cors: bool) -> None:
+        self.app, self.metrics, self.keys, self.reader, self.cors = app, metrics, keys, reader, cors
         self.routes = [r for r in router.routes if isinstance(r, APIRoute) and r.path in INFER_PATHS]
         assert len(self.routes) == len(INFER_PATHS), "the infer routes and INFER_PATHS disagree"
 
     def _match(self, scope: Scope) -> tuple[APIRoute, dict[str, str]] | None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith("/infer"):
+            return None
+        if self.cors and any(name == b"origin" for name, _ in scope["headers"]):
             return None
         path, root = scope["path"], scope.get("root_path", "")
         if root and path.startswith(root):  # mounted below a prefix: match what the router would
@@ -437,17 +474,45 @@ class InferLane:
         if matched is None:
             await self.app(scope, receive, send)
             return
+        start = time.perf_counter()
         route, params = matched
         scope.update(route=route, endpoint=route.endpoint, path_params=params)
-        request = Request(scope, receive, send)
+        status = 500  # what the metrics record when the client left before an answer (as MetricsMiddleware)
         try:
-            response = await infer(request, params["model"], params.get("version"))
-        except Exception as exc:  # noqa: BLE001 - rendered by the app's handler for it, as when routed
-            handler = _handler_for(request.app.exception_handlers, exc)
-            if handler is None:
-                raise
-            response = await handler(request, exc)
-        await response(scope, receive, send)
+            try:
+                reply = await self._answer(scope, receive, params)
+                if reply is None:
+                    return
+                status = 200
+                await send({"type": "http.response.start", "status": 200, "headers": reply.headers()})
+                await send({"type": "http.response.body", "body": reply.body})
+            except Exception as exc:  # noqa: BLE001 - rendered by the app's handler for it, as when routed
+                handler = _handler_for(scope["app"].exception_handlers, exc)
+                if handler is None:
+                    raise
+                response = await handler(Request(scope, receive, send), exc)
+                status = response.status_code
+                await response(scope, receive, send)
+        finally:
+            self.metrics.observe_request(route.path, "POST", status, time.perf_counter() - start)
+
+    async def _answer(self, scope: Scope, receive: Receive, params: dict[str, str]) -> Reply | None:
+        refused = self.keys.refusal(scope, routed=True)
+        if refused is not None:
+            raise refused
+        body = await self.reader.read(scope, receive)
+        if body is None:  # the client disconnected before sending all of it
+            return None
+        header_length = None
+        for name, value in scope["headers"]:
+            if name == b"inference-header-content-length":
+                header_length = value.decode("latin-1")
+        core: InferenceCore = scope["app"].state.core
+
+        def disconnected() -> Awaitable[None]:
+            return wait_disconnect(receive)
+
+        return await infer(core, params["model"], params.get("version"), body, header_length, disconnected)
 
 
 def _handler_for(handlers: dict[Any, Any], exc: Exception) -> Any:

@@ -26,7 +26,7 @@ def test_every_request_is_counted_and_timed_whether_or_not_its_series_is_cached(
         for method in methods:
             for status in (200, 404):
                 asyncio.run(middleware({"type": "http", "method": method, "status": status}, None, noop))
-    assert len(middleware._children) == 3
+    assert len(metrics._children) == 3
     value = metrics.registry.get_sample_value
     for method in methods:
         for status in ("200", "404"):

@@ -7,6 +7,10 @@ import pytest
 from tests.service.conftest import error_of, make_client
 
 IMG = {"images": [[[0] * 8] * 8], "num_samples": 10}
+V2 = {
+    "inputs": [{"name": "x", "datatype": "INT64", "shape": [1, 64], "data": [0] * 64}],
+    "parameters": {"num_samples": 10},
+}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +40,15 @@ def test_keys_from_env_and_file(keyed):
     error_of(keyed.post("/score", json=IMG, headers={"authorization": "Basic k1"}), 401)
     for key in ("k1", "file-key"):
         assert keyed.post("/score", json=IMG, headers={"authorization": f"Bearer {key}"}).status_code == 200
-    r = keyed.post("/v2/models/digits-score/infer", json={})
-    assert r.status_code == 401 and r.json() == {"error": "this endpoint needs an API key: Authorization: Bearer <key>"}
+    for path in ("/v2/models/digits-score/infer", "/v2/models/digits-score/versions/1/infer"):  # the V2 lane
+        r = keyed.post(path, json={})
+        assert r.status_code == 401
+        assert r.json() == {"error": "this endpoint needs an API key: Authorization: Bearer <key>"}
+        assert keyed.post(path, json={}, headers={"authorization": "Bearer k3"}).json() == {
+            "error": "the API key is not valid"
+        }
+        r = keyed.post(path, json=V2, headers={"authorization": "Bearer file-key"})
+        assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "log_likelihood"
 
 
 def test_admin_always_needs_a_key(client, keyed):
@@ -55,3 +66,12 @@ def test_cors_is_off_by_default_and_configurable(client, models_dir):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
         r = c.options("/score", headers={**pre, "origin": "https://evil.example"})
         assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+        # V2 inference from a browser takes the whole stack (the infer lane leaves it to CORSMiddleware)
+        path = "/v2/models/digits-score/infer"
+        r = c.options(path, headers={**pre, "access-control-request-headers": "content-type"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        browser = c.post(path, json=V2, headers={"origin": "https://app.example"})
+        assert browser.status_code == 200 and browser.headers["access-control-allow-origin"] == "https://app.example"
+        direct = c.post(path, json=V2)
+        assert direct.status_code == 200 and "access-control-allow-origin" not in direct.headers
+        assert browser.json() == direct.json()

@@ -68,7 +68,19 @@ def test_slow_heads_and_slow_bodies_are_cut_off(models_dir, http_impl):
         while "request_timeout" not in answer and (chunk := slow_body.recv(4096)):
             answer += chunk.decode()
         assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
-        for s in (slow_head, slow_body):
+        slow_v2 = socket.create_connection(("127.0.0.1", server.port))  # the V2 infer lane reads its own bodies
+        slow_v2.sendall(
+            b"POST /v2/models/digits-score/infer HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{"
+        )
+        slow_v2.settimeout(10.0)
+        answer = ""
+        while "did not arrive" not in answer and (chunk := slow_v2.recv(4096)):
+            answer += chunk.decode()
+        assert (
+            answer.startswith("HTTP/1.1 408") and '{"error":"the request body did not arrive within 0.5 s"}' in answer
+        )
+        for s in (slow_head, slow_body, slow_v2):
             s.close()
 
 
@@ -118,11 +130,24 @@ def test_connections_past_the_cap_are_closed(models_dir, http_impl):
         assert urllib.request.urlopen(server.url + "/healthz").status == 200
 
 
-def test_work_stops_when_the_client_goes_away(models_dir):
+V2_SCORE = {  # the same work over the Open Inference Protocol
+    "inputs": [{"name": "x", "datatype": "INT64", "shape": [100, 64], "data": [0] * 6400}],
+    "parameters": {"num_samples": 10000},
+}
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/score", {"images": [[0] * 64] * 100, "num_samples": 10000}),  # 1,000,000 importance samples
+        ("/v2/models/digits-score/infer", V2_SCORE),
+    ],
+    ids=["json-api", "v2"],
+)
+def test_work_stops_when_the_client_goes_away(models_dir, path, body):
     with LiveServer(models_dir, engine="onnxruntime", engine_memory_mb=8) as server:
-        body = {"images": [[0] * 64] * 100, "num_samples": 10000}  # 1,000,000 importance samples
         client = socket.create_connection(("127.0.0.1", server.port))
-        client.sendall(request_bytes("/score", body))
+        client.sendall(request_bytes(path, body))
         for _ in range(100):
             if queued(server.url) > 0:
                 break

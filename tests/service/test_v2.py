@@ -112,15 +112,33 @@ def test_binary_request_and_response_by_hand(client, test_images):
 
 
 def test_the_infer_lane_answers_as_the_routes_would(models_dir, monkeypatch):
-    """POST .../infer skips FastAPI's router (service.v2.InferLane): same answers, same /metrics labels,
-    the app's error handlers, the body limit; GET on an infer path is still the router's 405."""
+    """POST .../infer skips the middleware stack and FastAPI's router (service.v2.InferLane): same answers
+    as the routes (binary and JSON), same /metrics labels, the app's error handlers, the body limit; GET
+    on an infer path is still the router's 405."""
     from service.core import InferenceCore
 
     ok = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}]}
-    with make_client(models_dir, max_body_bytes=4096) as c:
+    x = np.arange(128, dtype="<i8").reshape(2, 64) % 17
+    head = json.dumps(
+        {
+            "inputs": [{"name": "x", "datatype": "INT64", "shape": [2, 64], "parameters": {"binary_data_size": 1024}}],
+            "parameters": {"num_samples": 50, "binary_data_output": True},
+        }
+    ).encode()
+    # with CORS on, a request with an Origin header takes the whole stack: the routes, not the lane
+    with make_client(models_dir, max_body_bytes=4096, cors_origins="*") as c:
         for path in ("/v2/models/digits-encode/infer", "/v2/models/digits-encode/versions/1/infer"):
             r = c.post(path, json=ok)
             assert r.status_code == 200 and r.json()["model_version"] == "1"
+        for body, headers in (
+            (json.dumps(ok).encode(), {"content-type": "application/json"}),
+            (head + x.tobytes(), {"inference-header-content-length": str(len(head))}),
+        ):
+            lane = c.post("/v2/models/digits-score/infer", content=body, headers=headers)
+            routed = c.post("/v2/models/digits-score/infer", content=body, headers={**headers, "origin": "o"})
+            assert lane.status_code == routed.status_code == 200
+            assert lane.content == routed.content and lane.headers["content-type"] == routed.headers["content-type"]
+            assert "access-control-allow-origin" in routed.headers  # it did take the routes
         assert c.post("/v2/models/digits-encode/versions/7/infer", json=ok).status_code == 404
         assert c.post("/v2/models/digits-encode/infer/extra", json=ok).status_code == 404
         assert c.get("/v2/models/digits-encode/infer").status_code == 405
@@ -129,8 +147,9 @@ def test_the_infer_lane_answers_as_the_routes_would(models_dir, monkeypatch):
         )
         assert big.status_code == 413 and set(big.json()) == {"error"}
         metrics = c.get("/metrics").text
-        for template in ("/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"):
-            assert f'vae_requests_total{{endpoint="{template}",method="POST",status="200"}} 1.0' in metrics
+        # by the lane and by the routes alike: 4 score requests and 1 encode, and 1 encode
+        for template, n in (("/v2/models/{model}/infer", 5), ("/v2/models/{model}/versions/{version}/infer", 1)):
+            assert f'vae_requests_total{{endpoint="{template}",method="POST",status="200"}} {n}.0' in metrics
 
         async def broken(self, *args, **kwargs):
             raise RuntimeError("engine exploded")
