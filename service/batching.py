@@ -73,6 +73,30 @@ class Job:
             pass
 
 
+def finish_all(finished: list[tuple[Job, Any]]) -> None:
+    """job.finish(result) for each, with one call into each waiting event loop instead of one a job (under
+    batching one engine call completes many jobs; each wake-up of the loop is a hand-off between threads)."""
+    by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[Job, Any]]]] = {}
+    for job, result in finished:
+        job.done = True
+        by_loop.setdefault(id(job.loop), (job.loop, []))[1].append((job, result))
+
+    def settle(items: list[tuple[Job, Any]]) -> None:
+        for job, result in items:
+            if job.future.done():
+                continue
+            if job.cancelled:  # nobody waits for it any more (as Job.finish)
+                job.future.cancel()
+            else:
+                job.future.set_result(result)
+
+    for loop, items in by_loop.values():
+        try:
+            loop.call_soon_threadsafe(settle, items)
+        except RuntimeError:  # the waiters' event loop has closed: nobody is left to tell
+            pass
+
+
 @dataclass(eq=False)
 class RowsJob(Job):
     """encode or decode: rows of `inputs` go through one graph, in as many calls as the row limit needs."""
@@ -175,11 +199,12 @@ class Scheduler:
             return False
         return True
 
-    def _release(self, job: Job, work: int) -> None:
+    def _release(self, job: Job, work: int, gauge: bool = True) -> None:
         work = min(work, job.remaining_work)
         job.remaining_work -= work
         self.queued_work -= work
-        self.metrics.queued_work.set(self.queued_work)
+        if gauge:
+            self.metrics.queued_work.set(self.queued_work)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if job.failed:
@@ -273,7 +298,7 @@ class Scheduler:
             rows += take
             if job.started is None:
                 job.started = time.monotonic()
-                self.metrics.queue_seconds.labels(job.op).observe(job.started - job.enqueued)
+                self.metrics.child(self.metrics.queue_seconds, job.op).observe(job.started - job.enqueued)
             if job.dispatched == job.n:
                 dq.popleft()
             if not self.settings.batching:
@@ -309,7 +334,7 @@ class Scheduler:
             job.in_flight.add(i)
             if job.started is None:
                 job.started = time.monotonic()
-                self.metrics.queue_seconds.labels("score").observe(job.started - job.enqueued)
+                self.metrics.child(self.metrics.queue_seconds, "score").observe(job.started - job.enqueued)
         return picked or None
 
     def _worker(self) -> None:
@@ -356,7 +381,7 @@ class Scheduler:
     def _run_rows(self, op: str, parts: list[tuple[RowsJob, int, int]]) -> int:
         mv = parts[0][0].mv
         inputs = np.concatenate([job.inputs[a:b] for job, a, b in parts])
-        self.metrics.batch_rows.labels(op).observe(len(inputs))
+        self.metrics.child(self.metrics.batch_rows, op).observe(len(inputs))
         t0 = time.perf_counter()
         try:
             out = mv.ref.encode(inputs) if op == "encode" else mv.ref.decode(inputs)
@@ -366,7 +391,7 @@ class Scheduler:
                 for job, _, _ in parts:
                     self._fail(job, EngineFailure(f"{op} failed"))
             return len(inputs)
-        self.metrics.engine_seconds.labels(op, mv.ref.info.label).observe(time.perf_counter() - t0)
+        self.metrics.child(self.metrics.engine_seconds, op, mv.ref.info.label).observe(time.perf_counter() - t0)
         outs = out if isinstance(out, tuple) else (out,)
         pieces = []
         offset = 0
@@ -374,21 +399,25 @@ class Scheduler:
             piece = tuple(o[offset : offset + b - a] for o in outs)
             offset += b - a
             pieces.append(job.post(piece, a) if job.post else piece)
+        finished: list[tuple[Job, Any]] = []
         with self._cond:
             for (job, a, b), piece in zip(parts, pieces):
                 if job.failed:
                     continue
                 job.outputs.append(piece)
                 job.completed += b - a
-                self._release(job, b - a)
+                self._release(job, b - a, gauge=False)
                 if job.completed == job.n:
-                    job.finish(tuple(np.concatenate([o[i] for o in job.outputs]) for i in range(len(piece))))
+                    whole = piece if len(job.outputs) == 1 else tuple(np.concatenate(o) for o in zip(*job.outputs))
+                    finished.append((job, whole))
+            self.metrics.queued_work.set(self.queued_work)
+            finish_all(finished)
         return len(inputs)
 
     def _run_score(self, picked: list[tuple[ScoreJob, int]]) -> int:
         mv = picked[0][0].mv
         tasks = [job.tasks[i] for job, i in picked]
-        self.metrics.batch_rows.labels("score").observe(len(tasks) * tasks[0].next_len())
+        self.metrics.child(self.metrics.batch_rows, "score").observe(len(tasks) * tasks[0].next_len())
         t0 = time.perf_counter()
         try:
             rows = run_call(mv.scoring.engine, tasks, mv.latent_dim)
@@ -399,18 +428,23 @@ class Scheduler:
                     job.in_flight.discard(i)
                     self._fail(job, EngineFailure("scoring failed"))
             return len(tasks)
-        self.metrics.engine_seconds.labels("score", mv.scoring.info.label).observe(time.perf_counter() - t0)
+        self.metrics.child(self.metrics.engine_seconds, "score", mv.scoring.info.label).observe(
+            time.perf_counter() - t0
+        )
         with self._cond:
             touched: dict[int, ScoreJob] = {}
             for job, i in picked:
                 job.in_flight.discard(i)
                 if not job.failed:
-                    self._release(job, rows // len(tasks))
+                    self._release(job, rows // len(tasks), gauge=False)
                     touched[id(job)] = job
+            self.metrics.queued_work.set(self.queued_work)
+            finished: list[tuple[Job, Any]] = []
             for job in touched.values():  # settle after every release, so waiters see the queue as it is
                 if all(t.finished for t in job.tasks) and not job.done:
                     dq = self._queues.get((mv.key, mv.digest, "score"))
                     if dq is not None and job in dq:
                         dq.remove(job)
-                    job.finish(job.tasks)
+                    finished.append((job, job.tasks))
+            finish_all(finished)
         return rows
