@@ -35,11 +35,63 @@ def http_protocol_class(impl: str) -> type[asyncio.Protocol]:
     return AutoHTTPProtocol
 
 
+class OneWriteResponses:
+    """A request's view of its connection's transport that writes a response's head together with its body.
+
+    uvicorn's httptools protocol writes the status line and headers when the app sends
+    http.response.start and the body when it sends http.response.body: two system calls, and two TCP
+    segments the client wakes up for, per response. Held until the body comes, a head that announces
+    a body (Content-Length above 0, not chunked, not a HEAD request) goes out with it in one write: 0.89x the server's CPU a
+    one-digit V2 encode at concurrency 32 (README Performance). Anything else (100 Continue, chunked
+    or empty bodies, later writes) is written at once, and close() writes a held head first.
+    """
+
+    __slots__ = ("_transport", "_cycle", "_held", "_first")
+
+    def __init__(self, transport: asyncio.Transport, cycle: Any) -> None:
+        self._transport, self._cycle = transport, cycle
+        self._held: bytes | None = None
+        self._first = True
+
+    def write(self, data: bytes) -> None:
+        if self._first and self._cycle.response_started:
+            self._first = False  # this is the head (uvicorn writes it in one piece)
+            c = self._cycle
+            if (
+                c.chunked_encoding is False
+                and c.expected_content_length > 0
+                and not c.response_complete
+                and c.scope["method"] != "HEAD"  # uvicorn writes no body for HEAD
+            ):
+                self._held = data
+                return
+        if self._held is not None:
+            data, self._held = self._held + data, None
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._transport.write(self._held)
+            self._held = None
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, ...: the connection's own
+        return getattr(self._transport, name)
+
+
 def guarded_protocol(max_connections: int, header_timeout: float, base: type[Any] = H11Protocol) -> type[Any]:
-    """`base` (uvicorn's h11 or httptools protocol) with the head timeout and the connection cap."""
+    """`base` (uvicorn's h11 or httptools protocol) with the head timeout and the connection cap, and
+    on httptools one write a response (OneWriteResponses)."""
+    one_write = base.__name__ == "HttpToolsProtocol"
 
     class GuardedProtocol(base):
         _head_timer: asyncio.TimerHandle | None = None
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            cycle = self.cycle
+            if one_write and cycle is not None and cycle.transport is self.transport:
+                cycle.transport = OneWriteResponses(self.transport, cycle)
 
         def connection_made(self, transport: asyncio.Transport) -> None:
             super().connection_made(transport)

@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+from service.server import OneWriteResponses
 from tests.service.conftest import LiveServer
 
 
@@ -250,3 +251,82 @@ def test_fastapis_own_opentelemetry_runs_only_when_asked_for(models_dir, monkeyp
     if "telemetry" not in inspect.signature(fastapi.FastAPI.__init__).parameters:
         pytest.skip("this FastAPI has no native telemetry")
     assert app._native_telemetry.enabled() is wanted
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+class _Cycle:
+    def __init__(self, method: str = "GET", length: int | None = 5) -> None:
+        self.scope = {"method": method}
+        self.response_started = False
+        self.response_complete = False
+        self.chunked_encoding = None if length is None else False
+        self.expected_content_length = length or 0
+
+
+def _respond(cycle: _Cycle, out: OneWriteResponses, head: bytes, *bodies: bytes) -> None:
+    cycle.response_started = True  # as uvicorn's send() sets it before writing the head
+    out.write(head)
+    for body in bodies:
+        out.write(body)
+
+
+def test_a_response_head_goes_out_with_its_body_in_one_write():
+    t, cycle = _Transport(), _Cycle()
+    out = OneWriteResponses(t, cycle)  # type: ignore[arg-type]
+    out.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the response: at once
+    assert t.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    _respond(cycle, out, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", b"hel", b"lo")
+    assert t.writes[1:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhel", b"lo"]
+    assert out.is_closing() is False  # everything else is the connection's own
+
+
+@pytest.mark.parametrize(
+    "cycle",
+    [_Cycle(length=None), _Cycle(length=0), _Cycle(method="HEAD")],
+    ids=["chunked", "empty-body", "head-request"],
+)
+def test_heads_without_a_body_to_follow_are_written_at_once(cycle):
+    t = _Transport()
+    out = OneWriteResponses(t, cycle)  # type: ignore[arg-type]
+    _respond(cycle, out, b"HTTP/1.1 200 OK\r\n\r\n")
+    assert t.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
+
+
+def test_closing_writes_a_held_head_first():
+    t, cycle = _Transport(), _Cycle()
+    out = OneWriteResponses(t, cycle)  # type: ignore[arg-type]
+    _respond(cycle, out, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")  # the app failed before its body
+    assert t.writes == []
+    out.close()
+    assert t.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"] and t.closed
+
+
+def test_head_requests_and_kept_alive_connections_are_answered_whole(models_dir):
+    with LiveServer(models_dir) as server:
+        conn = socket.create_connection(("127.0.0.1", server.port))
+        conn.settimeout(10.0)
+        for request in (b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n") * 2:
+            conn.sendall(request)
+            if request.startswith(b"HEAD"):
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                # /healthz takes GET only: a 405 head announcing a JSON body that HEAD never gets
+                assert data.startswith(b"HTTP/1.1 405") and b"content-length: 0\r" not in data
+            else:
+                assert read_response(conn).startswith(b"HTTP/1.1 200")
+        conn.close()
