@@ -41,9 +41,10 @@ class OneWriteResponses:
     uvicorn's httptools protocol writes the status line and headers when the app sends
     http.response.start and the body when it sends http.response.body: two system calls, and two TCP
     segments the client wakes up for, per response. Held until the body comes, a head that announces
-    a body (Content-Length above 0, not chunked, not a HEAD request) goes out with it in one write: 0.89x the server's CPU a
-    one-digit V2 encode at concurrency 32 (README Performance). Anything else (100 Continue, chunked
-    or empty bodies, later writes) is written at once, and close() writes a held head first.
+    a body (Content-Length above 0, not chunked, not a HEAD request) goes out with it in one write:
+    0.89x the server's CPU a one-digit V2 encode at concurrency 32 (README Performance). Anything else
+    (100 Continue, chunked or empty bodies, later writes) is written at once, and close() writes a
+    held head first.
     """
 
     __slots__ = ("_transport", "_cycle", "_held", "_first")
