@@ -55,38 +55,25 @@ class Job:
     remaining_work: int = 0
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        self.done = True
-
-        def settle() -> None:
-            if self.future.done():
-                return
-            if self.cancelled:  # nobody waits for it any more: no result, no unretrieved exception
-                self.future.cancel()
-            elif error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-
-        try:
-            self.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the waiter's event loop has closed: nobody is left to tell
-            pass
+        finish_all([(self, result, error)])
 
 
-def finish_all(finished: list[tuple[Job, Any]]) -> None:
-    """job.finish(result) for each, with one call into each waiting event loop instead of one a job (under
+def finish_all(finished: list[tuple[Job, Any, BaseException | None]]) -> None:
+    """Settle each (job, result, error) with one call into each waiting event loop, not one a job (under
     batching one engine call completes many jobs; each wake-up of the loop is a hand-off between threads)."""
-    by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[Job, Any]]]] = {}
-    for job, result in finished:
-        job.done = True
-        by_loop.setdefault(id(job.loop), (job.loop, []))[1].append((job, result))
+    by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[Job, Any, BaseException | None]]]] = {}
+    for item in finished:
+        item[0].done = True
+        by_loop.setdefault(id(item[0].loop), (item[0].loop, []))[1].append(item)
 
-    def settle(items: list[tuple[Job, Any]]) -> None:
-        for job, result in items:
+    def settle(items: list[tuple[Job, Any, BaseException | None]]) -> None:
+        for job, result, error in items:
             if job.future.done():
                 continue
-            if job.cancelled:  # nobody waits for it any more (as Job.finish)
+            if job.cancelled:  # nobody waits for it any more: no result, no unretrieved exception
                 job.future.cancel()
+            elif error is not None:
+                job.future.set_exception(error)
             else:
                 job.future.set_result(result)
 
@@ -399,7 +386,7 @@ class Scheduler:
             piece = tuple(o[offset : offset + b - a] for o in outs)
             offset += b - a
             pieces.append(job.post(piece, a) if job.post else piece)
-        finished: list[tuple[Job, Any]] = []
+        finished: list[tuple[Job, Any, BaseException | None]] = []
         with self._cond:
             for (job, a, b), piece in zip(parts, pieces):
                 if job.failed:
@@ -409,7 +396,7 @@ class Scheduler:
                 self._release(job, b - a, gauge=False)
                 if job.completed == job.n:
                     whole = piece if len(job.outputs) == 1 else tuple(np.concatenate(o) for o in zip(*job.outputs))
-                    finished.append((job, whole))
+                    finished.append((job, whole, None))
             self.metrics.queued_work.set(self.queued_work)
             finish_all(finished)
         return len(inputs)
@@ -439,12 +426,12 @@ class Scheduler:
                     self._release(job, rows // len(tasks), gauge=False)
                     touched[id(job)] = job
             self.metrics.queued_work.set(self.queued_work)
-            finished: list[tuple[Job, Any]] = []
+            finished: list[tuple[Job, Any, BaseException | None]] = []
             for job in touched.values():  # settle after every release, so waiters see the queue as it is
                 if all(t.finished for t in job.tasks) and not job.done:
                     dq = self._queues.get((mv.key, mv.digest, "score"))
                     if dq is not None and job in dq:
                         dq.remove(job)
-                    finished.append((job, job.tasks))
+                    finished.append((job, job.tasks, None))
             finish_all(finished)
         return rows
