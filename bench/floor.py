@@ -7,6 +7,10 @@ without entering the app: no middleware, no parsing, no engine. What perf_analyz
 cost of the HTTP server, the event loop and the load generator on this machine; one over it, taken from
 one over the real service's throughput, is the time a request spends in the service's own code. The
 answers are wrong for any other input, so this is a bench instrument only, never a way to serve.
+
+`GET /bench/floor/requests` answers how many infer requests it has answered so far (replayed or not),
+so the bench can put the server's CPU time over the requests it served, as it does with /metrics for
+the real service.
 """
 
 from __future__ import annotations
@@ -17,16 +21,27 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+COUNT_PATH = "/bench/floor/requests"
+
 
 def replaying(app: ASGIApp) -> ASGIApp:
     """`app`, except that V2 infer requests after the first 200 on their path get that response again."""
     recorded: dict[str, list[Message]] = {}
+    answered = 0
 
     async def floor(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal answered
+        if scope["type"] == "http" and scope["path"] == COUNT_PATH:
+            body = str(answered).encode()
+            headers = [(b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
         is_infer = scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer")
         if not is_infer:
             await app(scope, receive, send)
             return
+        answered += 1
         answer = recorded.get(scope["path"])
         if answer is not None:
             more = True

@@ -128,9 +128,15 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
         }
     # Batching on against off at concurrency 32, in alternating turns against two servers (both up, the
     # idle one waiting): one turn each swung the ratio from 2.0x to 3.2x between runs of one build. The
-    # third server is the HTTP floor (bench/floor.py: the same server answering from a recording), which
-    # splits a request's time into the HTTP stack's and perf_analyzer's, and the service's own.
-    turns: dict[str, list[float]] = {"on": [], "off": [], "floor": []}
+    # third server is the HTTP floor (bench/floor.py: the same server answering from a recording). Each
+    # turn also reads the server's CPU time over the requests it served, which, unlike throughput, does
+    # not depend on whether perf_analyzer or the server is the limit.
+    names = ("on", "off", "floor")
+    turns: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, dict[str, list[float]]] = {
+        key: {name: [] for name in names}
+        for key in ("server_cpu_us_per_request", "server_cores_busy", "perf_analyzer_cores_busy")
+    }
     with (
         serving.Server(model.parent.parent) as on,
         serving.Server(model.parent.parent, batching="false") as off,
@@ -138,12 +144,16 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
     ):
         for _ in range(1 if quick else 3):
             for name, server in (("on", on), ("off", off), ("floor", floor)):
-                res = serving.perf_analyzer(server.url, "digits-encode", "x", rows, [32], window_ms=3000)["32"]
+                res = serving.load_turn(server, "digits-encode", rows, 32, window_ms=3000)
                 turns[name].append(res.get("requests_per_s", float("nan")))
+                for key, values in cpu.items():
+                    values[name].append(res.get(key, float("nan")))
     http["encode_v2_batching_turns"] = {
         "concurrency": 32,
         "requests_per_s": turns,
         **{f"median_{name}": float(np.median(values)) for name, values in turns.items()},
+        **cpu,
+        **{f"median_{key}": {name: float(np.median(v)) for name, v in values.items()} for key, values in cpu.items()},
     }
     results["http"] = http
 
@@ -237,34 +247,30 @@ def acceptance_ratios(r: dict[str, Any]) -> list[str]:
 
 
 def encode_floor_lines(turns: dict[str, Any]) -> list[str]:
-    """Where an encode request's time goes, from the HTTP floor's throughput (results without it: none).
+    """Where an encode request's cost goes: the server's CPU time a request served, against the floor's.
 
-    A request's time at concurrency 32 is one over the throughput; the floor's is the HTTP stack's and the
-    load generator's share, the rest is the service's own (its middleware, parse, render, the hand-off to
-    the engine and, batching off, an engine call of its own). Most of the service's own time is code both
-    modes run, so cutting it by d makes on/off (off - d) / (on - d); the last figure is the service's own
-    time with batching at which that reaches 3x: own_on - d for d = (3 on - off) / 2, the rest as measured.
+    The floor (bench/floor.py) is the same server answering from a recording, so its CPU time a request
+    is uvicorn's and the event loop's share; the rest is the service's own (its parse, render, the
+    hand-off to the engine, and the engine). Throughputs cannot split this: on a 2-core machine the
+    floor's throughput is perf_analyzer's limit, not the server's (see its cores busy). With one core's
+    worth of interpreter-locked work a request, throughput is about one over the locked CPU time, so
+    on/off in throughput follows the CPU ratio off/on where both servers keep one core busy.
     """
-    floor = turns.get("median_floor")
-    if not floor:
+    us = turns.get("median_server_cpu_us_per_request")
+    busy = turns.get("median_server_cores_busy")
+    load = turns.get("median_perf_analyzer_cores_busy")
+    if not us or not us.get("floor"):
         return []
-    us = {name: 1e6 / turns[f"median_{name}"] for name in ("on", "off", "floor")}
     own_on, own_off = us["on"] - us["floor"], us["off"] - us["floor"]
-    needed = own_on - (3 * us["on"] - us["off"]) / 2
-    if needed >= own_on:
-        verdict = "3x is met as it is"
-    elif needed <= 0:
-        verdict = "3x is out of reach even with none of it left"
-    else:
-        verdict = (
-            f"3x would need the code both run cut until {needed:.0f} us a request are left with batching "
-            f"({needed / own_on:.0%} of now)"
-        )
     return [
-        f"  - the HTTP floor (bench/floor.py: the same server answering every encode from a recording, in the "
-        f"same turns): {floor:.1f} requests/s, {us['floor']:.0f} us a request; the service's own time a "
-        f"request: {own_on:.0f} us with batching, {own_off:.0f} us without; {verdict} "
-        f"(floor turns {turns['requests_per_s']['floor']})"
+        f"  - server CPU time a request served (all its threads, /proc; requests from /metrics), medians: "
+        f"batching on {us['on']:.0f} us, off {us['off']:.0f} us (off/on {us['off'] / us['on']:.2f}x), the HTTP "
+        f"floor (bench/floor.py: the same server answering every encode from a recording) {us['floor']:.0f} us; "
+        f"the service's own beyond the floor: {own_on:.0f} us on, {own_off:.0f} us off "
+        f"(turns: {turns['server_cpu_us_per_request']})",
+        "  - cores busy over a turn (CPU seconds a second), server / perf_analyzer: "
+        + ", ".join(f"{name} {busy[name]:.2f} / {load[name]:.2f}" for name in ("on", "off", "floor"))
+        + f"; floor throughput {turns['median_floor']:.1f} requests/s (turns {turns['requests_per_s']['floor']})",
     ]
 
 

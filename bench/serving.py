@@ -38,6 +38,7 @@ class Server:
     floor=True runs bench.floor instead: the same server, answering V2 inference from a recording."""
 
     def __init__(self, models: Path, floor: bool = False, **settings: Any):
+        self.floor = floor
         self.port = free_port()
         env = {**os.environ, "VAE_LOG_LEVEL": "warning"}
         env.update({f"VAE_{k.upper()}": str(v) for k, v in settings.items()})
@@ -70,6 +71,28 @@ class Server:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         return {k: round(int(fields[k].split()[0]) / 1024, 1) for k in ("VmRSS", "VmHWM")}
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the server process so far, all its threads together (/proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def infer_requests(self) -> int:
+        """V2 infer requests the server has answered: from /metrics (any status), or the floor's own count."""
+        import urllib.request
+
+        if self.floor:
+            from bench.floor import COUNT_PATH
+
+            return int(urllib.request.urlopen(self.url + COUNT_PATH, timeout=10).read())
+        text = urllib.request.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        return round(
+            sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("vae_requests_total{") and '/infer"' in line
+            )
+        )
+
     def __exit__(self, *exc: Any) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -89,6 +112,30 @@ def perf_analyzer_binary() -> tuple[Path | None, dict[str, str]]:
     if libs:  # perf_analyzer links libcudart at start-up though HTTP never uses CUDA
         env["LD_LIBRARY_PATH"] = ":".join([str(libs[0]), env.get("LD_LIBRARY_PATH", "")])
     return exe, env
+
+
+def load_turn(server: Server, model: str, rows: np.ndarray, concurrency: int, window_ms: int) -> dict[str, Any]:
+    """One perf_analyzer run against `server`, with the CPU time it cost the server and perf_analyzer.
+
+    Throughput alone cannot say which side of the socket bounds it (on a 2-core machine perf_analyzer
+    can be the limit); CPU time a request served can, and is what a cut to the server's code changes.
+    """
+    import resource
+
+    cpu0, served0, wall0 = server.cpu_seconds(), server.infer_requests(), time.perf_counter()
+    gen0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    res = perf_analyzer(server.url, model, "x", rows, [concurrency], window_ms=window_ms)[str(concurrency)]
+    gen1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu1, wall1 = server.cpu_seconds(), time.perf_counter()
+    served = server.infer_requests() - served0
+    wall = wall1 - wall0
+    generator = (gen1.ru_utime + gen1.ru_stime) - (gen0.ru_utime + gen0.ru_stime)
+    if served > 0:
+        res["server_cpu_us_per_request"] = round((cpu1 - cpu0) / served * 1e6, 1)
+        res["perf_analyzer_cpu_us_per_request"] = round(generator / served * 1e6, 1)
+    res["server_cores_busy"] = round((cpu1 - cpu0) / wall, 2)  # CPU seconds a second: 1.0 is one core
+    res["perf_analyzer_cores_busy"] = round(generator / wall, 2)
+    return res
 
 
 def perf_analyzer(

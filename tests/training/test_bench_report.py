@@ -110,21 +110,25 @@ def test_the_int8_candidate_really_is_quantized(tmp_path):
     assert "log_weights" in engine.sessions
 
 
-def test_the_encode_floor_line_splits_a_request_into_the_http_floor_and_the_services_own_time():
-    # on 5000/s = 200 us, off 2000/s = 500 us, floor 10000/s = 100 us: own 100 and 400 us; cutting the
-    # shared code by d = (3 * 200 - 500) / 2 = 50 us gives (500 - 50) / (200 - 50) = 3x, with 50 us left
+def test_the_encode_floor_lines_put_the_servers_cpu_a_request_against_the_floors():
+    def medians(on: float, off: float, floor: float) -> dict[str, float]:
+        return {"on": on, "off": off, "floor": floor}
+
     turns = {
         "requests_per_s": {"on": [5000.0], "off": [2000.0], "floor": [10000.0]},
         "median_on": 5000.0,
         "median_off": 2000.0,
         "median_floor": 10000.0,
+        "server_cpu_us_per_request": {"on": [200.0], "off": [600.0], "floor": [50.0]},
+        "median_server_cpu_us_per_request": medians(200.0, 600.0, 50.0),
+        "median_server_cores_busy": medians(1.0, 1.2, 0.5),
+        "median_perf_analyzer_cores_busy": medians(0.5, 0.3, 1.2),
     }
-    (line,) = encode_floor_lines(turns)
-    assert "10000.0 requests/s, 100 us a request" in line
-    assert "100 us with batching, 400 us without" in line
-    assert "cut until 50 us a request are left with batching (50% of now)" in line
-    met = encode_floor_lines({**turns, "median_off": 1000.0})  # off 1000 us: 5x already
-    assert "3x is met as it is" in met[0]
-    gone = encode_floor_lines({**turns, "median_floor": 5000.0})  # floor 200 us: on is all floor
-    assert "out of reach even with none of it left" in gone[0]
-    assert encode_floor_lines({k: v for k, v in turns.items() if k != "median_floor"}) == []  # older results
+    cpu, busy = encode_floor_lines(turns)
+    assert "batching on 200 us, off 600 us (off/on 3.00x)" in cpu
+    assert "floor (bench/floor.py" in cpu and "50 us" in cpu
+    assert "150 us on, 550 us off" in cpu  # beyond the floor
+    assert "on 1.00 / 0.50, off 1.20 / 0.30, floor 0.50 / 1.20" in busy
+    assert "floor throughput 10000.0 requests/s" in busy
+    older = {k: v for k, v in turns.items() if "cpu" not in k and "busy" not in k}
+    assert encode_floor_lines(older) == []  # results from before the CPU figures: no lines
