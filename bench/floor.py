@@ -3,9 +3,9 @@
 `python -m bench.floor --models DIR --port N` runs the service exactly as `vae-serve` does (same
 settings from VAE_*, same uvicorn configuration, same app), except that a POST to a V2 infer path, after
 the first successful one on that path, reads the request's body and sends back the first one's response
-without entering the app: no middleware, no parsing, no engine. What perf_analyzer then measures is the
-cost of the HTTP server, the event loop and the load generator on this machine; one over it, taken from
-one over the real service's throughput, is the time a request spends in the service's own code. The
+without entering the app: no middleware, no parsing, no engine. Its CPU time a request served is the
+cost of the HTTP server and the event loop on this machine; the real service's, less it, is the cost
+of the service's own code. (Its throughput is not: on 2 cores it is the load generator's limit.) The
 answers are wrong for any other input, so this is a bench instrument only, never a way to serve.
 
 `GET /bench/floor/requests` answers how many infer requests it has answered so far (replayed or not),
