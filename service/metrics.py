@@ -67,7 +67,7 @@ class Metrics:
         self.child(self.requests, endpoint, method, str(status)).inc()
         self.child(self.latency, endpoint).observe(seconds)
         if status >= 400:
-            self.errors.labels(endpoint, str(status)).inc()
+            self.child(self.errors, endpoint, str(status)).inc()
 
 
 class MetricsMiddleware:

@@ -32,6 +32,7 @@ from service.repository import ModelVersion
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 OPS = ("encode", "decode", "score")
 HEADER = "inference-header-content-length"
+HEADER_KEY = HEADER.encode()  # as ASGI gives header names: lower-case bytes
 DTYPES: dict[str, Any] = {
     "BOOL": np.bool_,
     "UINT8": np.uint8,
@@ -238,14 +239,14 @@ class Reply:
         kind = b"application/json" if self.header_length is None else b"application/octet-stream"
         out = [(b"content-type", kind), (b"content-length", str(len(self.body)).encode())]
         if self.header_length is not None:
-            out.append((HEADER.encode(), str(self.header_length).encode()))
+            out.append((HEADER_KEY, str(self.header_length).encode()))
         return out
 
     def response(self) -> Response:
-        if self.header_length is None:
-            return Response(self.body, media_type="application/json")
-        headers = {HEADER: str(self.header_length)}
-        return Response(self.body, media_type="application/octet-stream", headers=headers)
+        """The same reply as a Starlette response, for the declared routes (one set of headers: headers())."""
+        response = Response(self.body)
+        response.raw_headers = self.headers()
+        return response
 
 
 async def infer(
@@ -505,7 +506,7 @@ class InferLane:
             return None
         header_length = None
         for name, value in scope["headers"]:
-            if name == b"inference-header-content-length":
+            if name == HEADER_KEY:
                 header_length = value.decode("latin-1")
         core: InferenceCore = scope["app"].state.core
 
