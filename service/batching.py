@@ -6,9 +6,10 @@ call at a time over the next rows of several jobs:
   score            the next chunk of importance samples of up to a call's image limit, from any jobs
 So concurrent requests share engine calls (dynamic batching), a long /score never blocks encodes for
 more than one call, and a cancelled job (client gone, deadline passed) stops within one call.
-Admission control counts work in importance samples (an encoded or decoded image counts 1): past
-`max_queued_samples`, submit raises Overloaded (503, Retry-After). Health and metrics never touch
-these threads.
+Admission control counts work in importance samples (an encoded or decoded image counts 1) and in time:
+past `max_queued_samples` (the memory bound), or when the queued work at each operation's measured engine
+cost would take longer than `queue_deadline_fraction` of the request's deadline to drain (the latency
+bound), submit raises Overloaded (503, Retry-After). Health and metrics never touch these threads.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Job:
     failed: bool = False
     done: bool = False
     remaining_work: int = 0
+    unit_seconds: float = 0.0  # estimated engine seconds a unit of its work costs, fixed at admission
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         finish_all([(self, result, error)])
@@ -129,7 +131,7 @@ class Scheduler:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self.queued_work = 0
-        self._rate = 0.0  # rows per second of recent engine calls, for Retry-After
+        self.queued_seconds = 0.0  # the queued work's estimated engine time (summed over the workers)
         self.busy_workers = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -155,27 +157,52 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise Overloaded("the service is shutting down", retry_after=5)
+            key = (job.mv.key, job.mv.digest, job.op)
+            unit = job.mv.unit_seconds.get(job.op, 0.0)
             limit = self.settings.max_queued_samples
             if self.queued_work + job.work > limit:
-                self.metrics.rejected.labels(job.op).inc()
-                raise Overloaded(
+                self._refuse(
+                    job,
                     f"the server is at capacity ({self.queued_work} of {limit} importance samples queued); "
                     "retry later or send less work per request",
-                    retry_after=self.retry_after(job.work),
+                    self.drain_seconds(),
                 )
+            fraction = self.settings.queue_deadline_fraction
+            if fraction and self.queued_work and unit:
+                drain, cost = self.drain_seconds(), job.work * unit / self.settings.inference_workers
+                budget = fraction * (job.deadline - time.monotonic())
+                if drain + cost > budget:
+                    # Retry when enough has drained for this request to fit; one that cannot fit even
+                    # alone is admitted only onto an empty queue (its deadline then decides).
+                    self._refuse(
+                        job,
+                        f"the server is at capacity (its queued work takes ~{drain:.1f} s to drain, this request "
+                        f"~{cost:.1f} s more, past {fraction:g} of the request's deadline); retry later, send less "
+                        "work per request, or allow a larger timeout_s",
+                        drain - max(0.0, budget - cost),
+                    )
+            job.unit_seconds = unit
             job.remaining_work = job.work
             self.queued_work += job.work
-            key = (job.mv.key, job.mv.digest, job.op)
+            self.queued_seconds += job.work * unit
             if key not in self._queues:
                 self._queues[key] = deque()
                 self._order.append(key)
             self._queues[key].append(job)
-            self.metrics.queued_work.set(self.queued_work)
+            self._gauges()
             self._cond.notify()
 
-    def retry_after(self, extra: int = 0) -> int:
-        rate = self._rate or 20000.0
-        return max(1, math.ceil((self.queued_work + extra) / rate))
+    def _refuse(self, job: Job, message: str, wait_s: float) -> None:
+        self.metrics.rejected.labels(job.op).inc()
+        raise Overloaded(message, retry_after=math.ceil(wait_s))
+
+    def drain_seconds(self) -> float:
+        """Estimated time until the queued work is done, at each operation's measured engine cost."""
+        return self.queued_seconds / self.settings.inference_workers
+
+    def _gauges(self) -> None:
+        self.metrics.queued_work.set(self.queued_work)
+        self.metrics.queued_seconds.set(self.drain_seconds())
 
     # --- the worker ---------------------------------------------------------------------------
     def _live(self, job: Job) -> bool:
@@ -190,8 +217,10 @@ class Scheduler:
         work = min(work, job.remaining_work)
         job.remaining_work -= work
         self.queued_work -= work
+        # an empty queue resets the sum, so float rounding and estimates that changed cannot accumulate
+        self.queued_seconds = max(0.0, self.queued_seconds - work * job.unit_seconds) if self.queued_work else 0.0
         if gauge:
-            self.metrics.queued_work.set(self.queued_work)
+            self._gauges()
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if job.failed:
@@ -355,15 +384,25 @@ class Scheduler:
             idle_trimmed = False
             op, work = taken
             started = time.monotonic()
+            rows = 0
             try:
                 rows = self._run_score(work) if op == "score" else self._run_rows(op, work)
             finally:
+                last_work = time.monotonic()
                 with self._cond:
                     self.busy_workers -= 1
-                    self.metrics.queued_work.set(self.queued_work)
-            last_work = time.monotonic()
-            elapsed = max(last_work - started, 1e-6)
-            self._rate = 0.8 * self._rate + 0.2 * (rows / elapsed) if self._rate else rows / elapsed
+                    self._learn_cost(op, work[0][0].mv, rows, last_work - started)
+                    self._gauges()
+
+    @staticmethod
+    def _learn_cost(op: str, mv: ModelVersion, rows: int, seconds: float) -> None:
+        """Fold one engine call (its rows, its time in the worker) into the version's engine time a unit of
+        the operation's work: a moving average from the load-time figure (under the scheduler's lock)."""
+        if rows <= 0:
+            return
+        unit = max(seconds, 1e-7) / rows
+        known = mv.unit_seconds.get(op)
+        mv.unit_seconds[op] = unit if not known else 0.8 * known + 0.2 * unit
 
     def _run_rows(self, op: str, parts: list[tuple[RowsJob, int, int]]) -> int:
         mv = parts[0][0].mv
@@ -377,7 +416,7 @@ class Scheduler:
             with self._cond:
                 for job, _, _ in parts:
                     self._fail(job, EngineFailure(f"{op} failed"))
-            return len(inputs)
+            return 0  # a failed call says nothing about the cost of work
         self.metrics.child(self.metrics.engine_seconds, op, mv.ref.info.label).observe(time.perf_counter() - t0)
         outs = out if isinstance(out, tuple) else (out,)
         pieces = []
@@ -397,7 +436,7 @@ class Scheduler:
                 if job.completed == job.n:
                     whole = piece if len(job.outputs) == 1 else tuple(np.concatenate(o) for o in zip(*job.outputs))
                     finished.append((job, whole, None))
-            self.metrics.queued_work.set(self.queued_work)
+            self._gauges()
             finish_all(finished)
         return len(inputs)
 
@@ -414,7 +453,7 @@ class Scheduler:
                 for job, i in picked:
                     job.in_flight.discard(i)
                     self._fail(job, EngineFailure("scoring failed"))
-            return len(tasks)
+            return 0
         self.metrics.child(self.metrics.engine_seconds, "score", mv.scoring.info.label).observe(
             time.perf_counter() - t0
         )
@@ -425,7 +464,7 @@ class Scheduler:
                 if not job.failed:
                     self._release(job, rows // len(tasks), gauge=False)
                     touched[id(job)] = job
-            self.metrics.queued_work.set(self.queued_work)
+            self._gauges()
             finished: list[tuple[Job, Any, BaseException | None]] = []
             for job in touched.values():  # settle after every release, so waiters see the queue as it is
                 if all(t.finished for t in job.tasks) and not job.done:

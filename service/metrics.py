@@ -44,6 +44,11 @@ class Metrics:
             "vae_engine_seconds", "duration of each engine call", ["op", "engine"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.queued_work = Gauge("vae_queued_samples", "importance samples (or images) queued or running", registry=r)
+        self.queued_seconds = Gauge(
+            "vae_queued_seconds",
+            "estimated time to drain the queued work, at each operation's measured engine cost",
+            registry=r,
+        )
         self.rejected = Counter(
             "vae_rejected_total", "requests refused by admission control (503), by operation", ["op"], registry=r
         )

@@ -56,6 +56,9 @@ class ModelVersion:
     chunk: int  # importance samples per engine call and image
     decode_rows_per_call: int
     score_rows: int  # the most rows one log_weights call may hold (engine_memory_mb)
+    # op -> engine seconds a unit of its work costs (an image; an importance sample for score), for admission
+    # control: timed at load, then a moving average over engine calls kept by the scheduler
+    unit_seconds: dict[str, float] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -142,14 +145,18 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
     # per-level probabilities (and, for a mixture, each component's CDF at every edge) of each latent
     decode_rows = max(1, min(settings.batch_max_rows, budget // (4 * dim * levels * (per_pixel // 3 + 2))))
     try:
+        t0 = time.perf_counter()
         mu, _ = ref.encode(np.zeros((2, dim), dtype=np.int64))
+        t1 = time.perf_counter()
         probs = ref.decode(mu)
+        t2 = time.perf_counter()
         if probs.shape != (2, dim, levels) or not np.all(np.isfinite(probs)):
             raise ModelLoadError(f"the decoder graph gives {probs.shape}, expected (2, {dim}, {levels}) finite")
         check = manifest["check"]
         x = np.asarray(check["images"], dtype=np.int64)
         seeds = [int(check["seed"])] * len(x)
         tasks = score_direct(ref, x, int(check["K"]), seeds, latent, chunk, check_images_per_call)
+        t3 = time.perf_counter()
         got = np.array([t.acc.log_likelihood()[0] for t in tasks])
     except ModelLoadError:
         raise
@@ -176,6 +183,9 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
         chunk,
         decode_rows,
         rows,
+        # first costs for admission control until engine calls measure them (the first calls include
+        # set-up, so these lean high; the fast path scores faster than the reference timed here)
+        {"encode": (t1 - t0) / 2, "decode": (t2 - t1) / 2, "score": (t3 - t2) / (len(x) * int(check["K"]))},
     )
 
 

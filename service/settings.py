@@ -78,6 +78,15 @@ class Settings(BaseSettings):
         description="most work (importance samples; an encoded or decoded image counts 1) queued "
         "at once; past it, 503 with Retry-After",
     )
+    queue_deadline_fraction: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="refuse work (503, Retry-After) when the queued work, at the engines' measured cost, plus the "
+        "request's own would take longer than this fraction of the request's deadline; work is shared "
+        "round-robin, so under sustained load a request finishes within about twice the drain time it was "
+        "admitted behind (0: off, only max_queued_samples bounds the queue)",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="deadline of a request's work; a request may ask for less (timeout_s)"
     )

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from service.batching import Scheduler
 from service.core import InferenceCore, RequestContext
@@ -147,6 +148,66 @@ def test_admission_control_refuses_past_the_queue_budget(models_dir, test_images
     core.scheduler.stop()
 
 
+def test_admission_refuses_work_that_would_not_drain_within_its_share_of_the_deadline(models_dir, test_images):
+    """At a known cost a unit of work (set here: 1 ms an importance sample, so no clock decides the outcome),
+    a request is refused while the queued work plus its own would outlast queue_deadline_fraction of its
+    deadline; onto an empty queue anything is admitted, and an operation with no cost known only meets
+    the samples bound. Costs start from the version's load-time figures; engine calls then refine them."""
+    core = make_core(models_dir, start=False, engine="onnxruntime", queue_deadline_fraction=0.3)
+    mv = core.model(None, None)
+    assert all(mv.unit_seconds[op] > 0 for op in ("encode", "decode", "score"))  # timed at load
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+    sched = core.scheduler
+    mv.unit_seconds["score"] = 1e-3
+    del mv.unit_seconds["encode"]
+
+    async def run() -> None:
+        short, long = RequestContext.start(core.settings, 10.0), RequestContext.start(core.settings, 30.0)
+        # 4 s of work against a 3 s share: admitted all the same, the queue is empty
+        first = asyncio.ensure_future(core.score(mv, x[:4], 1000, 0, None, None, short))
+        await asyncio.sleep(0.05)
+        assert sched.queued_work == 4000 and sched.drain_seconds() == pytest.approx(4.0)
+        with pytest.raises(Overloaded) as exc:  # 4 s queued + 1 s its own > 0.3 x 10 s
+            await core.score(mv, x[4:5], 1000, 0, None, None, short)
+        assert "drain" in str(exc.value) and exc.value.retry_after in (2, 3)  # until 2 s of it have drained
+        assert core.metrics.rejected.labels("score")._value.get() == 1
+        # 4 + 1 s fit in 0.3 x 30 s
+        second = asyncio.ensure_future(core.score(mv, x[4:5], 1000, 0, None, None, long))
+        # encode has no measured cost yet: only the samples bound applies
+        encoded = asyncio.ensure_future(core.encode(mv, x[:8], short))
+        await asyncio.sleep(0.05)
+        assert sched.queued_work == 5008 and sched.drain_seconds() == pytest.approx(5.0)
+        assert "vae_queued_seconds 5.0" in generate_latest(core.metrics.registry).decode()
+        sched.start()
+        assert len((await first).log_likelihood) == 4 and len((await second).log_likelihood) == 1
+        assert (await encoded).mu.shape[0] == 8
+        assert sched.queued_work == 0 and sched.queued_seconds == 0.0
+        # the calls taught the scheduler what a unit of each operation costs
+        assert mv.unit_seconds["encode"] > 0
+        assert mv.unit_seconds["score"] < 1e-3  # digits score far below 1 ms a sample
+
+    asyncio.run(run())
+    sched.stop()
+
+
+def test_a_zero_deadline_fraction_leaves_only_the_samples_bound(models_dir, test_images):
+    core = make_core(models_dir, start=False, engine="onnxruntime", queue_deadline_fraction=0)
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+    mv.unit_seconds["score"] = 1.0  # an hour of work queued below
+
+    async def run() -> None:
+        ctx = RequestContext.start(core.settings, 1.0)
+        jobs = [asyncio.ensure_future(core.score(mv, x[i : i + 1], 1000, 0, None, None, ctx)) for i in range(4)]
+        await asyncio.sleep(0.05)
+        assert core.scheduler.queued_work == 4000 and all(not j.done() for j in jobs)
+        for j in jobs:
+            j.cancel()
+
+    asyncio.run(run())
+    core.scheduler.stop()
+
+
 @pytest.mark.parametrize("engine", ["onnxruntime", "auto"])
 def test_images_below_the_chunk_size_share_calls_by_rows(models_dir, test_images, engine):
     """K=100 is a tenth of the chunk: ten times as many images fit a call as at K=1000, on either engine."""
@@ -214,6 +275,32 @@ def test_a_deadline_the_worker_sees_first_is_still_a_deadline(models_dir, test_i
     asyncio.run(run())
     core.scheduler.stop()
     assert dropped == ["DeadlineExceeded"]  # the worker saw the deadline first
+
+
+def test_work_that_cannot_drain_in_time_is_503_over_http(models_dir, test_images):
+    """A queue the measured engine cost says takes longer to drain than a request's share of its deadline
+    refuses it with 503 and Retry-After, instead of a 504 when the deadline passes; the queued work finishes."""
+    img = test_images[0].tolist()
+    with make_client(models_dir, engine="onnxruntime") as c:
+        assert c.post("/score", json={"images": [img], "num_samples": 1000}).status_code == 200  # cost learned
+        results = {}
+
+        def big() -> None:  # 320,000 samples: over a second of fp32 scoring on any machine we know
+            results["big"] = c.post("/score", json={"images": [img] * 64, "num_samples": 5000})
+
+        t = threading.Thread(target=big)
+        t.start()
+        for _ in range(200):
+            if "vae_queued_samples 0.0" not in c.get("/metrics").text:
+                break
+            time.sleep(0.005)
+        r = c.post("/score", json={"images": [img] * 4, "num_samples": 1000, "timeout_s": 1})
+        t.join()
+        err = error_of(r, 503, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1 and "drain" in err["message"]
+        assert results["big"].status_code == 200
+        metrics = c.get("/metrics").text
+        assert 'vae_rejected_total{op="score"} 1.0' in metrics and "vae_queued_seconds 0.0" in metrics
 
 
 def test_overload_over_http_is_503_with_retry_after(models_dir, test_images):
