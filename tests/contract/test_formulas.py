@@ -46,6 +46,20 @@ def test_quantile_table_keeps_every_score_or_a_summary():
     assert len(big["probs"]) == 1001 and big["values"][0] == 0.0 and big["values"][-1] == 4999.0
 
 
+def test_importance_noise_from_the_cache_is_the_noise_drawn_afresh_and_callers_cannot_change_it():
+    from vae_contract.formulas import _noise_block
+
+    _noise_block.cache_clear()
+    first = importance_noise(11, 600, 4, start=250)
+    first[:] = 0.0  # a caller writing into its noise must not change the next caller's
+    again = importance_noise(11, 600, 4, start=250)
+    assert _noise_block.cache_info().hits == 3
+    fresh = np.concatenate(
+        [np.random.default_rng([11, b]).standard_normal((NOISE_BLOCK, 4), dtype=np.float32) for b in (1, 2, 3)]
+    )[:600]
+    np.testing.assert_array_equal(again, fresh)
+
+
 def test_importance_noise_is_blockwise_and_position_free():
     full = importance_noise(7, 1000, 3)
     assert full.shape == (1000, 3) and full.dtype == np.float32
