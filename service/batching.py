@@ -7,9 +7,9 @@ call at a time over the next rows of several jobs:
 So concurrent requests share engine calls (dynamic batching), a long /score never blocks encodes for
 more than one call, and a cancelled job (client gone, deadline passed) stops within one call.
 Admission control counts work in importance samples (an encoded or decoded image counts 1) and in time:
-past `max_queued_samples` (the memory bound), or when the queued work at each operation's measured engine
-cost would take longer than `queue_deadline_fraction` of the request's deadline to drain (the latency
-bound), submit raises Overloaded (503, Retry-After). Health and metrics never touch these threads.
+past `max_queued_samples` (the memory bound), or when, at each operation's measured engine cost, the new
+work would be done later than `queue_deadline_fraction` of the request's deadline (the latency bound; see
+finish_seconds), submit raises Overloaded (503, Retry-After). Health and metrics never touch these threads.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Job:
     done: bool = False
     remaining_work: int = 0
     unit_seconds: float = 0.0  # estimated engine seconds a unit of its work costs, fixed at admission
+    key: tuple[str, str, str] = ("", "", "")  # its queue: (model, manifest digest, operation)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         finish_all([(self, result, error)])
@@ -132,6 +133,7 @@ class Scheduler:
         self._threads: list[threading.Thread] = []
         self.queued_work = 0
         self.queued_seconds = 0.0  # the queued work's estimated engine time (summed over the workers)
+        self._backlog: dict[tuple[str, str, str], list[float]] = {}  # queue with work -> [work, seconds]
         self.busy_workers = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -169,22 +171,26 @@ class Scheduler:
                 )
             fraction = self.settings.queue_deadline_fraction
             if fraction and self.queued_work and unit:
-                drain, cost = self.drain_seconds(), job.work * unit / self.settings.inference_workers
+                cost = job.work * unit / self.settings.inference_workers
+                done = self.finish_seconds(key, cost)
                 budget = fraction * (job.deadline - time.monotonic())
-                if drain + cost > budget:
+                if done > budget:
                     # Retry when enough has drained for this request to fit; one that cannot fit even
                     # alone is admitted only onto an empty queue (its deadline then decides).
                     self._refuse(
                         job,
-                        f"the server is at capacity (its queued work takes ~{drain:.1f} s to drain, this request "
-                        f"~{cost:.1f} s more, past {fraction:g} of the request's deadline); retry later, send less "
-                        "work per request, or allow a larger timeout_s",
-                        drain - max(0.0, budget - cost),
+                        f"the server is at capacity (this request would be done in ~{done:.1f} s, ~{cost:.1f} s of "
+                        f"it its own work, past {fraction:g} of its deadline); retry later, send less work per "
+                        "request, or allow a larger timeout_s",
+                        done - budget if cost <= budget else self.drain_seconds(),
                     )
-            job.unit_seconds = unit
+            job.unit_seconds, job.key = unit, key
             job.remaining_work = job.work
             self.queued_work += job.work
             self.queued_seconds += job.work * unit
+            backlog = self._backlog.setdefault(key, [0, 0.0])
+            backlog[0] += job.work
+            backlog[1] += job.work * unit
             if key not in self._queues:
                 self._queues[key] = deque()
                 self._order.append(key)
@@ -199,6 +205,15 @@ class Scheduler:
     def drain_seconds(self) -> float:
         """Estimated time until the queued work is done, at each operation's measured engine cost."""
         return self.queued_seconds / self.settings.inference_workers
+
+    def finish_seconds(self, key: tuple[str, str, str], cost: float) -> float:
+        """Estimated time until new work of `cost` seconds in queue `key` is done: after everything queued,
+        or, as the worker takes calls round-robin over the queues with work, after its queue's work with
+        the other queues taking turns, whichever is less (an encode does not wait for a long score queue)."""
+        own = self._backlog.get(key)
+        queues = len(self._backlog) + (own is None)
+        own_s = own[1] / self.settings.inference_workers if own else 0.0
+        return min(self.drain_seconds() + cost, queues * (own_s + cost))
 
     def _gauges(self) -> None:
         self.metrics.queued_work.set(self.queued_work)
@@ -219,6 +234,12 @@ class Scheduler:
         self.queued_work -= work
         # an empty queue resets the sum, so float rounding and estimates that changed cannot accumulate
         self.queued_seconds = max(0.0, self.queued_seconds - work * job.unit_seconds) if self.queued_work else 0.0
+        backlog = self._backlog.get(job.key)
+        if backlog is not None:
+            backlog[0] -= work
+            backlog[1] = max(0.0, backlog[1] - work * job.unit_seconds)
+            if backlog[0] <= 0:
+                del self._backlog[job.key]
         if gauge:
             self._gauges()
 

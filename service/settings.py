@@ -82,8 +82,8 @@ class Settings(BaseSettings):
         0.3,
         ge=0,
         le=1,
-        description="refuse work (503, Retry-After) when the queued work, at the engines' measured cost, plus the "
-        "request's own would take longer than this fraction of the request's deadline; work is shared "
+        description="refuse work (503, Retry-After) that, after the work queued ahead of it at the engines' measured "
+        "cost, would be done later than this fraction of the request's deadline; work is shared "
         "round-robin, so under sustained load a request finishes within about twice the drain time it was "
         "admitted behind (0: off, only max_queued_samples bounds the queue)",
     )

@@ -169,18 +169,32 @@ def test_admission_refuses_work_that_would_not_drain_within_its_share_of_the_dea
         assert sched.queued_work == 4000 and sched.drain_seconds() == pytest.approx(4.0)
         with pytest.raises(Overloaded) as exc:  # 4 s queued + 1 s its own > 0.3 x 10 s
             await core.score(mv, x[4:5], 1000, 0, None, None, short)
-        assert "drain" in str(exc.value) and exc.value.retry_after in (2, 3)  # until 2 s of it have drained
+        assert "would be done in ~5.0 s" in str(exc.value)
+        assert exc.value.retry_after in (2, 3)  # until 2 s of it have drained
         assert core.metrics.rejected.labels("score")._value.get() == 1
         # 4 + 1 s fit in 0.3 x 30 s
         second = asyncio.ensure_future(core.score(mv, x[4:5], 1000, 0, None, None, long))
-        # encode has no measured cost yet: only the samples bound applies
+        await asyncio.sleep(0.05)
+        assert sched.drain_seconds() == pytest.approx(5.0)
+        # decode at 0.1 s a latent: 8 latents, 0.8 s, behind 5 s of score work would be refused, but calls
+        # alternate between the two queues, so its estimate is twice its own 0.8 s, inside 0.3 x 10 s
+        mv.unit_seconds["decode"] = 0.1
+        assert sched.finish_seconds((mv.key, mv.digest, "decode"), 0.8) == pytest.approx(1.6)
+        decoded = asyncio.ensure_future(core.decode(mv, np.zeros((8, mv.latent_dim), np.float32), "mean", 0, short))
+        await asyncio.sleep(0.05)
+        assert sched.drain_seconds() == pytest.approx(5.8)
+        # and at 2 s its own, 5.6 s with the turns: refused, to retry once that much more has drained
+        with pytest.raises(Overloaded) as exc:
+            await core.decode(mv, np.zeros((20, mv.latent_dim), np.float32), "mean", 0, short)
+        assert exc.value.retry_after == 3  # (0.8 + 2 s) x 2 = 5.6 s against a share of 3 s
+        # encode has no cost known: only the samples bound applies
         encoded = asyncio.ensure_future(core.encode(mv, x[:8], short))
         await asyncio.sleep(0.05)
-        assert sched.queued_work == 5008 and sched.drain_seconds() == pytest.approx(5.0)
-        assert "vae_queued_seconds 5.0" in generate_latest(core.metrics.registry).decode()
+        assert sched.queued_work == 5016 and sched.drain_seconds() == pytest.approx(5.8)
+        assert "vae_queued_seconds 5.8" in generate_latest(core.metrics.registry).decode()
         sched.start()
         assert len((await first).log_likelihood) == 4 and len((await second).log_likelihood) == 1
-        assert (await encoded).mu.shape[0] == 8
+        assert (await encoded).mu.shape[0] == 8 and (await decoded).images.shape[0] == 8
         assert sched.queued_work == 0 and sched.queued_seconds == 0.0
         # the calls taught the scheduler what a unit of each operation costs
         assert mv.unit_seconds["encode"] > 0
@@ -297,7 +311,7 @@ def test_work_that_cannot_drain_in_time_is_503_over_http(models_dir, test_images
         r = c.post("/score", json={"images": [img] * 4, "num_samples": 1000, "timeout_s": 1})
         t.join()
         err = error_of(r, 503, "overloaded")
-        assert int(r.headers["retry-after"]) >= 1 and "drain" in err["message"]
+        assert int(r.headers["retry-after"]) >= 1 and "would be done in" in err["message"]
         assert results["big"].status_code == 200
         metrics = c.get("/metrics").text
         assert 'vae_rejected_total{op="score"} 1.0' in metrics and "vae_queued_seconds 0.0" in metrics
