@@ -132,8 +132,8 @@ class Scheduler:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self.queued_work = 0
-        self.queued_seconds = 0.0  # the queued work's estimated engine time (summed over the workers)
-        self._backlog: dict[tuple[str, str, str], list[float]] = {}  # queue with work -> [work, seconds]
+        # queue with work -> [its work, that work's estimated engine seconds (at each job's admission cost)]
+        self._backlog: dict[tuple[str, str, str], list[float]] = {}
         self.busy_workers = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -187,7 +187,6 @@ class Scheduler:
             job.unit_seconds, job.key = unit, key
             job.remaining_work = job.work
             self.queued_work += job.work
-            self.queued_seconds += job.work * unit
             backlog = self._backlog.setdefault(key, [0, 0.0])
             backlog[0] += job.work
             backlog[1] += job.work * unit
@@ -204,7 +203,7 @@ class Scheduler:
 
     def drain_seconds(self) -> float:
         """Estimated time until the queued work is done, at each operation's measured engine cost."""
-        return self.queued_seconds / self.settings.inference_workers
+        return sum(b[1] for b in self._backlog.values()) / self.settings.inference_workers
 
     def finish_seconds(self, key: tuple[str, str, str], cost: float) -> float:
         """Estimated time until new work of `cost` seconds in queue `key` is done: after everything queued,
@@ -232,13 +231,11 @@ class Scheduler:
         work = min(work, job.remaining_work)
         job.remaining_work -= work
         self.queued_work -= work
-        # an empty queue resets the sum, so float rounding and estimates that changed cannot accumulate
-        self.queued_seconds = max(0.0, self.queued_seconds - work * job.unit_seconds) if self.queued_work else 0.0
         backlog = self._backlog.get(job.key)
         if backlog is not None:
             backlog[0] -= work
             backlog[1] = max(0.0, backlog[1] - work * job.unit_seconds)
-            if backlog[0] <= 0:
+            if backlog[0] <= 0:  # an empty queue forgets its sum: no float rounding carries over
                 del self._backlog[job.key]
         if gauge:
             self._gauges()

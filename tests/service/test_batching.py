@@ -195,7 +195,7 @@ def test_admission_refuses_work_that_would_not_drain_within_its_share_of_the_dea
         sched.start()
         assert len((await first).log_likelihood) == 4 and len((await second).log_likelihood) == 1
         assert (await encoded).mu.shape[0] == 8 and (await decoded).images.shape[0] == 8
-        assert sched.queued_work == 0 and sched.queued_seconds == 0.0
+        assert sched.queued_work == 0 and sched.drain_seconds() == 0.0
         # the calls taught the scheduler what a unit of each operation costs
         assert mv.unit_seconds["encode"] > 0
         assert mv.unit_seconds["score"] < 1e-3  # digits score far below 1 ms a sample
