@@ -54,7 +54,6 @@ class Job:
     failed: bool = False
     done: bool = False
     remaining_work: int = 0
-    unit_seconds: float = 0.0  # estimated engine seconds a unit of its work costs, fixed at admission
     key: tuple[str, str, str] = ("", "", "")  # its queue: (model, manifest digest, operation)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
@@ -108,6 +107,19 @@ class ScoreJob(Job):
     in_flight: set[int] = field(default_factory=set)
 
 
+@dataclass(eq=False)
+class Backlog:
+    """The work queued for one queue (an operation of a model version), priced when asked."""
+
+    mv: ModelVersion
+    op: str
+    work: int = 0
+
+    def seconds(self) -> float:
+        """Its engine time at the operation's current cost a unit (timed at load, then over engine calls)."""
+        return self.work * self.mv.unit_seconds.get(self.op, 0.0)
+
+
 #: A worker gives freed heap back to the system once it has had no work for this long. Not after every
 #: call: under steady traffic the next call would page the same memory in again (a K=1000 digits score
 #: paid ~1 ms of it at concurrency 1, README Performance).
@@ -132,8 +144,10 @@ class Scheduler:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self.queued_work = 0
-        # queue with work -> [its work, that work's estimated engine seconds (at each job's admission cost)]
-        self._backlog: dict[tuple[str, str, str], list[float]] = {}
+        # queue with work -> its work (importance samples, or images), priced at the operation's current
+        # engine time a unit when asked: the cost of a unit moves with the load (under overload the event
+        # loop's share of the CPU doubled it on 2 cores), and work admitted at the old price drains at the new
+        self._backlog: dict[tuple[str, str, str], Backlog] = {}
         self.busy_workers = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -169,27 +183,14 @@ class Scheduler:
                     "retry later or send less work per request",
                     self.drain_seconds(),
                 )
-            fraction = self.settings.queue_deadline_fraction
-            if fraction and self.queued_work and unit:
-                cost = job.work * unit / self.settings.inference_workers
-                done = self.finish_seconds(key, cost)
-                budget = fraction * (job.deadline - time.monotonic())
-                if done > budget:
-                    # Retry when enough has drained for this request to fit; one that cannot fit even
-                    # alone is admitted only onto an empty queue (its deadline then decides).
-                    self._refuse(
-                        job,
-                        f"the server is at capacity (this request would be done in ~{done:.1f} s, ~{cost:.1f} s of "
-                        f"it its own work, past {fraction:g} of its deadline); retry later, send less work per "
-                        "request, or allow a larger timeout_s",
-                        done - budget if cost <= budget else self.drain_seconds(),
-                    )
-            job.unit_seconds, job.key = unit, key
+            if self.settings.queue_deadline_fraction and self.queued_work and unit:
+                self._admit_by_time(job, key, unit)
+            job.key = key
             job.remaining_work = job.work
             self.queued_work += job.work
-            backlog = self._backlog.setdefault(key, [0, 0.0])
-            backlog[0] += job.work
-            backlog[1] += job.work * unit
+            if key not in self._backlog:
+                self._backlog[key] = Backlog(job.mv, job.op)
+            self._backlog[key].work += job.work
             if key not in self._queues:
                 self._queues[key] = deque()
                 self._order.append(key)
@@ -197,13 +198,46 @@ class Scheduler:
             self._gauges()
             self._cond.notify()
 
+    def _admit_by_time(self, job: Job, key: tuple[str, str, str], unit: float) -> None:
+        """Refuse (Overloaded) work that would be done later than queue_deadline_fraction of its deadline.
+
+        Score calls go round the queued requests (one image each in turn), so new work of w samples is
+        done after min(r_j, w) samples of each queued request j (r_j left), its own w, and the other
+        queues' work: a small request is not refused for a long queue of large ones. Encode and decode
+        calls take the queued rows in order, many requests a call (finish_seconds). Requests admitted
+        later share the engine with this one too, which is what the fraction leaves room for (with the
+        cost a unit moving with the load: under overload on 2 cores it doubled)."""
+        fraction, workers = self.settings.queue_deadline_fraction, self.settings.inference_workers
+        now = time.monotonic()
+        budget = fraction * (job.deadline - now)
+        cost = job.work * unit / workers
+
+        def late(done: float) -> None:
+            if done > budget:  # one that cannot fit even alone waits for an empty queue
+                self._refuse(
+                    job,
+                    f"the server is at capacity (this request would be done in ~{done:.1f} s, ~{cost:.1f} s of it "
+                    f"its own work, past {fraction:g} of its deadline); retry later, send less work per request, "
+                    "or allow a larger timeout_s",
+                    done - budget if cost <= budget else self.drain_seconds(),
+                )
+
+        queued = [j for j in self._queues.get(key, ()) if j.remaining_work > 0 and not j.cancelled]
+        if job.op != "score" or not queued:
+            late(self.finish_seconds(key, cost))
+            return
+        own = self._backlog.get(key)
+        other = self.drain_seconds() - (own.seconds() / workers if own else 0.0)
+        ahead = sum(min(j.remaining_work, job.work) for j in queued)
+        late((ahead + job.work) * unit / workers + other)
+
     def _refuse(self, job: Job, message: str, wait_s: float) -> None:
         self.metrics.rejected.labels(job.op).inc()
         raise Overloaded(message, retry_after=math.ceil(wait_s))
 
     def drain_seconds(self) -> float:
         """Estimated time until the queued work is done, at each operation's measured engine cost."""
-        return sum(b[1] for b in self._backlog.values()) / self.settings.inference_workers
+        return sum(b.seconds() for b in self._backlog.values()) / self.settings.inference_workers
 
     def finish_seconds(self, key: tuple[str, str, str], cost: float) -> float:
         """Estimated time until new work of `cost` seconds in queue `key` is done: after everything queued,
@@ -211,7 +245,7 @@ class Scheduler:
         the other queues taking turns, whichever is less (an encode does not wait for a long score queue)."""
         own = self._backlog.get(key)
         queues = len(self._backlog) + (own is None)
-        own_s = own[1] / self.settings.inference_workers if own else 0.0
+        own_s = own.seconds() / self.settings.inference_workers if own else 0.0
         return min(self.drain_seconds() + cost, queues * (own_s + cost))
 
     def _gauges(self) -> None:
@@ -233,9 +267,8 @@ class Scheduler:
         self.queued_work -= work
         backlog = self._backlog.get(job.key)
         if backlog is not None:
-            backlog[0] -= work
-            backlog[1] = max(0.0, backlog[1] - work * job.unit_seconds)
-            if backlog[0] <= 0:  # an empty queue forgets its sum: no float rounding carries over
+            backlog.work -= work
+            if backlog.work <= 0:
                 del self._backlog[job.key]
         if gauge:
             self._gauges()
@@ -369,6 +402,12 @@ class Scheduler:
             if job.started is None:
                 job.started = time.monotonic()
                 self.metrics.child(self.metrics.queue_seconds, "score").observe(job.started - job.enqueued)
+        if self.settings.batching:
+            # the jobs served go to the back: when a call takes fewer images than there are jobs (onnxruntime
+            # at K=1000 takes one), the next call serves the next jobs, not the first job's next image
+            for job in dict.fromkeys(job for job, _ in picked):
+                dq.remove(job)
+                dq.append(job)
         return picked or None
 
     def _worker(self) -> None:

@@ -79,13 +79,13 @@ class Settings(BaseSettings):
         "at once; past it, 503 with Retry-After",
     )
     queue_deadline_fraction: float = Field(
-        0.3,
+        0.25,
         ge=0,
         le=1,
         description="refuse work (503, Retry-After) that, after the work queued ahead of it at the engines' measured "
-        "cost, would be done later than this fraction of the request's deadline; work is shared "
-        "round-robin, so under sustained load a request finishes within about twice the drain time it was "
-        "admitted behind (0: off, only max_queued_samples bounds the queue)",
+        "cost, would be done later than this fraction of the request's deadline; requests admitted later share "
+        "the engine with it (up to ~2x its estimate under sustained load) and a unit's cost moves with the load "
+        "(up to ~2x on 2 cores), hence a quarter (0: off, only max_queued_samples bounds the queue)",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, description="deadline of a request's work; a request may ask for less (timeout_s)"
