@@ -222,13 +222,12 @@ class Scheduler:
                     done - budget if cost <= budget else self.drain_seconds(),
                 )
 
-        queued = [j for j in self._queues.get(key, ()) if j.remaining_work > 0 and not j.cancelled]
-        if job.op != "score" or not queued:
+        if job.op != "score" or key not in self._backlog:
             late(self.finish_seconds(key, cost))
             return
-        own = self._backlog.get(key)
-        other = self.drain_seconds() - (own.seconds() / workers if own else 0.0)
-        ahead = sum(min(j.remaining_work, job.work) for j in queued)
+        own = self._backlog[key]
+        other = self.drain_seconds() - own.seconds() / workers
+        ahead = sum(min(j.remaining_work, job.work) for j in self._queues.get(key, ()) if not j.cancelled)
         late((ahead + job.work) * unit / workers + other)
 
     def _refuse(self, job: Job, message: str, wait_s: float) -> None:
