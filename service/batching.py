@@ -9,7 +9,7 @@ more than one call, and a cancelled job (client gone, deadline passed) stops wit
 Admission control counts work in importance samples (an encoded or decoded image counts 1) and in time:
 past `max_queued_samples` (the memory bound), or when, at each operation's measured engine cost, the new
 work would be done later than `queue_deadline_fraction` of the request's deadline (the latency bound; see
-finish_seconds), submit raises Overloaded (503, Retry-After). Health and metrics never touch these threads.
+_admit_by_time), submit raises Overloaded (503, Retry-After). Health and metrics never touch these threads.
 """
 
 from __future__ import annotations
