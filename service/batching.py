@@ -143,7 +143,6 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
-        self.queued_work = 0
         # queue with work -> its work (importance samples, or images), priced at the operation's current
         # engine time a unit when asked: the cost of a unit moves with the load (under overload the event
         # loop's share of the CPU doubled it on 2 cores), and work admitted at the old price drains at the new
@@ -183,11 +182,10 @@ class Scheduler:
                     "retry later or send less work per request",
                     self.drain_seconds(),
                 )
-            if self.settings.queue_deadline_fraction and self.queued_work and unit:
+            if self.settings.queue_deadline_fraction and self._backlog and unit:
                 self._admit_by_time(job, key, unit)
             job.key = key
             job.remaining_work = job.work
-            self.queued_work += job.work
             if key not in self._backlog:
                 self._backlog[key] = Backlog(job.mv, job.op)
             self._backlog[key].work += job.work
@@ -234,6 +232,11 @@ class Scheduler:
         self.metrics.rejected.labels(job.op).inc()
         raise Overloaded(message, retry_after=math.ceil(wait_s))
 
+    @property
+    def queued_work(self) -> int:
+        """Work (importance samples; an encoded or decoded image counts 1) queued or running."""
+        return sum(b.work for b in self._backlog.values())
+
     def drain_seconds(self) -> float:
         """Estimated time until the queued work is done, at each operation's measured engine cost."""
         return sum(b.seconds() for b in self._backlog.values()) / self.settings.inference_workers
@@ -263,7 +266,6 @@ class Scheduler:
     def _release(self, job: Job, work: int, gauge: bool = True) -> None:
         work = min(work, job.remaining_work)
         job.remaining_work -= work
-        self.queued_work -= work
         backlog = self._backlog.get(job.key)
         if backlog is not None:
             backlog.work -= work
