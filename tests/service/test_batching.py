@@ -334,29 +334,36 @@ def test_a_deadline_the_worker_sees_first_is_still_a_deadline(models_dir, test_i
     assert dropped == ["DeadlineExceeded"]  # the worker saw the deadline first
 
 
+def _beside_a_large_score(c, img: list, body: dict) -> tuple:
+    """(response to `body`, response to the large request) for `body` sent while a /score of 64 images at
+    K=5000 (320,000 samples, over a second of fp32 scoring on any machine we know) is queued or running."""
+    results = {}
+
+    def big() -> None:
+        results["big"] = c.post("/score", json={"images": [img] * 64, "num_samples": 5000})
+
+    t = threading.Thread(target=big)
+    t.start()
+    for _ in range(200):
+        if "vae_queued_samples 0.0" not in c.get("/metrics").text:
+            break
+        time.sleep(0.005)
+    r = c.post("/score", json=body)
+    t.join()
+    return r, results["big"]
+
+
 def test_work_that_cannot_drain_in_time_is_503_over_http(models_dir, test_images):
     """A queue the measured engine cost says takes longer to drain than a request's share of its deadline
     refuses it with 503 and Retry-After, instead of a 504 when the deadline passes; the queued work finishes."""
     img = test_images[0].tolist()
     with make_client(models_dir, engine="onnxruntime") as c:
         assert c.post("/score", json={"images": [img], "num_samples": 1000}).status_code == 200  # cost learned
-        results = {}
-
-        def big() -> None:  # 320,000 samples: over a second of fp32 scoring on any machine we know
-            results["big"] = c.post("/score", json={"images": [img] * 64, "num_samples": 5000})
-
-        t = threading.Thread(target=big)
-        t.start()
-        for _ in range(200):
-            if "vae_queued_samples 0.0" not in c.get("/metrics").text:
-                break
-            time.sleep(0.005)
-        # 64,000 samples more: done after as many of the big request's, past 0.3 of 1 s on any machine we know
-        r = c.post("/score", json={"images": [img] * 64, "num_samples": 1000, "timeout_s": 1})
-        t.join()
+        # 64,000 samples more: done after as many of the large request's, past 0.25 of 1 s on any machine
+        r, big = _beside_a_large_score(c, img, {"images": [img] * 64, "num_samples": 1000, "timeout_s": 1})
         err = error_of(r, 503, "overloaded")
         assert int(r.headers["retry-after"]) >= 1 and "would be done in" in err["message"]
-        assert results["big"].status_code == 200
+        assert big.status_code == 200
         metrics = c.get("/metrics").text
         assert 'vae_rejected_total{op="score"} 1.0' in metrics and "vae_queued_seconds 0.0" in metrics
 
@@ -364,22 +371,10 @@ def test_work_that_cannot_drain_in_time_is_503_over_http(models_dir, test_images
 def test_overload_over_http_is_503_with_retry_after(models_dir, test_images):
     img = test_images[0].tolist()
     with make_client(models_dir, max_queued_samples=330_000, max_request_samples=330_000, engine="onnxruntime") as c:
-        results = {}
-
-        def big() -> None:
-            results["big"] = c.post("/score", json={"images": [img] * 64, "num_samples": 5000})
-
-        t = threading.Thread(target=big)
-        t.start()
-        for _ in range(200):
-            if "vae_queued_samples 0.0" not in c.get("/metrics").text:
-                break
-            time.sleep(0.005)
-        r = c.post("/score", json={"images": [img] * 64, "num_samples": 1000})
-        t.join()
+        r, big = _beside_a_large_score(c, img, {"images": [img] * 64, "num_samples": 1000})
         err = error_of(r, 503, "overloaded")
         assert int(r.headers["retry-after"]) >= 1 and "capacity" in err["message"]
-        assert results["big"].status_code == 200
+        assert big.status_code == 200
         assert 'vae_rejected_total{op="score"} 1.0' in c.get("/metrics").text
 
 
