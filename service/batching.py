@@ -148,6 +148,10 @@ class Scheduler:
         # loop's share of the CPU doubled it on 2 cores), and work admitted at the old price drains at the new
         self._backlog: dict[tuple[str, str, str], Backlog] = {}
         self.busy_workers = 0
+        # read when /metrics is scraped, not set on every submission and engine call (two locked sets on
+        # each request's path, for a value that is only looked at once a scrape)
+        metrics.queued_work.set_function(lambda: self._locked(lambda: self.queued_work))
+        metrics.queued_seconds.set_function(lambda: self._locked(self.drain_seconds))
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -193,7 +197,6 @@ class Scheduler:
                 self._queues[key] = deque()
                 self._order.append(key)
             self._queues[key].append(job)
-            self._gauges()
             self._cond.notify()
 
     def _admit_by_time(self, job: Job, key: tuple[str, str, str], unit: float) -> None:
@@ -250,9 +253,9 @@ class Scheduler:
         own_s = own.seconds() / self.settings.inference_workers if own else 0.0
         return min(self.drain_seconds() + cost, queues * (own_s + cost))
 
-    def _gauges(self) -> None:
-        self.metrics.queued_work.set(self.queued_work)
-        self.metrics.queued_seconds.set(self.drain_seconds())
+    def _locked(self, read: Callable[[], float]) -> float:
+        with self._cond:
+            return read()
 
     # --- the worker ---------------------------------------------------------------------------
     def _live(self, job: Job) -> bool:
@@ -263,7 +266,7 @@ class Scheduler:
             return False
         return True
 
-    def _release(self, job: Job, work: int, gauge: bool = True) -> None:
+    def _release(self, job: Job, work: int) -> None:
         work = min(work, job.remaining_work)
         job.remaining_work -= work
         backlog = self._backlog.get(job.key)
@@ -271,8 +274,6 @@ class Scheduler:
             backlog.work -= work
             if backlog.work <= 0:
                 del self._backlog[job.key]
-        if gauge:
-            self._gauges()
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if job.failed:
@@ -450,7 +451,6 @@ class Scheduler:
                 with self._cond:
                     self.busy_workers -= 1
                     self._learn_cost(op, work[0][0].mv, rows, last_work - started)
-                    self._gauges()
 
     @staticmethod
     def _learn_cost(op: str, mv: ModelVersion, rows: int, seconds: float) -> None:
@@ -490,11 +490,10 @@ class Scheduler:
                     continue
                 job.outputs.append(piece)
                 job.completed += b - a
-                self._release(job, b - a, gauge=False)
+                self._release(job, b - a)
                 if job.completed == job.n:
                     whole = piece if len(job.outputs) == 1 else tuple(np.concatenate(o) for o in zip(*job.outputs))
                     finished.append((job, whole, None))
-            self._gauges()
             finish_all(finished)
         return len(inputs)
 
@@ -520,9 +519,8 @@ class Scheduler:
             for job, i in picked:
                 job.in_flight.discard(i)
                 if not job.failed:
-                    self._release(job, rows // len(tasks), gauge=False)
+                    self._release(job, rows // len(tasks))
                     touched[id(job)] = job
-            self._gauges()
             finished: list[tuple[Job, Any, BaseException | None]] = []
             for job in touched.values():  # settle after every release, so waiters see the queue as it is
                 if all(t.finished for t in job.tasks) and not job.done:
