@@ -3,7 +3,8 @@
 Requests become jobs; a worker thread takes work from the queues round-robin and runs one engine
 call at a time over the next rows of several jobs:
   encode / decode  the next images or latents of queued jobs, up to a call's row limit
-  score            the next chunk of importance samples of up to a call's image limit, from any jobs
+  score            the next chunk of importance samples of up to a call's image limit, from the jobs
+                   with the least work left first
 So concurrent requests share engine calls (dynamic batching), a long /score never blocks encodes for
 more than one call, and a cancelled job (client gone, deadline passed) stops within one call.
 Admission control counts work in importance samples (an encoded or decoded image counts 1) and in time:
@@ -202,12 +203,15 @@ class Scheduler:
     def _admit_by_time(self, job: Job, key: tuple[str, str, str], unit: float) -> None:
         """Refuse (Overloaded) work that would be done later than queue_deadline_fraction of its deadline.
 
-        Score calls go round the queued requests (one image each in turn), so new work of w samples is
-        done after min(r_j, w) samples of each queued request j (r_j left), its own w, and the other
-        queues' work: a small request is not refused for a long queue of large ones. Encode and decode
-        calls take the queued rows in order, many requests a call (finish_seconds). Requests admitted
-        later share the engine with this one too, which is what the fraction leaves room for (with the
-        cost a unit moving with the load: under overload on 2 cores it doubled)."""
+        Score calls serve the queued request with the least work left first (_take_score), so new work of
+        w samples is done after the queued requests with at most w left, its own w, and the other queues'
+        work: a small request is not refused for a long queue of large ones, and work admitted later, if
+        no smaller, does not delay it. Nor may new work delay a queued request with more left than w (served
+        after it) past twice the fraction of the time to that request's deadline: smaller work cannot
+        starve a large request into its deadline (with the fraction at 0.25, the large one would still
+        be done at half its time left, room for the estimate being 2x short). Encode and decode calls take
+        the queued rows in order, many requests a call (finish_seconds). The fraction leaves room for the
+        cost a unit moving with the load (under overload on 2 cores it doubled)."""
         fraction, workers = self.settings.queue_deadline_fraction, self.settings.inference_workers
         now = time.monotonic()
         budget = fraction * (job.deadline - now)
@@ -228,8 +232,29 @@ class Scheduler:
             return
         own = self._backlog[key]
         other = self.drain_seconds() - own.seconds() / workers
-        ahead = sum(min(j.remaining_work, job.work) for j in self._queues.get(key, ()) if not j.cancelled)
+        queued = self._by_work_left(self._queues.get(key, ()))
+        ahead = sum(j.remaining_work for j in queued if j.remaining_work <= job.work)
         late((ahead + job.work) * unit / workers + other)
+        slack = min(1.0, 2 * fraction)
+        before = 0
+        for j in queued:  # in the order they will be served: each one's finish is the work up to it
+            before += j.remaining_work
+            if j.remaining_work <= job.work:
+                continue
+            done = (before + job.work) * unit / workers + other
+            if done > slack * (j.deadline - now):
+                self._refuse(
+                    job,
+                    f"the server is at capacity (this request would be served before a queued one that is due in "
+                    f"~{done - cost:.1f} s, and delay it past {slack:g} of its time left); retry later",
+                    done - cost,
+                )
+
+    @staticmethod
+    def _by_work_left(jobs: Any) -> list[ScoreJob]:
+        """Live score jobs in the order their images are served: least work left first, then by arrival."""
+        live = [j for j in jobs if isinstance(j, ScoreJob) and not j.cancelled and not j.failed]
+        return sorted(live, key=lambda j: j.remaining_work)  # stable: the queue is in arrival order
 
     def _refuse(self, job: Job, message: str, wait_s: float) -> None:
         self.metrics.rejected.labels(job.op).inc()
@@ -375,41 +400,34 @@ class Scheduler:
         return parts or None
 
     def _take_score(self, dq: deque[Job]) -> list[tuple[ScoreJob, int]] | None:
-        """Images for the next call: one from each queued job in turn (a large request does not hold up
-        small ones behind it), all with the same chunk length, up to the rows the scoring engine takes
-        a call (images with K below the chunk size share a call by their rows, not by a count of images)."""
+        """Images for the next call, from the queued job with the least work left first (shortest remaining
+        work first: a small request is not held up behind a large one, requests of one size finish in
+        arrival order rather than all together at the end, and one admitted later, if no smaller, does
+        not delay those before it), all with the same chunk length, up to the rows the scoring engine
+        takes a call (images with K below the chunk size share a call by their rows, not by a count of
+        images)."""
         mv = dq[0].mv
-        jobs = [job for job in dq if isinstance(job, ScoreJob)]
+        jobs = self._by_work_left(dq)
         if not self.settings.batching:
             jobs = jobs[:1]
-        eligible: dict[int, list[int]] = {}
-        length = None
+        picked: list[tuple[ScoreJob, int]] = []
+        length = limit = None
         for job in jobs:
             for i, t in enumerate(job.tasks):
                 if t.finished or i in job.in_flight:
                     continue
                 if length is None:
                     length = t.next_len()
-                if t.next_len() == length:
-                    eligible.setdefault(id(job), []).append(i)
-        picked: list[tuple[ScoreJob, int]] = []
-        limit = self._score_call_images(mv, length) if length else 0
-        while len(picked) < limit and any(eligible.values()):
-            for job in jobs:
-                queue = eligible.get(id(job))
-                if queue and len(picked) < limit:
-                    picked.append((job, queue.pop(0)))
+                    limit = self._score_call_images(mv, length)
+                if t.next_len() == length and len(picked) < (limit or 0):
+                    picked.append((job, i))
+            if limit is not None and len(picked) >= limit:
+                break
         for job, i in picked:
             job.in_flight.add(i)
             if job.started is None:
                 job.started = time.monotonic()
                 self.metrics.child(self.metrics.queue_seconds, "score").observe(job.started - job.enqueued)
-        if self.settings.batching:
-            # the jobs served go to the back: when a call takes fewer images than there are jobs (onnxruntime
-            # at K=1000 takes one), the next call serves the next jobs, not the first job's next image
-            for job in dict.fromkeys(job for job, _ in picked):
-                dq.remove(job)
-                dq.append(job)
         return picked or None
 
     def _worker(self) -> None:

@@ -151,8 +151,8 @@ def test_admission_control_refuses_past_the_queue_budget(models_dir, test_images
 def test_admission_refuses_work_that_would_not_be_done_within_its_share_of_the_deadline(models_dir, test_images):
     """At a known cost a unit of work (set here: 1 ms an importance sample, so no clock decides the outcome),
     a request is refused when it would be done later than queue_deadline_fraction (0.3) of its deadline.
-    Score calls go round the queued requests, so a small request is done after as much of each other
-    request as it needs; onto an empty queue anything is admitted, and an operation with no cost known
+    Score calls serve the request with the least work left first, so a small request is done after the
+    queued ones no larger; onto an empty queue anything is admitted, and an operation with no cost known
     only meets the samples bound. Costs start from the version's load-time figures; engine calls then
     refine them."""
     core = make_core(models_dir, start=False, engine="onnxruntime", queue_deadline_fraction=0.3)
@@ -176,7 +176,7 @@ def test_admission_refuses_work_that_would_not_be_done_within_its_share_of_the_d
         large = asyncio.ensure_future(core.score(mv, x[:4], 1000, 0, None, None, long))
         await asyncio.sleep(0.05)
         assert sched.queued_work == 4000 and sched.drain_seconds() == pytest.approx(4.0)
-        # S: 1 s, share 3 s: done after 1 s of L and its own 1 s (2 s; in order it would be 5 s); L then 5 s
+        # S: 1 s, share 3 s: less work left than L, so served first: done in 1 s (in arrival order 5 s); L then 5 s
         small = asyncio.ensure_future(core.score(mv, x[4:5], 1000, 0, None, None, short))
         await asyncio.sleep(0.05)
         assert sched.queued_work == 5000
@@ -185,7 +185,7 @@ def test_admission_refuses_work_that_would_not_be_done_within_its_share_of_the_d
         err = await refused(x[:8], 1000, short)
         assert "would be done in ~13.0 s" in str(err) and err.retry_after == 5
         assert rejected.get() == 1
-        # M: 3 s, share 9 s: done after 3 s of L, S's 1 s and its own 3 s, 7 s: admitted
+        # M: 3 s, share 9 s: served after S (1 s) and before L: done in 4 s, L then in 8 s (within 2 x 9 s)
         middle = asyncio.ensure_future(core.score(mv, x[5:8], 1000, 0, None, None, long))
         await asyncio.sleep(0.05)
         assert sched.drain_seconds() == pytest.approx(8.0)
@@ -255,8 +255,8 @@ def test_images_below_the_chunk_size_share_calls_by_rows(models_dir, test_images
 
 
 def test_a_small_score_request_is_not_held_up_behind_a_large_one(models_dir, test_images):
-    """onnxruntime at K=1000 scores one image a call: calls go round the queued requests, so one image sent
-    after sixteen is done after two calls, not seventeen."""
+    """onnxruntime at K=1000 scores one image a call: calls serve the request with the least work left
+    first, so one image sent after sixteen is done after one call, not seventeen."""
     core = make_core(models_dir, start=False, engine="onnxruntime")
     mv = core.model(None, None)
     assert mv.score_images_per_call == 1
@@ -281,6 +281,74 @@ def test_a_small_score_request_is_not_held_up_behind_a_large_one(models_dir, tes
     assert asyncio.run(run()) == ["small", "large"]
     core.scheduler.stop()
     assert _calls(core, "score") == (17 * 1000, 17)
+
+
+def test_score_calls_serve_the_request_with_the_least_work_left_first(models_dir, test_images):
+    """Shortest remaining work first, driven call by call (no clock, no worker thread): the one-image request
+    goes first although it came last, then the two three-image requests one after the other in arrival
+    order, each to its end, rather than taking turns so that both finish only at the end."""
+    core = make_core(models_dir, start=False, engine="onnxruntime")
+    mv = core.model(None, None)
+    assert mv.score_images_per_call == 1
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+    sched = core.scheduler
+
+    async def run() -> list[str]:
+        ctx = RequestContext.start(core.settings, None)
+        names: dict[int, str] = {}
+        futures = []
+        for name, images in (("a", x[:3]), ("b", x[3:6]), ("c", x[6:7])):
+            futures.append(asyncio.ensure_future(core.score(mv, images, 1000, 0, None, None, ctx)))
+            await asyncio.sleep(0)
+            names[id(next(j for j in sched._queues[(mv.key, mv.digest, "score")] if id(j) not in names))] = name
+        served = []
+        while True:
+            with sched._cond:
+                taken = sched._take()
+            if taken is None:
+                break
+            op, picked = taken
+            served.append("".join(names[id(job)] for job, _ in picked))
+            sched._run_score(picked)
+        results = await asyncio.gather(*futures)
+        assert [len(r.log_likelihood) for r in results] == [3, 3, 1]
+        return served
+
+    assert asyncio.run(run()) == ["c", "a", "a", "a", "b", "b", "b"]
+
+
+def test_smaller_work_may_not_push_a_queued_request_past_twice_its_share(models_dir, test_images):
+    """Smaller requests are served first, so admission also keeps each queued larger request done within
+    2 x queue_deadline_fraction of its time left: at 1 ms a sample, L (4 s of work, deadline 8 s: 0.7 x 8
+    = 5.6 s allowed) takes one 1 s request in front of it, not two; work no smaller than L goes after it
+    and is judged by its own share only."""
+    core = make_core(models_dir, start=False, engine="onnxruntime", queue_deadline_fraction=0.35)
+    mv = core.model(None, None)
+    x = test_images.reshape(len(test_images), -1).astype(np.int64)
+    sched = core.scheduler
+    mv.unit_seconds["score"] = 1e-3
+
+    async def run() -> None:
+        eight, long = RequestContext.start(core.settings, 8.0), RequestContext.start(core.settings, 30.0)
+        large = asyncio.ensure_future(core.score(mv, x[:4], 1000, 0, None, None, eight))  # alone: admitted
+        await asyncio.sleep(0.02)
+        first = asyncio.ensure_future(core.score(mv, x[4:5], 1000, 0, None, None, long))  # L done at 5 s
+        await asyncio.sleep(0.02)
+        assert sched.queued_work == 5000
+        with pytest.raises(Overloaded) as exc:  # L would be done at 6 s, past its 5.6 s
+            await core.score(mv, x[5:6], 1000, 0, None, None, long)
+        assert "delay it past 0.7 of its time left" in str(exc.value)
+        assert exc.value.retry_after in (5, 6)  # once L is done
+        # as large as L: served after it, done at 5 + 4 = 9 s, within 0.35 x 30 s
+        same = asyncio.ensure_future(core.score(mv, x[6:10], 1000, 0, None, None, long))
+        await asyncio.sleep(0.02)
+        assert sched.queued_work == 9000
+        sched.start()
+        results = await asyncio.gather(large, first, same)
+        assert [len(r.log_likelihood) for r in results] == [4, 1, 4]
+
+    asyncio.run(run())
+    sched.stop()
 
 
 def test_a_deadline_stops_the_work(models_dir, test_images):
