@@ -16,6 +16,7 @@ _admit_by_time), submit raises Overloaded (503, Retry-After). Health and metrics
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ctypes
 import logging
 import math
@@ -233,14 +234,12 @@ class Scheduler:
         own = self._backlog[key]
         other = self.drain_seconds() - own.seconds() / workers
         queued = self._by_work_left(self._queues.get(key, ()))
-        ahead = sum(j.remaining_work for j in queued if j.remaining_work <= job.work)
-        late((ahead + job.work) * unit / workers + other)
+        ahead = bisect.bisect_right(queued, job.work, key=lambda q: q.remaining_work)  # no larger: served first
+        before = sum(j.remaining_work for j in queued[:ahead])
+        late((before + job.work) * unit / workers + other)
         slack = min(1.0, 2 * fraction)
-        before = 0
-        for j in queued:  # in the order they will be served: each one's finish is the work up to it
-            before += j.remaining_work
-            if j.remaining_work <= job.work:
-                continue
+        for j in queued[ahead:]:
+            before += j.remaining_work  # served after it, each done after the work up to it and the new work
             done = (before + job.work) * unit / workers + other
             if done > slack * (j.deadline - now):
                 self._refuse(
@@ -411,17 +410,19 @@ class Scheduler:
         if not self.settings.batching:
             jobs = jobs[:1]
         picked: list[tuple[ScoreJob, int]] = []
-        length = limit = None
+        length = limit = 0  # of the first image not finished nor in flight
         for job in jobs:
             for i, t in enumerate(job.tasks):
                 if t.finished or i in job.in_flight:
                     continue
-                if length is None:
+                if not length:
                     length = t.next_len()
                     limit = self._score_call_images(mv, length)
-                if t.next_len() == length and len(picked) < (limit or 0):
+                if t.next_len() == length:
                     picked.append((job, i))
-            if limit is not None and len(picked) >= limit:
+                    if len(picked) == limit:
+                        break
+            if picked and len(picked) == limit:
                 break
         for job, i in picked:
             job.in_flight.add(i)

@@ -83,9 +83,10 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="refuse work (503, Retry-After) that, after the work queued ahead of it at the engines' measured "
-        "cost, would be done later than this fraction of the request's deadline; requests admitted later share "
-        "the engine with it (up to ~2x its estimate under sustained load) and a unit's cost moves with the load "
-        "(up to ~2x on 2 cores), hence a quarter (0: off, only max_queued_samples bounds the queue)",
+        "cost, would be done later than this fraction of the request's deadline, or that would delay a queued "
+        "larger score request past twice this fraction of its time left; a unit's cost moves with the load "
+        "(up to ~2x on 2 cores, and the first cost is measured idle), hence a quarter (0: off, only "
+        "max_queued_samples bounds the queue)",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, description="deadline of a request's work; a request may ask for less (timeout_s)"
