@@ -49,9 +49,12 @@ class RequestContext:
 
     @classmethod
     def start(cls, settings: Settings, timeout_s: float | None, disconnected=None) -> RequestContext:
-        if timeout_s is not None and not 0 < timeout_s <= settings.request_timeout_s:
+        # The lower bound is the protocol's (the JSON API's schema asks for 1 s or more), the upper the server's.
+        if timeout_s is not None and not 0 < timeout_s:
+            raise InvalidInput("timeout_s must be positive", "timeout_s")
+        if timeout_s is not None and timeout_s > settings.request_timeout_s:
             raise InvalidInput(
-                f"timeout_s must lie in (0, {settings.request_timeout_s}] (the server's limit)", "timeout_s"
+                f"timeout_s may be at most {settings.request_timeout_s:g} s (the server's limit)", "timeout_s"
             )
         timeout = timeout_s or settings.request_timeout_s
         return cls(time.monotonic() + timeout, timeout, disconnected)

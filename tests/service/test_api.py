@@ -284,7 +284,8 @@ def test_limits_and_unknowns(client):
     error_of(client.post("/encode", json={"images": [img] * 65}), 422, "batch_too_large")
     error_of(client.post("/sample", json={"n": 65}), 422, "batch_too_large")
     error_of(client.post("/sample", json={"n": 2, "seed": -1}), 422, "invalid_request")
-    error_of(client.post("/score", json={"images": [img], "timeout_s": 10**6}), 422, "invalid_input")
+    err = error_of(client.post("/score", json={"images": [img], "timeout_s": 10**6}), 422, "invalid_input")
+    assert err["message"] == "timeout_s may be at most 30 s (the server's limit)" and err["where"] == "timeout_s"
 
 
 def test_unparseable_bodies(client):

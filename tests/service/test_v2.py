@@ -67,6 +67,12 @@ def test_v2_errors_are_protocol_shaped(client):
     ok = {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}]}
     r = client.post("/v2/models/digits-score/infer", json={**ok, "parameters": {"num_samples": True}})
     assert r.status_code == 400 and "num_samples" in r.json()["error"]
+    # the protocol's own timeout_s bounds: positive, at most the server's limit (no 1 s floor, unlike /score)
+    for timeout, message in ((0, "timeout_s must be positive"), (31, "timeout_s may be at most 30 s")):
+        r = client.post("/v2/models/digits-encode/infer", json={**ok, "parameters": {"timeout_s": timeout}})
+        assert r.status_code == 400 and r.json()["error"].startswith(f"timeout_s: {message}")
+    r = client.post("/v2/models/digits-encode/infer", json={**ok, "parameters": {"timeout_s": 0.5}})
+    assert r.status_code == 200
     r = client.post(
         "/v2/models/digits-score/infer",
         json={"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "data": [0] * 63}]},
