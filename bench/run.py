@@ -259,7 +259,8 @@ def acceptance_ratios(r: dict[str, Any]) -> list[str]:
 
 
 def encode_floor_lines(turns: dict[str, Any]) -> list[str]:
-    """Where an encode request's cost goes: the server's CPU time a request served, against the floor's.
+    """Where an encode request's cost goes: the server's CPU time a request served, against the floor's,
+    and the most batching could gain on this machine (the floor against batching off).
 
     The floor (bench/floor.py) is the same server answering from a recording, so its CPU time a request
     is uvicorn's and the event loop's share; the rest is the service's own (its parse, render, the
@@ -283,6 +284,11 @@ def encode_floor_lines(turns: dict[str, Any]) -> list[str]:
         "  - cores busy over a turn (CPU seconds a second), server / perf_analyzer: "
         + ", ".join(f"{name} {busy[name]:.2f} / {load[name]:.2f}" for name in ("on", "off", "floor"))
         + f"; floor throughput {turns['median_floor']:.1f} requests/s (turns {turns['requests_per_s']['floor']})",
+        # No service does less a request than the floor, which answers from a recording: its throughput
+        # against batching off bounds what batching can gain on this machine with this load generator.
+        f"  - the most batching could gain here: the floor's throughput against batching off, "
+        f"{turns['median_floor'] / turns['median_off']:.2f}x (a service with no work of its own beyond HTTP); "
+        f"in server CPU a request, off against the floor: {us['off'] / us['floor']:.2f}x",
     ]
 
 

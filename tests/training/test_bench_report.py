@@ -124,11 +124,13 @@ def test_the_encode_floor_lines_put_the_servers_cpu_a_request_against_the_floors
         "median_server_cores_busy": medians(1.0, 1.2, 0.5),
         "median_perf_analyzer_cores_busy": medians(0.5, 0.3, 1.2),
     }
-    cpu, busy = encode_floor_lines(turns)
+    cpu, busy, ceiling = encode_floor_lines(turns)
     assert "batching on 200 us, off 600 us (off/on 3.00x)" in cpu
     assert "floor (bench/floor.py" in cpu and "50 us" in cpu
     assert "150 us on, 550 us off" in cpu  # beyond the floor
     assert "on 1.00 / 0.50, off 1.20 / 0.30, floor 0.50 / 1.20" in busy
     assert "floor throughput 10000.0 requests/s" in busy
+    assert "floor's throughput against batching off, 5.00x" in ceiling  # 10000 / 2000
+    assert "off against the floor: 12.00x" in ceiling  # 600 / 50 us
     older = {k: v for k, v in turns.items() if "cpu" not in k and "busy" not in k}
     assert encode_floor_lines(older) == []  # results from before the CPU figures: no lines
