@@ -418,7 +418,13 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"product loop {t['product_images_per_s']} images/s, "
         f"plain PyTorch loop {t['plain_loop_images_per_s']} images/s: "
-        f"**{t['ratio_product_over_plain']}x**.",
+        f"**{t['ratio_product_over_plain']}x**"
+        + (
+            f" (medians of {t['turns']} alternating turns after a warm-up of both; each turn "
+            f"{_ratios(t['ratio_each_turn'])})."
+            if "ratio_each_turn" in t
+            else "."
+        ),
         "",
         f"Total bench time {r['seconds']} s.",
     ]
