@@ -44,6 +44,7 @@ def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0, turns: int = 3
     data = ImageData(images[:n_train], images[n_train : n_train + 1000], images[n_train + 1000 :], 256, "bench")
     cfg = TrainConfig(epochs=epochs, patience=epochs + 1).resolve(256, n_train)
     assert cfg.batch_size is not None
+    batch = cfg.batch_size
     x = torch.from_numpy(data.flat("train"))
 
     def product(data: ImageData = data) -> float:
@@ -53,7 +54,6 @@ def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0, turns: int = 3
 
     def plain(epochs: int = epochs, steps: int | None = None) -> float:
         """The textbook loop; `steps` stops it early (the warm-up)."""
-        assert cfg.batch_size is not None
         torch.manual_seed(cfg.seed)
         model = VAE(cfg, data.dim, data.levels, data.shape)
         opt = torch.optim.Adamax(model.parameters(), lr=cfg.lr)
@@ -62,10 +62,10 @@ def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0, turns: int = 3
         for _ in range(epochs):
             model.train()
             perm = torch.randperm(len(x), generator=gen)
-            for step, i in enumerate(range(0, len(x), cfg.batch_size)):
+            for step, i in enumerate(range(0, len(x), batch)):
                 if steps is not None and step >= steps:
                     break
-                loss = model.loss(x[perm[i : i + cfg.batch_size]], cfg.iw_train, cfg.beta, gen)
+                loss = model.loss(x[perm[i : i + batch]], cfg.iw_train, cfg.beta, gen)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -73,7 +73,7 @@ def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0, turns: int = 3
 
     # warm-up: torch's first steps on these shapes, for both loops (the product on a few batches of data)
     plain(epochs=1, steps=20)
-    few = cfg.batch_size * 10
+    few = batch * 10
     product(ImageData(images[:few], images[n_train : n_train + few], images[n_train + 1000 :][:few], 256, "warm-up"))
     times: dict[str, list[float]] = {"product": [], "plain": []}
     for turn in range(turns):
@@ -86,11 +86,11 @@ def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0, turns: int = 3
         "model": {
             "likelihood": cfg.likelihood,
             "context": cfg.context,
-            "batch_size": cfg.batch_size,
+            "batch_size": batch,
             "iw_train": cfg.iw_train,
             "hidden": cfg.hidden,
             "dropout": cfg.dropout,
-            "steps_per_epoch": math.ceil(n_train / cfg.batch_size),
+            "steps_per_epoch": math.ceil(n_train / batch),
         },
         "turns": turns,
         "product_images_per_s": round(seen / product_s, 1),

@@ -50,12 +50,12 @@ class RequestContext:
     @classmethod
     def start(cls, settings: Settings, timeout_s: float | None, disconnected=None) -> RequestContext:
         # The lower bound is the protocol's (the JSON API's schema asks for 1 s or more), the upper the server's.
-        if timeout_s is not None and not 0 < timeout_s:
-            raise InvalidInput("timeout_s must be positive", "timeout_s")
-        if timeout_s is not None and timeout_s > settings.request_timeout_s:
-            raise InvalidInput(
-                f"timeout_s may be at most {settings.request_timeout_s:g} s (the server's limit)", "timeout_s"
-            )
+        if timeout_s is not None:
+            if not 0 < timeout_s:
+                raise InvalidInput("timeout_s must be positive", "timeout_s")
+            if timeout_s > settings.request_timeout_s:
+                limit = settings.request_timeout_s
+                raise InvalidInput(f"timeout_s may be at most {limit:g} s (the server's limit)", "timeout_s")
         timeout = timeout_s or settings.request_timeout_s
         return cls(time.monotonic() + timeout, timeout, disconnected)
 
