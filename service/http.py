@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -72,10 +73,6 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        if errors and errors[0].get("type") == "json_invalid":
-            return error_response(
-                request.url.path, BadRequest(f"the body is not valid JSON: {errors[0].get('msg')}", "body")
-            )
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         if tuple(first.get("loc", ())) == ("body", "files") and first.get("type") == "missing":
             form = await request.form()
@@ -105,14 +102,81 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        message = "internal server error; see the service log"
-        if is_v2(request.url.path):
-            return JSONResponse(v2_error_body(message), status_code=500)
-        return JSONResponse(error_body(500, "internal_error", message), status_code=500)
+        return unexpected_response(request.url.path)
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON (RFC 8259), parsed once, in C, with bounded depth and memory.
+
+    orjson refuses what the standard library would turn into a 500 or a hang: nesting past 1024 levels
+    (json.loads recurses until RecursionError), integers of thousands of digits (ValueError past
+    sys.get_int_max_str_digits), NaN and Infinity literals, numbers that overflow a double, lone
+    surrogates, invalid UTF-8 and a byte-order mark. Integers past 64 bits become floats, which the
+    schemas then refuse where an integer is needed. Duplicate keys keep the last value, as json.loads.
+    The parsed value holds at most ~22 bytes of Python objects a byte of body ("[[],[],...]", measured
+    in tests/service/test_hostile_json.py), so the body limit bounds it.
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "not valid utf-8" in str(exc).lower():
+            raise BadRequest("the body is not UTF-8 text; send UTF-8 encoded JSON", "body") from None
+        raise BadRequest(f"the body is not valid JSON: {exc}", "body") from None
+
+
+@dataclass(frozen=True)
+class JsonBudget:
+    """The most arrays/objects and strings a JSON API request can need: images as rows (one list per row
+    and one per image) or base64 strings, latents as one list each, and a few dozen fields besides."""
+
+    containers: int
+    strings: int
+    FIELDS: ClassVar[int] = 256
+
+    @classmethod
+    def of(cls, settings: Settings, models: dict[str, dict[int, Any]]) -> JsonBudget:
+        rows = max((mv.height for vs in models.values() for mv in vs.values()), default=1)
+        return cls(cls.FIELDS + settings.max_batch * (1 + rows), 2 * (cls.FIELDS + settings.max_batch))
+
+
+def check_json_structure(body: bytes, budget: JsonBudget) -> None:
+    """Refuses (422; V2: 400) a body with more arrays, objects or strings than any request needs, unparsed.
+
+    Parsed, a body of numbers takes at most ~20 bytes of Python objects a byte (list slots, ints, floats;
+    tests/service/test_hostile_json.py measures it), but an empty array or object takes ~33 and more
+    ("[[],[],...]", 3 bytes each). Counting brackets and quotes first (in C, ~1 ms a MB; brackets inside
+    strings count too, which only errs towards refusing odd bodies) caps those at the budget, so a parsed
+    body holds at most ~24 bytes a byte of body plus ~100 bytes a container or string of the budget."""
+    containers = body.count(b"[") + body.count(b"{")
+    strings = body.count(b'"') // 2
+    if containers > budget.containers or strings > budget.strings:
+        raise InvalidInput(
+            f"the body holds {containers} arrays and objects and {strings} strings; requests here need at most "
+            f"{budget.containers} and {budget.strings} (images as rows or base64 strings, at most the max "
+            "batch of them)",
+            "body",
+            code="too_complex",
+        )
+
+
+class ParsedJsonRequest(Request):
+    """A request whose body was read and parsed already: FastAPI's validation takes the parsed value."""
+
+    def __init__(self, request: Request, raw: bytes, parsed: Any) -> None:
+        super().__init__(request.scope, request.receive)
+        self._raw, self._parsed = raw, parsed
+
+    async def body(self) -> bytes:
+        return self._raw
+
+    async def json(self) -> Any:
+        return self._parsed
 
 
 class JsonRoute(APIRoute):
-    """A route whose body must be UTF-8 JSON sent as application/json: clear 415 and 400 answers otherwise."""
+    """A route whose body must be UTF-8 JSON sent as application/json: clear 415 and 400 answers otherwise.
+
+    The body is parsed here, once (parse_json), and handed to FastAPI's validation as parsed."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -126,15 +190,52 @@ class JsonRoute(APIRoute):
                         "content-type",
                     )
                 body = await request.body()
-                try:
-                    json.loads(body.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise BadRequest("the body is not UTF-8 text; send UTF-8 encoded JSON", "body") from None
-                except json.JSONDecodeError as exc:
-                    raise BadRequest(f"the body is not valid JSON: {exc}", "body") from None
+                if not body:
+                    raise BadRequest("the body is empty; send a JSON object", "body")
+                state = request.app.state
+                check_json_structure(body, JsonBudget.of(state.settings, state.repository.models))
+                request = ParsedJsonRequest(request, body, parse_json(body))
             return await handler(request)
 
         return checked
+
+
+class InternalErrorMiddleware:
+    """A bug answers 500 in the protocol's error shape and leaves the connection open.
+
+    Starlette's ServerErrorMiddleware re-raises after answering, and uvicorn then drops the connection:
+    the client's next request on it would fail with "connection reset by peer". Here an error raised
+    before the response started is logged and answered, and goes no further."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            await unexpected_response(scope.get("path", ""))(scope, receive, send)
+
+
+def unexpected_response(path: str) -> JSONResponse:
+    """The 500 for a bug, in the protocol's shape: it names no detail (the log has them)."""
+    message = "internal server error; see the service log"
+    if is_v2(path):
+        return JSONResponse(v2_error_body(message), status_code=500)
+    return JSONResponse(error_body(500, "internal_error", message), status_code=500)
 
 
 async def wait_disconnect(receive: Receive) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput
+from service.schemas import integral, is_json_integer
 from vae_contract.formulas import levels_to_pixels, pixels_to_levels
 
 FORMATS = ("PNG", "JPEG")
@@ -104,15 +105,16 @@ def _numbers(item: Any, height: int, width: int, where: str) -> np.ndarray:
             where,
             code="wrong_shape",
         )
-    if not all(type(v) is int for v in flat):
-        bad = next(v for v in flat if type(v) is not int)
+    ints = integral(flat)
+    if ints is None:
+        bad = next(v for v in flat if not is_json_integer(v))
         raise InvalidInput(
             f"pixel values must be integer grey levels; found {bad!r} ({type(bad).__name__})",
             where,
             code="invalid_value",
         )
     try:
-        return np.asarray(flat, dtype=np.int64)
+        return np.asarray(ints, dtype=np.int64)
     except OverflowError:
         raise InvalidInput("pixel values must be grey levels of the model", where, code="out_of_range") from None
 

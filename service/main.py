@@ -20,7 +20,14 @@ from fastapi.staticfiles import StaticFiles
 
 from service.batching import Scheduler
 from service.core import InferenceCore
-from service.http import ApiKeys, AuthMiddleware, BodyLimitMiddleware, BodyReader, install_handlers
+from service.http import (
+    ApiKeys,
+    AuthMiddleware,
+    BodyLimitMiddleware,
+    BodyReader,
+    InternalErrorMiddleware,
+    install_handlers,
+)
 from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import build_openapi
 from service.repository import ModelRepository, ScanReport
@@ -115,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["retry-after", "inference-header-content-length"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(InternalErrorMiddleware)  # a bug's 500 keeps the connection (uvicorn drops it otherwise)
     # outermost of the app's own: V2 inference applies the same keys, body limit and metrics in one frame
     app.add_middleware(InferLane, metrics=metrics, keys=keys, reader=reader, cors=bool(settings.cors_origins))
     return app

@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.settings import Settings
+from service.v2 import DTYPES, SCORE_OUTPUTS
+from vae_contract.formulas import MAX_SEED, SCORE_NAMES
 
 V2_ERROR = {
     "type": "object",
@@ -46,38 +48,115 @@ V2_STATUSES = {
     "504": "the work did not finish within the request's deadline",
 }
 OPEN = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}
-V2_INFER_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["inputs"],
-                "properties": {
-                    "id": {"type": "string"},
-                    "parameters": {"type": "object"},
-                    "inputs": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
+# The smallest PNG is 67 bytes (signature, IHDR, IDAT, IEND), a JPEG takes more: no shorter file is an image.
+MIN_IMAGE_BYTES = 67
+MIN_IMAGE_BASE64 = 4 * -(-MIN_IMAGE_BYTES // 3)
+# Base64 of a PNG (its 8-byte signature and the first byte of IHDR's length) or a JPEG (SOI and a marker),
+# in groups of four with the standard padding: what service.images decodes with validate=True.
+BASE64_IMAGE = (
+    r"^(data:image/(png|jpeg);base64,)?(iVBORw0KGgoA|/9j/)"
+    r"([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+)
+
+
+def v2_infer_body(settings: Settings, models: dict[str, dict[int, Any]]) -> dict[str, Any]:
+    """An inference request as the service reads it: one input tensor of a served signature's name, a
+    datatype it supports and values of that datatype (flat, or nested as rows), the
+    parameters it reads with their types and bounds. What JSON Schema cannot relate (the number of values
+    to the shape, the shape and input name to the model in the path, the values to the model's range) is
+    refused with 400, as the operation's description says."""
+    graphs = [mv.manifest["graphs"] for vs in models.values() for mv in vs.values()]
+    names = sorted({name for g in graphs for part in ("encoder", "decoder") for name in g[part]["inputs"]})
+    ranks = (2, 3)  # [N, D] images or latents, or [N, H, W] images
+
+    def nested(scalar: dict[str, Any]) -> dict[str, Any]:
+        """Values flat (what clients send), or nested as the tensor's rows."""
+        rows = {"type": "array", "items": scalar, "minItems": 1}
+        return {"anyOf": [{"type": "array", "items": scalar, "minItems": 1}, {"type": "array", "items": rows}]}
+
+    def tensor(datatypes: list[str], scalar: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": ["name", "shape", "datatype", "data"],
+            "properties": {
+                "name": {"type": "string", "enum": names} if names else {"type": "string", "minLength": 1},
+                "shape": {
+                    "type": "array",
+                    "prefixItems": [_int(1, settings.max_batch)],  # the batch
+                    "items": _int(1, 2**31 - 1),
+                    "minItems": min(ranks),
+                    "maxItems": max(ranks),
+                },
+                "datatype": {"type": "string", "enum": datatypes},
+                "parameters": {"type": "object", "properties": {"binary_data_size": False}},
+                "data": nested(scalar),
+            },
+        }
+
+    ints = [d for d in DTYPES if d.startswith(("INT", "UINT"))]
+    floats = [d for d in DTYPES if d.startswith("FP")]
+    outputs = sorted({*SCORE_OUTPUTS, "mu", "log_var", "images", "probs"})
+    return {
+        "required": True,
+        "description": "Refused with 400 beyond the schema: data whose count does not match the shape, an input "
+        "or shape that is not the path's model's (GET /v2/models/{model} says which), values outside its range. "
+        "The binary tensor data extension is accepted too (not described by this schema): the JSON header, then "
+        "the tensors' bytes, with the Inference-Header-Content-Length header giving the JSON's length and each "
+        "input's parameters.binary_data_size its bytes",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {
                             "type": "object",
-                            "required": ["name", "shape", "datatype"],
                             "properties": {
-                                "name": {"type": "string"},
-                                "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-                                "datatype": {"type": "string"},
-                                "parameters": {"type": "object"},
-                                "data": {"type": "array"},
+                                "num_samples": _int(1, settings.max_k),
+                                "seed": _int(0, MAX_SEED),
+                                "score": {"type": "string", "enum": list(SCORE_NAMES)},
+                                "fpr": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                                "mode": {"type": "string", "enum": ["mean", "mode", "sample", "probs"]},
+                                "timeout_s": {
+                                    "type": "number",
+                                    "exclusiveMinimum": 0,
+                                    "maximum": settings.request_timeout_s,
+                                },
+                                "binary_data_output": {"type": "boolean"},
+                            },
+                        },
+                        "inputs": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": 1,
+                            "items": {
+                                "anyOf": [
+                                    tensor(["BOOL"], {"type": "boolean"}),
+                                    tensor(ints, {"type": "integer"}),
+                                    tensor(floats, {"type": "number"}),
+                                ]
+                            },
+                        },
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {
+                                    "name": {"type": "string", "enum": outputs},
+                                    "parameters": {
+                                        "type": "object",
+                                        "properties": {"binary_data": {"type": "boolean"}},
+                                    },
+                                },
                             },
                         },
                     },
-                    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}},
-                },
-            }
+                }
+            },
         },
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    },
-}
+    }
 
 
 def _int(lo: int, hi: int) -> dict[str, Any]:
@@ -108,7 +187,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
             if v2:
                 responses.pop("422", None)  # V2 answers a request it cannot use with 400
             if v2 and path.endswith("/infer"):
-                op["requestBody"] = V2_INFER_BODY
+                op["requestBody"] = v2_infer_body(settings, app.state.repository.models)
                 responses["200"] = {
                     "description": "outputs, as JSON or (binary tensor extension) a JSON header plus raw tensors",
                     "content": {"application/json": {"schema": {"type": "object"}}, "application/octet-stream": {}},
@@ -121,6 +200,9 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
                     responses.pop(code, None)
             for param in op.get("parameters", []):
                 _tighten_param(path, param, app)
+            form = op.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if form is not None:  # each uploaded file is sent as what it is
+                form["encoding"] = {"files": {"contentType": "image/png, image/jpeg"}}
     return schema
 
 
@@ -166,6 +248,9 @@ def _tighten_bodies(comps: dict[str, Any], settings: Settings, models: dict[str,
             }
         if "files" in props:
             props["files"].update(minItems=1, maxItems=settings.max_batch)
+            props["files"]["items"].update(minLength=MIN_IMAGE_BYTES)
+            if "seed" in props:
+                _set(props["seed"], maximum=MAX_SEED)
             if versions:
                 props.setdefault("model", {})["anyOf"] = [{"type": "string", "enum": sorted(models)}, {"type": "null"}]
                 props.setdefault("version", {})["anyOf"] = [
@@ -214,9 +299,11 @@ def _image_schema(versions: list[Any]) -> dict[str, Any]:
     shapes.append(
         {
             "type": "string",
-            "minLength": 8,
-            "pattern": r"^(data:image/(png|jpeg);base64,)?[A-Za-z0-9+/]+={0,2}$",
-            "description": "a PNG or JPEG file, base64-encoded",
+            "minLength": MIN_IMAGE_BASE64,
+            "pattern": BASE64_IMAGE,
+            "description": "a PNG or JPEG file, base64-encoded (standard alphabet, padded, no line breaks), "
+            "bare or as a data URL. The schema checks its form; the service then decodes it: data that is "
+            "not a decodable PNG/JPEG of the model's size is refused with 422 (invalid_image, wrong_shape)",
         }
     )
     return {"anyOf": shapes, "description": "one image (grey levels 0..levels-1 of the model) or a base64 PNG/JPEG"}

@@ -17,6 +17,21 @@ DecodeMode = Literal["mean", "mode", "sample", "probs"]
 ScoreName = Literal[SCORE_NAMES]  # type: ignore[valid-type]
 
 
+def is_json_integer(value: Any) -> bool:
+    """Whether a parsed JSON value is an integer as JSON Schema has it: 3 or 3.0, never true or 3.5."""
+    return type(value) is int or (type(value) is float and value.is_integer())
+
+
+def integral(values: list[Any]) -> list[Any] | None:
+    """values as Python ints when every one is a JSON Schema integer (3.0 becomes 3), else None.
+    The common case, all ints already, costs one pass and no copy."""
+    if all(type(v) is int for v in values):
+        return values
+    if all(map(is_json_integer, values)):
+        return [int(v) for v in values]
+    return None
+
+
 def _json_integer(value: Any) -> Any:
     """An integer as JSON Schema has it: 3 or 3.0, never true, "3" or 3.5."""
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -25,9 +25,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.core import InferenceCore, RequestContext
 from service.errors import BadRequest, InvalidInput, NotReady, UnknownModel
-from service.http import ApiKeys, BodyReader, wait_disconnect
+from service.http import ApiKeys, BodyReader, JsonBudget, check_json_structure, wait_disconnect
 from service.metrics import Metrics
 from service.repository import ModelVersion
+from service.schemas import integral, is_json_integer
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
 OPS = ("encode", "decode", "score")
@@ -135,8 +136,10 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
         raise BadRequest("each input needs a name, a datatype and a shape", "inputs")
     if dtype not in DTYPES:
         raise InvalidInput(f"datatype {dtype} is not supported here; use one of {sorted(DTYPES)}", where)
-    if not all(type(d) is int and d >= 0 for d in shape):
+    # an integer as JSON Schema has it: 3 or 3.0, never true or 3.5
+    if not all(type(d) in (int, float) and d >= 0 and float(d).is_integer() for d in shape):
         raise InvalidInput(f"shape must be non-negative integers, got {shape}", where)
+    shape = [int(d) for d in shape]
     count = math.prod(shape)
     np_dtype = np.dtype(DTYPES[dtype]).newbyteorder("<")
     if binary is not None:
@@ -163,7 +166,8 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
     if dtype == "BOOL":
         ok = kinds <= {bool}
     elif np_dtype.kind in "iu":
-        ok = kinds <= {int}
+        ints = integral(flat) if kinds <= {int, float} else None
+        ok, flat = ints is not None, ints or flat
     else:
         ok = kinds <= {int, float}
     if not ok:
@@ -174,15 +178,19 @@ def decode_tensor(spec: dict[str, Any], binary: bytes | None) -> np.ndarray:
         raise InvalidInput(f"data values do not fit datatype {dtype}", where) from None
 
 
-def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def parse_request(
+    body: bytes, header_length: str | None, budget: JsonBudget
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """An inference request's JSON header and its input tensors. header_length: the
-    Inference-Header-Content-Length header (binary tensor data follows the JSON header), or None."""
+    Inference-Header-Content-Length header (binary tensor data follows the JSON header), or None.
+    budget: the most arrays, objects and strings the JSON header may hold (413 past it, unparsed)."""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
             raise BadRequest(f"{HEADER} must be the byte length of the JSON header within the body")
         head, rest = body[: int(header_length)], body[int(header_length) :]
     else:
         head, rest = body, b""
+    check_json_structure(head, budget)
     try:
         req = orjson.loads(head)  # RFC 8259 JSON: no NaN or Infinity; integers past 64 bits read as floats
     except orjson.JSONDecodeError as exc:
@@ -216,6 +224,8 @@ def _param(params: dict[str, Any], name: str, kind: type, default: Any) -> Any:
         return value
     if kind is float and type(value) is int:
         value = float(value)
+    elif kind is int and is_json_integer(value):
+        value = int(value)
     if type(value) is not kind:
         raise InvalidInput(f"parameter {name} must be {kind.__name__}, got {value!r}", f"parameters.{name}")
     return value
@@ -259,7 +269,7 @@ async def infer(
 ) -> Reply:
     """One inference request, from its body to its reply (errors raise service errors)."""
     mv, op = lookup(core, v2_name, version)
-    req, tensors = parse_request(body, header_length)
+    req, tensors = parse_request(body, header_length, JsonBudget.of(core.settings, core.repository.models))
     params = req.get("parameters") or {}
     if not isinstance(params, dict):
         raise BadRequest("parameters must be a JSON object")
