@@ -114,15 +114,13 @@ class InferenceCore:
             )
 
     def check_images(self, mv: ModelVersion, x: np.ndarray, where: str = "images") -> np.ndarray:
-        """Images (B, D) or (B, H, W) of integer grey levels in [0, levels) -> (B, D) int64."""
+        """Images (B, D), (B, H, W) (grey) or (B, H, W, C) of integer levels in [0, levels) -> (B, D) int64."""
         x = np.asarray(x)
         self.check_count(len(x) if x.ndim else 0, where)
-        if x.shape[1:] not in ((mv.dim,), (mv.height, mv.width)):
-            raise InvalidInput(
-                f"images have shape {list(x.shape)}; expected [N, {mv.dim}] or [N, {mv.height}, {mv.width}]",
-                where,
-                code="wrong_shape",
-            )
+        shapes = {(mv.dim,), mv.image_shape, (mv.height, mv.width, mv.channels)}
+        if x.shape[1:] not in shapes:
+            expected = " or ".join(str([-1, *s]).replace("-1", "N") for s in sorted(shapes, key=len))
+            raise InvalidInput(f"images have shape {list(x.shape)}; expected {expected}", where, code="wrong_shape")
         if x.dtype.kind not in "iu":
             raise InvalidInput(f"pixel values must be integers, got {x.dtype}", where, code="invalid_value")
         rows = np.ascontiguousarray(x.reshape(len(x), mv.dim), dtype=np.int64)
@@ -131,7 +129,7 @@ class InferenceCore:
             lo, hi = int(x.min()), int(x.max())
             bad = int(np.argwhere((x.reshape(len(x), -1) < 0) | (x.reshape(len(x), -1) >= mv.levels))[0][0])
             raise InvalidInput(
-                f"pixel values range over [{lo}, {hi}]; this model takes grey levels 0..{mv.levels - 1}",
+                f"pixel values range over [{lo}, {hi}]; this model takes levels 0..{mv.levels - 1}",
                 f"{where}[{bad}]",
                 code="out_of_range",
             )

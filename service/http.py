@@ -126,8 +126,8 @@ def parse_json(body: bytes) -> Any:
 
 @dataclass(frozen=True)
 class JsonBudget:
-    """The most arrays/objects and strings a JSON API request can need: images as rows (one list per row
-    and one per image) or base64 strings, latents as one list each, and a few dozen fields besides."""
+    """The most arrays/objects and strings a JSON API request can need: images as nested lists (H x W, or
+    H x W x C for colour) or base64 strings, latents as one list each, and a few hundred fields besides."""
 
     containers: int
     strings: int
@@ -135,8 +135,10 @@ class JsonBudget:
 
     @classmethod
     def of(cls, settings: Settings, models: dict[str, dict[int, Any]]) -> JsonBudget:
-        rows = max((mv.height for vs in models.values() for mv in vs.values()), default=1)
-        return cls(cls.FIELDS + settings.max_batch * (1 + rows), 2 * (cls.FIELDS + settings.max_batch))
+        # an image as nested lists: one list, one per row, and one per pixel for colour (H x W x C)
+        versions = [mv for vs in models.values() for mv in vs.values()]
+        lists = max((1 + mv.height * (1 + (mv.width if mv.channels > 1 else 0)) for mv in versions), default=1)
+        return cls(cls.FIELDS + settings.max_batch * lists, 2 * (cls.FIELDS + settings.max_batch))
 
 
 def check_json_structure(body: bytes, budget: JsonBudget) -> None:

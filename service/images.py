@@ -1,9 +1,15 @@
-"""Image codecs: JSON arrays, base64 PNG/JPEG and uploaded PNG/JPEG in; PNG out.
+"""Image codecs: JSON arrays, base64 PNG/JPEG and uploaded PNG/JPEG in; PNG out. Grey and colour.
 
-Accepted image files: PNG and JPEG only, 8-bit greyscale (L), RGB or palette (converted to
-greyscale), bilevel. Refused: other formats (GIF, TIFF, BMP, ...), alpha channels (RGBA, LA: the
-background would be a guess), 16-bit and float images. 8-bit pixels map to the model's grey levels
-by the contract's formula (vae_contract.formulas.pixels_to_levels).
+A model takes images of H x W pixels with C channels (1: grey, 3: RGB) at its number of levels; the
+graphs take them flat, D = H W C values, channel fastest. What files become:
+- PNG and JPEG only; 8-bit grey (L), RGB, palette (P) and bilevel (1) images are converted to the
+  model's mode as Pillow converts them: colour to grey by ITU-R 601-2 luma, grey to colour by repeating
+  it. Refused (422, saying what the model takes): other formats (GIF, TIFF, BMP, ...), alpha channels
+  (RGBA, LA, PA: the background would be a guess), 16-bit and float images, CMYK and other colour spaces.
+- A file of another size is refused (wrong_shape), unless the model records a resize
+  (manifest image.preprocessing.resize, from `vae-train --image-size`): then any size is resized to the
+  model's H x W with the same filter training used (Lanczos).
+8-bit pixels map to the model's levels by the contract's formula (vae_contract.formulas.pixels_to_levels).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import base64
 import binascii
 import io
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,40 +29,79 @@ from service.schemas import integral, is_json_integer
 from vae_contract.formulas import levels_to_pixels, pixels_to_levels
 
 FORMATS = ("PNG", "JPEG")
-MODES = {"L": "L", "RGB": "L", "P": "L", "1": "L"}  # accepted mode -> conversion
+CONVERTIBLE = ("L", "RGB", "P", "1")  # modes a file may have: each converts to L or RGB without a guess
 _DATA_URL = re.compile(r"^data:image/(png|jpeg|jpg)?(;[a-z0-9=.+-]+)*;base64,", re.IGNORECASE)
 
 
-def decode_image_bytes(data: bytes, height: int, width: int, levels: int, where: str) -> np.ndarray:
-    """PNG/JPEG bytes -> (D,) int64 grey levels."""
+@dataclass(frozen=True)
+class ImageFormat:
+    """What one image of a model is: H x W pixels of C channels at `levels` levels, and how files get there."""
+
+    height: int
+    width: int
+    channels: int
+    levels: int
+    resize: bool = False  # resize files of another size to H x W (the model recorded a training resize)
+
+    @classmethod
+    def of(cls, image: dict[str, Any]) -> ImageFormat:
+        """From a manifest's image section (format 2: grey, never resized)."""
+        pre = image.get("preprocessing") or {}
+        return cls(
+            int(image["height"]),
+            int(image["width"]),
+            int(image.get("channels", 1)),
+            int(image["levels"]),
+            bool(pre.get("resize")),
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.height * self.width * self.channels
+
+    @property
+    def mode(self) -> str:
+        return "L" if self.channels == 1 else "RGB"
+
+    def describe(self) -> str:
+        kind = "grey" if self.channels == 1 else "RGB colour"
+        return f"{self.width}x{self.height} (WxH) {kind} images"
+
+
+def decode_image_bytes(data: bytes, fmt: ImageFormat, where: str) -> np.ndarray:
+    """PNG/JPEG bytes -> (D,) int64 levels of the model's format."""
     if not data:
         raise InvalidInput("empty image data", where, code="invalid_image")
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-            fmt, mode, size = img.format, img.mode, img.size
-            if mode not in MODES:
+            fmt_name, mode, size = img.format, img.mode, img.size
+            if mode not in CONVERTIBLE:
                 raise InvalidInput(
-                    f"{fmt} image of mode {mode} is not accepted; send 8-bit greyscale, RGB or palette images "
-                    "without an alpha channel",
+                    f"{fmt_name} image of mode {mode} is not accepted; this model takes {fmt.describe()}: send "
+                    "8-bit greyscale, RGB or palette PNG/JPEG without an alpha channel (grey and colour are "
+                    "converted to the model's mode)",
                     where,
                     code="invalid_image",
                 )
-            if size != (width, height):
+            if size != (fmt.width, fmt.height) and not fmt.resize:
                 raise InvalidInput(
-                    f"image is {size[0]}x{size[1]} (WxH) but the model expects {width}x{height}",
+                    f"image is {size[0]}x{size[1]} (WxH) but this model takes {fmt.describe()}",
                     where,
                     code="wrong_shape",
                 )
             img.load()
-            grey = np.asarray(img.convert(MODES[mode]))
+            converted = img.convert(fmt.mode)
+            if converted.size != (fmt.width, fmt.height):
+                converted = converted.resize((fmt.width, fmt.height), Image.Resampling.LANCZOS)
+            pixels = np.asarray(converted)
     except InvalidInput:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         raise InvalidInput("cannot decode the data as a PNG or JPEG image", where, code="invalid_image") from None
-    return pixels_to_levels(grey, levels).reshape(-1)
+    return pixels_to_levels(pixels, fmt.levels).reshape(-1)
 
 
-def parse_base64_image(item: str, height: int, width: int, levels: int, where: str) -> np.ndarray:
+def parse_base64_image(item: str, fmt: ImageFormat, where: str) -> np.ndarray:
     """A base64 PNG/JPEG string, bare or as a data URL (data:image/png;base64,...)."""
     payload = item
     if item[:5].lower() == "data:":
@@ -69,71 +115,79 @@ def parse_base64_image(item: str, height: int, width: int, levels: int, where: s
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput("not valid base64", where, code="invalid_image") from None
-    return decode_image_bytes(raw, height, width, levels, where)
+    return decode_image_bytes(raw, fmt, where)
 
 
-def parse_image_items(items: list[Any], height: int, width: int, levels: int, where: str = "images") -> np.ndarray:
-    """The JSON API's images: each H x W nested integers, D flat integers, or a base64 PNG/JPEG string.
-
-    Returns (B, D) or (B, H, W) numbers for the core to check; one clear error per bad image.
-    """
+def parse_image_items(items: list[Any], fmt: ImageFormat, where: str = "images") -> np.ndarray:
+    """The JSON API's images: each H x W (grey) or H x W x C nested integers, D flat integers, or a base64
+    PNG/JPEG string. Returns (B, D) numbers for the core to check; one clear error per bad image."""
     rows: list[np.ndarray] = []
     for i, item in enumerate(items):
         at = f"{where}[{i}]"
         if isinstance(item, str):
-            rows.append(parse_base64_image(item, height, width, levels, at))
+            rows.append(parse_base64_image(item, fmt, at))
             continue
-        rows.append(_numbers(item, height, width, at))
+        rows.append(_numbers(item, fmt, at))
     return np.stack(rows)
 
 
-def _numbers(item: Any, height: int, width: int, where: str) -> np.ndarray:
+def _shape_help(fmt: ImageFormat) -> str:
+    nested = f"{fmt.height} rows of {fmt.width}" + ("" if fmt.channels == 1 else f" pixels of {fmt.channels}")
+    return f"{nested} integers, or one flat list of {fmt.dim}" + ("" if fmt.channels == 1 else " (channel fastest)")
+
+
+def _flatten(item: list[Any], fmt: ImageFormat, where: str) -> list[Any]:
+    """H x W (grey) or H x W x C nested lists -> one flat list, or InvalidInput naming the expected shape."""
+    ok = len(item) == fmt.height and all(isinstance(r, list) and len(r) == fmt.width for r in item)
+    if ok and fmt.channels == 1 and not any(isinstance(v, list) for r in item for v in r):
+        return [v for r in item for v in r]
+    if ok and fmt.channels > 1 and all(isinstance(px, list) and len(px) == fmt.channels for r in item for px in r):
+        return [v for r in item for px in r for v in px]
+    kind = "grey" if fmt.channels == 1 else "colour"
+    raise InvalidInput(f"this model takes {kind} images: {_shape_help(fmt)}", where, code="wrong_shape")
+
+
+def _numbers(item: Any, fmt: ImageFormat, where: str) -> np.ndarray:
     if not isinstance(item, list):
         raise InvalidInput("an image is a list of integers, a list of rows, or a base64 string", where)
-    flat = item if not item or not isinstance(item[0], list) else None
-    if flat is None:
-        if len(item) != height or any(not isinstance(r, list) or len(r) != width for r in item):
-            raise InvalidInput(
-                f"image rows must be {height} lists of {width} integers (or one flat list of {height * width})",
-                where,
-                code="wrong_shape",
-            )
-        flat = [v for r in item for v in r]
-    elif len(flat) != height * width:
-        raise InvalidInput(
-            f"image has {len(flat)} values; expected {height * width} ({height} x {width}) or {height} rows",
-            where,
-            code="wrong_shape",
-        )
+    if item and isinstance(item[0], list):
+        flat = _flatten(item, fmt, where)
+    elif len(item) != fmt.dim:
+        raise InvalidInput(f"image has {len(item)} values; it must be {_shape_help(fmt)}", where, code="wrong_shape")
+    else:
+        flat = item
     ints = integral(flat)
     if ints is None:
         bad = next(v for v in flat if not is_json_integer(v))
         raise InvalidInput(
-            f"pixel values must be integer grey levels; found {bad!r} ({type(bad).__name__})",
+            f"pixel values must be integer levels; found {bad!r} ({type(bad).__name__})",
             where,
             code="invalid_value",
         )
     try:
         return np.asarray(ints, dtype=np.int64)
     except OverflowError:
-        raise InvalidInput("pixel values must be grey levels of the model", where, code="out_of_range") from None
+        raise InvalidInput("pixel values must be levels of the model", where, code="out_of_range") from None
 
 
 def encode_png(images: np.ndarray, levels: int, scale: int = 1, columns: int | None = None) -> bytes:
-    """(N, H, W) grey levels -> PNG bytes: the image itself for N=1, else a grid with 1-pixel gaps."""
-    n, h, w = images.shape
+    """(N, H, W) grey or (N, H, W, C) colour levels -> PNG bytes: the image itself for N=1, else a grid
+    with 1-pixel gaps."""
+    if images.ndim == 4 and images.shape[3] == 1:
+        images = images[..., 0]
+    n, h, w = images.shape[:3]
     pixels = levels_to_pixels(images, levels)
     if n == 1:
         canvas = pixels[0]
     else:
         cols = columns or int(np.ceil(np.sqrt(n)))
         rows = int(np.ceil(n / cols))
-        canvas = np.zeros((rows * (h + 1) - 1, cols * (w + 1) - 1), dtype=np.uint8)
+        canvas = np.zeros((rows * (h + 1) - 1, cols * (w + 1) - 1, *images.shape[3:]), dtype=np.uint8)
         for i in range(n):
             r, c = divmod(i, cols)
             canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = pixels[i]
     if scale > 1:
-        canvas = np.kron(canvas, np.ones((scale, scale), dtype=np.uint8))
+        canvas = canvas.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
-    Image.fromarray(canvas, mode="L").save(buf, format="PNG")
+    Image.fromarray(canvas, mode="L" if canvas.ndim == 2 else "RGB").save(buf, format="PNG")
     return buf.getvalue()

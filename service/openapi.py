@@ -67,7 +67,8 @@ def v2_infer_body(settings: Settings, models: dict[str, dict[int, Any]]) -> dict
     refused with 400, as the operation's description says."""
     graphs = [mv.manifest["graphs"] for vs in models.values() for mv in vs.values()]
     names = sorted({name for g in graphs for part in ("encoder", "decoder") for name in g[part]["inputs"]})
-    ranks = (2, 3)  # [N, D] images or latents, or [N, H, W] images
+    colour = any(mv.channels > 1 for vs in models.values() for mv in vs.values())
+    ranks = (2, 3, 4) if colour else (2, 3)  # [N, D] images or latents, [N, H, W] grey or [N, H, W, C] images
 
     def nested(scalar: dict[str, Any]) -> dict[str, Any]:
         """Values flat (what clients send), or nested as the tensor's rows."""
@@ -284,26 +285,37 @@ def _set(prop: dict[str, Any], **limits: Any) -> None:
 
 
 def _image_schema(versions: list[Any]) -> dict[str, Any]:
-    """One image of any served version: H x W or D grey levels in its range, or a base64 PNG/JPEG string."""
+    """One image of any served version: H x W (grey) or H x W x C (colour) nested levels in its range, D flat
+    levels, or a base64 PNG/JPEG string."""
     shapes: list[dict[str, Any]] = []
     seen = set()
     for mv in versions:
-        key = (mv.height, mv.width, mv.levels)
+        key = (mv.height, mv.width, mv.channels, mv.levels)
         if key in seen:
             continue
         seen.add(key)
         level = _int(0, mv.levels - 1)
-        row = {"type": "array", "items": level, "minItems": mv.width, "maxItems": mv.width}
-        shapes.append({"type": "array", "items": row, "minItems": mv.height, "maxItems": mv.height})
-        shapes.append({"type": "array", "items": level, "minItems": mv.dim, "maxItems": mv.dim})
+        pixel = level if mv.channels == 1 else _array(level, mv.channels)
+        shapes.append(_array(_array(pixel, mv.width), mv.height))
+        shapes.append(_array(level, mv.dim))
     shapes.append(
         {
             "type": "string",
             "minLength": MIN_IMAGE_BASE64,
             "pattern": BASE64_IMAGE,
             "description": "a PNG or JPEG file, base64-encoded (standard alphabet, padded, no line breaks), "
-            "bare or as a data URL. The schema checks its form; the service then decodes it: data that is "
-            "not a decodable PNG/JPEG of the model's size is refused with 422 (invalid_image, wrong_shape)",
+            "bare or as a data URL. The schema checks its form; the service then decodes it (grey and colour "
+            "are converted to the model's mode; a model trained with --image-size resizes any size): data "
+            "that is not a decodable PNG/JPEG of the model's size is refused with 422 (invalid_image, "
+            "wrong_shape)",
         }
     )
-    return {"anyOf": shapes, "description": "one image (grey levels 0..levels-1 of the model) or a base64 PNG/JPEG"}
+    return {
+        "anyOf": shapes,
+        "description": "one image: levels 0..levels-1 of the model as H x W (grey) or H x W x C (colour) nested "
+        "lists or one flat list of H W C (channel fastest), or a base64 PNG/JPEG",
+    }
+
+
+def _array(items: dict[str, Any], n: int) -> dict[str, Any]:
+    return {"type": "array", "items": items, "minItems": n, "maxItems": n}

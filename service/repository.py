@@ -23,6 +23,7 @@ import numpy as np
 
 from service.engine import OrtEngine, ScoringChoice, choose_scoring_engine
 from service.errors import NotReady, UnknownModel
+from service.images import ImageFormat
 from service.scoring import chunk_size, score_direct
 from service.settings import Settings
 from vae_contract.formulas import ScoreCalibration, fp32_parity_tolerance
@@ -78,6 +79,20 @@ class ModelVersion:
     @property
     def width(self) -> int:
         return int(self.manifest["image"]["width"])
+
+    @property
+    def channels(self) -> int:
+        """1 (grey) or 3 (RGB); format 2 manifests are grey."""
+        return int(self.manifest["image"].get("channels", 1))
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One image as the API shows it: (H, W) for grey, (H, W, C) for colour."""
+        return (self.height, self.width) if self.channels == 1 else (self.height, self.width, self.channels)
+
+    @property
+    def image_format(self) -> ImageFormat:
+        return ImageFormat.of(self.manifest["image"])
 
     @property
     def dim(self) -> int:

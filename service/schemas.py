@@ -47,11 +47,12 @@ StrictInt = Annotated[int, BeforeValidator(_json_integer)]
 StrictFloat = Annotated[float, Field(strict=True)]
 
 _LEVEL = {"type": "integer", "minimum": 0, "maximum": 255}
+_PIXEL = {"anyOf": [_LEVEL, {"type": "array", "items": _LEVEL, "minItems": 1}]}
 IMAGE_SCHEMA = {
-    "description": "one image: H x W integer grey levels, D flat grey levels (0..levels-1 of the model), "
-    "or a base64 PNG/JPEG (optionally a data:image/png;base64, URL)",
+    "description": "one image: H x W (grey) or H x W x C (colour) nested integer levels, D flat levels "
+    "(0..levels-1 of the model), or a base64 PNG/JPEG (optionally a data:image/png;base64, URL)",
     "anyOf": [
-        {"type": "array", "items": {"type": "array", "items": _LEVEL, "minItems": 1}, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": _PIXEL, "minItems": 1}, "minItems": 1},
         {"type": "array", "items": _LEVEL, "minItems": 1},
         {"type": "string", "minLength": 1},
     ],
@@ -96,9 +97,13 @@ class DecodeRequest(ModelRef):
 
 
 class ImagesResponse(ModelInfo):
-    images: list[list[list[int]]] = Field(..., description="integer grey levels, (B, H, W)")
-    probs: list[list[list[list[float]]]] | None = Field(
-        None, description="mode=probs only: per-pixel probability of each level, (B, H, W, levels)"
+    images: list[list[list[int | list[int]]]] = Field(
+        ..., description="integer levels, (B, H, W) for grey models, (B, H, W, C) for colour"
+    )
+    probs: list[list[list[list[float] | list[list[float]]]]] | None = Field(
+        None,
+        description="mode=probs only: per-pixel probability of each level, (B, H, W, levels) for grey, "
+        "(B, H, W, C, levels) for colour",
     )
 
 

@@ -99,7 +99,16 @@ def metadata(request: Request, v2_name: str, version: str | None) -> dict[str, A
     mv, op = lookup(_core(request), v2_name, version)
     inputs, outputs = signature(mv, op)
     versions = [str(v) for v in sorted(request.app.state.repository.models[mv.name])] if version is None else [version]
-    return {"name": v2_name, "versions": versions, "platform": "vae-serve", "inputs": inputs, "outputs": outputs}
+    image = {"height": mv.height, "width": mv.width, "channels": mv.channels, "levels": mv.levels}
+    return {
+        "name": v2_name,
+        "versions": versions,
+        "platform": "vae-serve",
+        "inputs": inputs,
+        "outputs": outputs,
+        # images go in as [N, H W C] (channel fastest), [N, H, W] (grey) or [N, H, W, C]
+        "parameters": {"image": image, "image_layouts": [["N", "H*W*C"], ["N", "H", "W", "C"]]},
+    }
 
 
 def config(request: Request, v2_name: str, version: str | None) -> dict[str, Any]:

@@ -65,7 +65,7 @@ CoreDep = Annotated[InferenceCore, Depends(get_core)]
 
 async def images_from_json(core: InferenceCore, mv: ModelVersion, items: list[Any]) -> np.ndarray:
     core.check_count(len(items), "images")
-    parsed = await run_in_threadpool(parse_image_items, items, mv.height, mv.width, mv.levels)
+    parsed = await run_in_threadpool(parse_image_items, items, mv.image_format)
     return core.check_images(mv, parsed)
 
 
@@ -80,9 +80,8 @@ async def images_from_uploads(
     blobs = [await f.read() for f in files]
 
     def decode() -> np.ndarray:
-        return np.stack(
-            [decode_image_bytes(b, mv.height, mv.width, mv.levels, f"files[{i}]") for i, b in enumerate(blobs)]
-        )
+        fmt = mv.image_format
+        return np.stack([decode_image_bytes(b, fmt, f"files[{i}]") for i, b in enumerate(blobs)])
 
     return core.check_images(mv, await run_in_threadpool(decode), "files")
 
@@ -93,12 +92,12 @@ def wants_png(request: Request) -> bool:
 
 def images_out(request: Request, result: DecodeResult, scale: int, **extra: Any) -> Response | dict[str, Any]:
     mv = result.mv
-    images = result.images.reshape(-1, mv.height, mv.width)
+    images = result.images.reshape(-1, *mv.image_shape)
     if wants_png(request):
         return Response(encode_png(images, mv.levels, scale=scale), media_type="image/png")
     body: dict[str, Any] = {"model": mv.name, "version": mv.version, "images": images.tolist(), **extra}
     if result.probs is not None:
-        body["probs"] = np.round(result.probs.reshape(len(images), mv.height, mv.width, mv.levels), 6).tolist()
+        body["probs"] = np.round(result.probs.reshape(len(images), *mv.image_shape, mv.levels), 6).tolist()
     return body
 
 

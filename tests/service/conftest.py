@@ -28,7 +28,7 @@ def client(models_dir: Path) -> Iterator[TestClient]:
 def test_images():
     from training.data import prepare
 
-    return prepare("digits").test  # (447, 8, 8) uint8, levels 0..16
+    return prepare("digits").test[..., 0]  # (447, 8, 8) uint8, levels 0..16: grey images as the API takes them
 
 
 def png_b64(img: np.ndarray, levels: int = 17, mode: str = "L", fmt: str = "PNG") -> str:
