@@ -42,7 +42,12 @@ class TrainConfig:
     # data
     dataset: str = opt("digits", "digits | idx:PATH | folder:PATH | npy:PATH | npz:PATH", "data")
     levels: int | None = opt(None, "requantize to N grey levels (2 for binary images); default: the source's", "data")
-    image_size: list[int] | None = opt(None, "[H, W]: resize folder images", "data")
+    image_size: list[int] | None = opt(
+        None, "[H, W]: resize folder images (Lanczos; uploads are resized alike)", "data"
+    )
+    channels: str = opt(
+        "auto", "1 (grey) or 3 (colour, RGB); auto: 3 when the images have colour", "data", ("auto", "1", "3")
+    )
     classes: list[int] | None = opt(None, "keep only these digit classes (digits only)", "data")
     split_seed: int = opt(0, "seed of the train/val/test split where the source fixes none", "data")
     split_fractions: list[float] = opt([0.8, 0.1, 0.1], "train/val/test fractions of a seeded split", "data")

@@ -1,12 +1,16 @@
-"""Image data sources: every source yields uint8 images (N, H, W) and their number of grey levels.
+"""Image data sources: every source yields uint8 images (N, H, W, C) and their number of levels.
 
-Sources are named by a spec string:
+C is 1 (grey) or 3 (colour, RGB); `channels` ("auto", 1 or 3) decides: auto keeps colour where the
+images have it (a colour source whose channels are all equal is grey). Sources are named by a spec string:
   digits          scikit-learn's built-in 8x8 digits, 17 levels, the seed text's split by index
   idx:PATH        an MNIST-format IDX image file (gzipped or not), 256 levels, seeded split
-  folder:PATH     a folder of PNG/JPEG files, converted to greyscale, 256 levels, seeded split
-  npy:PATH        one integer array (N, H, W), 256 levels unless told, seeded split
+  folder:PATH     a folder of PNG/JPEG files (colour kept), 256 levels, seeded split
+  npy:PATH        one integer array (N, H, W) or (N, H, W, C), 256 levels unless told, seeded split
   npz:PATH        arrays 'train'/'val'/'test' (a fixed split) or one array 'images'; an optional
-                  scalar 'levels' declares the number of grey levels
+                  scalar 'levels' declares the number of levels
+Colour becomes grey by ITU-R 601-2 luma (vae_contract.formulas.rgb_to_grey, Pillow's convert("L")), grey
+becomes colour by repeating it. What was done is recorded (ImageData.preprocessing) for the manifest, so
+the service applies the same to uploaded files.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from vae_contract.formulas import requantize
+from vae_contract.formulas import requantize, rgb_to_grey
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+CHANNELS = ("auto", "1", "3")
+RESAMPLE = "lanczos"  # how folder images are resized to --image-size (Pillow's LANCZOS), and so uploads
 DIGITS_SPLIT = {"train": [0, 1000], "val": [1000, 1350], "test": [1350, None]}
 
 
@@ -31,35 +37,77 @@ class DataError(ValueError):
 
 @dataclass
 class ImageData:
-    """Train / validation / test images of one source, as uint8 grey levels in [0, levels)."""
+    """Train / validation / test images of one source, as uint8 levels in [0, levels), (N, H, W, C)."""
 
-    train: np.ndarray  # (N_train, H, W) uint8
-    val: np.ndarray  # (N_val, H, W) uint8
-    test: np.ndarray  # (N_test, H, W) uint8
+    train: np.ndarray  # (N_train, H, W, C) uint8
+    val: np.ndarray  # (N_val, H, W, C) uint8
+    test: np.ndarray  # (N_test, H, W, C) uint8
     levels: int
     source: str
     split: dict[str, Any] = field(default_factory=dict)  # how the split was made, for the manifest
+    # what was done to the source's pixels: {"convert": "L" | "RGB" | None, "resize": [H, W] | None, ...}
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "test"):  # grey (N, H, W) arrays are C = 1
+            images = getattr(self, name)
+            if images.ndim == 3:
+                setattr(self, name, images[..., None])
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.train.shape[1]), int(self.train.shape[2])
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, C)."""
+        return int(self.train.shape[1]), int(self.train.shape[2]), int(self.train.shape[3])
+
+    @property
+    def channels(self) -> int:
+        return self.shape[2]
 
     @property
     def dim(self) -> int:
-        return self.shape[0] * self.shape[1]
+        h, w, c = self.shape
+        return h * w * c
 
     def flat(self, part: str) -> np.ndarray:
-        """One split as (N, D) int64, the form the networks take."""
+        """One split as (N, D) int64 (D = H W C, channel fastest), the form the networks take."""
         images = getattr(self, part)
         return images.reshape(len(images), -1).astype(np.int64)
+
+
+def has_colour(images: np.ndarray) -> bool:
+    """Whether (N, H, W[, C]) images hold colour: three channels that are not all equal."""
+    return (
+        images.ndim == 4
+        and images.shape[3] == 3
+        and not ((images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all())
+    )
+
+
+def as_channels(images: np.ndarray, channels: int, where: str) -> tuple[np.ndarray, str | None]:
+    """(N, H, W) or (N, H, W, C) -> (N, H, W, channels), and the conversion made ("L": colour to grey,
+    "RGB": grey to colour, None). Colour files holding grey pictures (R = G = B) lose nothing to "L"."""
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise DataError(
+            f"{where}: expected images of shape (N, H, W) or (N, H, W, C) with C 1 or 3, got shape {images.shape}"
+        )
+    have = images.shape[3]
+    if channels == have:
+        return images, None
+    if channels == 1:
+        if images.max(initial=0) > 255:
+            raise DataError(f"{where}: colour to grey needs 8-bit values (0..255)")
+        return rgb_to_grey(images)[..., None], "L"
+    return np.repeat(images, 3, axis=3), "RGB"
 
 
 def check_levels(images: np.ndarray, levels: int, where: str) -> np.ndarray:
     """Refuse non-integer dtypes and values outside [0, levels); return uint8 images."""
     if not np.issubdtype(images.dtype, np.integer):
         raise DataError(f"{where}: dtype {images.dtype} is not an integer type; store grey levels as integers (uint8)")
-    if images.ndim != 3:
-        raise DataError(f"{where}: expected images of shape (N, H, W), got shape {images.shape}")
+    if images.ndim not in (3, 4):
+        raise DataError(f"{where}: expected images of shape (N, H, W) or (N, H, W, C), got shape {images.shape}")
     if images.shape[0] == 0:
         raise DataError(f"{where}: holds no images")
     lo, hi = int(images.min()), int(images.max())
@@ -92,7 +140,7 @@ def load_digits(classes: list[int] | None = None) -> ImageData:
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
-    images = bunch.images.astype(np.uint8)  # values 0..16
+    images = bunch.images.astype(np.uint8)[..., None]  # values 0..16, (N, 8, 8, 1)
     labels = bunch.target
     (a, b), (c, d), (e, _) = DIGITS_SPLIT["train"], DIGITS_SPLIT["val"], DIGITS_SPLIT["test"]
     parts = [(images[a:b], labels[a:b]), (images[c:d], labels[c:d]), (images[e:], labels[e:])]
@@ -147,8 +195,9 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
-def read_folder(path: Path, image_size: list[int] | None) -> np.ndarray:
-    """Read every PNG/JPEG under a folder (sorted by name) as greyscale uint8 (N, H, W)."""
+def read_folder(path: Path, image_size: list[int] | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Every PNG/JPEG under a folder (sorted by name) as 8-bit RGB (N, H, W, 3), resized to image_size
+    [H, W] if given, and what was done to them (modes found, resize)."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_dir():
@@ -157,14 +206,17 @@ def read_folder(path: Path, image_size: list[int] | None) -> np.ndarray:
     if not files:
         raise DataError(f"{path}: holds no PNG or JPEG files")
     images: list[np.ndarray] = []
-    first_shape: tuple[int, int] | None = None
+    modes: set[str] = set()
+    first_shape: tuple[int, ...] | None = None
     for file in files:
         try:
             with Image.open(file) as img:
-                grey = img.convert("L")
+                modes.add(img.mode)
+                # 16-bit grey (I;16) keeps its top 8 bits: Pillow's convert would clip it at 255
+                rgb = img.point(lambda v: v / 256).convert("RGB") if img.mode.startswith("I") else img.convert("RGB")
                 if image_size is not None:
-                    grey = grey.resize((image_size[1], image_size[0]), Image.Resampling.LANCZOS)
-                array = np.asarray(grey, dtype=np.uint8)
+                    rgb = rgb.resize((image_size[1], image_size[0]), Image.Resampling.LANCZOS)
+                array = np.asarray(rgb, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             raise DataError(f"{file}: cannot decode image: {exc}") from exc
         if first_shape is None:
@@ -175,7 +227,10 @@ def read_folder(path: Path, image_size: list[int] | None) -> np.ndarray:
                 f"{first_shape[1]}x{first_shape[0]}; pass --image-size H W to resize all images"
             )
         images.append(array)
-    return np.stack(images)
+    done: dict[str, Any] = {"source_modes": sorted(modes)}
+    if image_size is not None:
+        done.update(resize=[int(image_size[0]), int(image_size[1])], resample=RESAMPLE)
+    return np.stack(images), done
 
 
 def _load_array_file(path: Path) -> Any:
@@ -188,13 +243,33 @@ def _load_array_file(path: Path) -> Any:
 def load_source(
     spec: str,
     *,
+    channels: str | int = "auto",
     image_size: list[int] | None = None,
     classes: list[int] | None = None,
     split_seed: int = 0,
     split_fractions: list[float] | None = None,
 ) -> ImageData:
-    """Load a data source by its spec string (see the module docstring)."""
-    fractions = split_fractions or [0.8, 0.1, 0.1]
+    """Load a data source by its spec string (see the module docstring), with the channels asked for."""
+    data = _load(spec, image_size, classes, split_seed, split_fractions or [0.8, 0.1, 0.1])
+    if str(channels) not in CHANNELS:
+        raise DataError(f"channels must be one of {', '.join(CHANNELS)}, got {channels!r}")
+    parts = [getattr(data, name) for name in ("train", "val", "test")]
+    want = (3 if any(has_colour(p) for p in parts) else 1) if str(channels) == "auto" else int(channels)
+    converted = None
+    for name, images in zip(("train", "val", "test"), parts):
+        out, converted = as_channels(images, want, f"{spec} [{name}]")
+        setattr(data, name, out)
+    data.preprocessing.update(channels=want, convert=converted)
+    return data
+
+
+def _load(
+    spec: str,
+    image_size: list[int] | None,
+    classes: list[int] | None,
+    split_seed: int,
+    fractions: list[float],
+) -> ImageData:
     if spec == "digits":
         return load_digits(classes)
     if classes is not None:
@@ -208,9 +283,13 @@ def load_source(
     if kind == "idx":
         images = check_levels(read_idx(path), 256, str(path))
         return seeded_split(images, fractions, split_seed, spec, 256)
+    if image_size is not None and kind != "folder":
+        raise DataError("--image-size resizes folder images only; resize arrays before saving them")
     if kind == "folder":
-        images = check_levels(read_folder(path, image_size), 256, str(path))
-        return seeded_split(images, fractions, split_seed, spec, 256)
+        pixels, done = read_folder(path, image_size)
+        data = seeded_split(check_levels(pixels, 256, str(path)), fractions, split_seed, spec, 256)
+        data.preprocessing = done
+        return data
     if kind == "npy":
         array = _load_array_file(path)
         if not isinstance(array, np.ndarray):
@@ -243,14 +322,20 @@ def prepare(
     spec: str,
     *,
     levels: int | None = None,
+    channels: str | int = "auto",
     image_size: list[int] | None = None,
     classes: list[int] | None = None,
     split_seed: int = 0,
     split_fractions: list[float] | None = None,
 ) -> ImageData:
-    """Load a source and requantize it to `levels` grey levels if asked."""
+    """Load a source with the channels asked for (auto, 1, 3) and requantize it to `levels` if asked."""
     data = load_source(
-        spec, image_size=image_size, classes=classes, split_seed=split_seed, split_fractions=split_fractions
+        spec,
+        channels=channels,
+        image_size=image_size,
+        classes=classes,
+        split_seed=split_seed,
+        split_fractions=split_fractions,
     )
     for name in ("train", "val", "test"):
         if len(getattr(data, name)) == 0:
@@ -266,10 +351,11 @@ def prepare(
 
 
 def prepare_config(cfg: Any) -> ImageData:
-    """The data a TrainConfig names (its dataset, levels, image size, classes and split)."""
+    """The data a TrainConfig names (its dataset, levels, channels, image size, classes and split)."""
     return prepare(
         cfg.dataset,
         levels=cfg.levels,
+        channels=cfg.channels,
         image_size=cfg.image_size,
         classes=cfg.classes,
         split_seed=cfg.split_seed,

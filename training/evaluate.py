@@ -106,17 +106,17 @@ def save_plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    h, w = images.shape[1:]
+    shape = images.shape[1:]  # (H, W, C)
     levels = model.levels
     gen = torch.Generator().manual_seed(seed)
     real = images[:n]
     with torch.inference_mode():
         z = model.prior.sample(n, gen)
         rng = np.random.default_rng(seed)
-        samples = images_from_probs(model.decoder.probs(z).numpy(), sample_mode, rng).reshape(n, h, w)
+        samples = images_from_probs(model.decoder.probs(z).numpy(), sample_mode, rng).reshape(n, *shape)
         mu, _ = model.encoder(torch.from_numpy(real.reshape(len(real), -1).astype(np.int64)))
         # the mean, as /reconstruct gives by default: a mixture's mode jumps between its components
-        recon = images_from_probs(model.decoder.probs(mu).numpy(), "mean").reshape(len(real), h, w)
+        recon = images_from_probs(model.decoder.probs(mu).numpy(), "mean").reshape(len(real), *shape)
 
     def grid(batch: np.ndarray, path: Path, title: str) -> None:
         cols = 8
@@ -125,7 +125,10 @@ def save_plots(
         for ax, i in zip(np.ravel(axes), range(rows * cols)):
             ax.axis("off")
             if i < len(batch):
-                ax.imshow(batch[i], cmap="gray", vmin=0, vmax=levels - 1)
+                if batch.shape[-1] == 1:
+                    ax.imshow(batch[i, ..., 0], cmap="gray", vmin=0, vmax=levels - 1)
+                else:  # colour: levels onto [0, 1], as the RGB image the levels stand for
+                    ax.imshow(batch[i] / (levels - 1))
         fig.suptitle(title)
         fig.savefig(path, dpi=80, metadata={"Software": None})
         plt.close(fig)

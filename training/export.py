@@ -374,13 +374,12 @@ def write_version(
             shutil.copyfile(src, staging / fname)
         check_images = verify_images[:CHECK_IMAGES]
         log_w, means, log_vars = (t.double().numpy() for t in frozen.prior.mixture())
-        h, w = data_info["image_shape"]
         manifest = {
             "format_version": MANIFEST_FORMAT,
             "name": name,
             "version": version,
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "image": {"height": h, "width": w, "dim": h * w, "levels": model.levels},
+            "image": image_spec(data_info, model.levels),
             "likelihood": model.cfg.likelihood,
             "decoder": decoder_spec(model),
             "latent_dim": model.cfg.latent_dim,
@@ -411,7 +410,7 @@ def write_version(
             "export_check": check,
             "calibration": calibration,
             "training": training,
-            "data": {k: v for k, v in data_info.items() if k != "image_shape"},
+            "data": {k: v for k, v in data_info.items() if k not in ("image_shape", "preprocessing")},
             "files": {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()},
         }
         write_manifest(staging, manifest)
@@ -440,6 +439,22 @@ def decoder_spec(model: VAE) -> dict[str, Any]:
             "weights": model.decoder.context_weights.detach().double().numpy().round(6).tolist(),
         }
     return spec
+
+
+def image_spec(data_info: dict[str, Any], levels: int) -> dict[str, Any]:
+    """The manifest's image section: the shape the graphs take (H, W, C; D = H W C, channel fastest), the
+    levels, and the preprocessing training applied to the source's files, which the service applies
+    to uploaded files alike (conversion to grey or colour, resize)."""
+    h, w, *rest = data_info["image_shape"]
+    c = rest[0] if rest else 1
+    pre = data_info.get("preprocessing") or {}
+    preprocessing = {
+        "mode": "L" if c == 1 else "RGB",
+        "resize": pre.get("resize"),
+        "resample": pre.get("resample", "lanczos") if pre.get("resize") else None,
+        "convert": pre.get("convert"),
+    }
+    return {"height": h, "width": w, "channels": c, "dim": h * w * c, "levels": levels, "preprocessing": preprocessing}
 
 
 def load_checkpoint(version_dir: Path) -> VAE:
@@ -494,7 +509,11 @@ def reexport(version_dir: Path, out: Path | None = None, force: bool = False) ->
         verify_images=np.asarray(manifest["check"]["images"], dtype=np.int64),
         metrics=manifest.get("metrics", {}),
         training=manifest.get("training", {}),
-        data_info={**manifest.get("data", {}), "image_shape": (image["height"], image["width"])},
+        data_info={
+            **manifest.get("data", {}),
+            "image_shape": (image["height"], image["width"], image.get("channels", 1)),
+            "preprocessing": image.get("preprocessing", {}),
+        },
         extra_files={f: version_dir / f for f in manifest["files"] if f not in own},
         calibration=manifest.get("calibration"),
         force=force,

@@ -28,9 +28,9 @@ HELD_OUT_IN, HELD_OUT_OUT = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
 
 
 def ood_sets(test: np.ndarray, levels: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Generated OOD images shaped like `test` (N, H, W) with grey levels 0..levels-1."""
+    """Generated OOD images shaped like `test` (N, H, W, C) with levels 0..levels-1 (grey or colour)."""
     rng = np.random.default_rng(seed)
-    n, h, w = test.shape
+    n, h, w, c = test.shape
     top = levels - 1
     yy, xx = np.mgrid[0:h, 0:w]
     blobs = np.zeros((n, h, w))
@@ -40,29 +40,33 @@ def ood_sets(test: np.ndarray, levels: int, seed: int = 0) -> dict[str, np.ndarr
             s = rng.uniform(1.5, 3.5) * max(h, w) / 8
             blobs[i] += rng.uniform(0.5, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
     blobs = np.rint(top * blobs / blobs.reshape(n, -1).max(1)[:, None, None])
+    pixels = test.reshape(n, h * w, c)
     return {
-        "noise": rng.integers(0, levels, size=(n, h, w)),
+        "noise": rng.integers(0, levels, size=(n, h, w, c)),
         "inverted": top - test.astype(np.int64),
-        "constant": np.repeat(np.arange(n) % levels, h * w).reshape(n, h, w),
-        "shuffled": np.stack([rng.permutation(img.reshape(-1)).reshape(h, w) for img in test]),
-        "smooth": blobs,
-        "natural": natural_patches(n, h, w, levels, rng),
+        "constant": np.broadcast_to((np.arange(n) % levels)[:, None, None, None], (n, h, w, c)).copy(),
+        "shuffled": np.stack([img[rng.permutation(h * w)] for img in pixels]).reshape(n, h, w, c),
+        "smooth": np.repeat(blobs[..., None], c, axis=3),
+        "natural": natural_patches(n, h, w, levels, rng, c),
     }
 
 
-def natural_patches(n: int, h: int, w: int, levels: int, rng: np.random.Generator) -> np.ndarray:
-    """Patches of scikit-learn's bundled sample photos, greyscale, reduced to (h, w) and the model's levels."""
+def natural_patches(n: int, h: int, w: int, levels: int, rng: np.random.Generator, channels: int = 1) -> np.ndarray:
+    """Patches of scikit-learn's bundled sample photos (grey or RGB), reduced to (h, w) and the model's levels:
+    (n, h, w, channels)."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    photos = [np.asarray(Image.fromarray(img).convert("L")) for img in load_sample_images().images]
-    out = np.empty((n, h, w), dtype=np.int64)
+    mode = "L" if channels == 1 else "RGB"
+    photos = [np.asarray(Image.fromarray(img).convert(mode)) for img in load_sample_images().images]
+    out = np.empty((n, h, w, channels), dtype=np.int64)
     for i in range(n):
         photo = photos[i % len(photos)]
-        size = int(rng.integers(4 * h, 12 * h))
+        most = min(photo.shape[:2]) - 1  # large images: crops up to the whole photo's short side
+        size = int(rng.integers(min(4 * h, most // 2), min(12 * h, most)))
         y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
         patch = Image.fromarray(photo[y : y + size, x : x + size]).resize((w, h), Image.Resampling.BOX)
-        out[i] = np.floor(np.asarray(patch, dtype=np.float64) * (levels - 1) / 255 + 0.5)
+        out[i] = np.floor(np.asarray(patch, dtype=np.float64) * (levels - 1) / 255 + 0.5).reshape(h, w, channels)
     return out
 
 

@@ -70,7 +70,7 @@ def run(
     resolved = cfg.resolve(data.levels, len(data.train))
     params, mb = check_model_size(resolved, data.dim, data.levels, data.shape)
     log(
-        f"data: {cfg.dataset}, images {data.shape[0]}x{data.shape[1]}, {data.levels} levels, "
+        f"data: {cfg.dataset}, images {data.shape[0]}x{data.shape[1]}x{data.shape[2]}, {data.levels} levels, "
         f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}"
     )
     log(
@@ -124,6 +124,7 @@ def run(
         data_info = {
             "source": cfg.dataset,
             "image_shape": list(data.shape),
+            "preprocessing": data.preprocessing,
             "split": data.split,
             "sizes": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         }

@@ -39,6 +39,13 @@ def levels_to_pixels(images: np.ndarray, levels: int) -> npt.NDArray[np.uint8]:
     return np.floor(images.astype(np.float64) * 255.0 / (levels - 1) + 0.5).astype(np.uint8)
 
 
+def rgb_to_grey(pixels: np.ndarray) -> npt.NDArray[np.uint8]:
+    """8-bit RGB (..., 3) -> 8-bit grey (...), ITU-R 601-2 luma exactly as Pillow's convert("L") rounds it,
+    so arrays converted in training and files converted by the service give the same levels."""
+    rgb = pixels.astype(np.uint32)
+    return ((rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
 PARITY_ABS_NATS = 1e-3
 PARITY_REL = 2e-6
 

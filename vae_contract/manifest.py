@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vae_contract.formulas import SCORE_NAMES
 
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3  # 3 added image.channels and image.preprocessing; format 2 manifests (grey) are read too
+MANIFEST_FORMATS = (2, 3)
 MANIFEST = "manifest.json"
 DIGEST_FILE = "manifest.json.sha256"
 LIKELIHOODS = ("categorical", "bernoulli", "logistic_mixture")
@@ -64,16 +65,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="allow", strict=False)
 
 
+class Preprocessing(_Strict):
+    """What training did to the source's image files, and so what the service does to uploaded ones."""
+
+    mode: Literal["L", "RGB"]  # the colour mode files are converted to (Pillow's convert)
+    resize: list[int] | None = Field(None, min_length=2, max_length=2)  # [H, W] any file is resized to
+    resample: Literal["lanczos"] | None = None
+    convert: Literal["L", "RGB"] | None = None  # a conversion training made from the source's own mode
+
+
 class ImageSpec(_Strict):
     height: int = Field(ge=1)
     width: int = Field(ge=1)
-    dim: int = Field(ge=1)
+    channels: Literal[1, 3] = 1
+    dim: int = Field(ge=1)  # height x width x channels, the graphs' flat input (channel fastest)
     levels: int = Field(ge=2, le=256)
+    preprocessing: Preprocessing | None = None  # format 3; format 2 versions are grey, never resized
 
     @model_validator(mode="after")
     def _dim(self) -> ImageSpec:
-        if self.dim != self.height * self.width:
-            raise ValueError(f"dim {self.dim} is not height x width = {self.height * self.width}")
+        if self.dim != self.height * self.width * self.channels:
+            raise ValueError(
+                f"dim {self.dim} is not height x width x channels = {self.height * self.width * self.channels}"
+            )
+        if self.preprocessing is not None and self.preprocessing.mode != ("L" if self.channels == 1 else "RGB"):
+            raise ValueError(f"preprocessing.mode {self.preprocessing.mode} does not match {self.channels} channels")
         return self
 
 
@@ -194,7 +210,7 @@ class CheckSpec(_Strict):
 
 
 class Manifest(_Strict):
-    format_version: Literal[2]
+    format_version: Literal[2, 3]
     name: str
     version: int = Field(ge=1)
     created: str

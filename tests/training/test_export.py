@@ -36,8 +36,15 @@ def test_version_dir_is_complete_and_verified(version_dir):
         "weights.bin",
         "checkpoint.json",
     }
-    assert manifest["format_version"] == 2
-    assert manifest["image"] == {"height": 8, "width": 8, "dim": 64, "levels": 17}
+    assert manifest["format_version"] == 3
+    assert manifest["image"] == {
+        "height": 8,
+        "width": 8,
+        "channels": 1,
+        "dim": 64,
+        "levels": 17,
+        "preprocessing": {"mode": "L", "resize": None, "resample": None, "convert": None},
+    }
     assert manifest["metrics"]["nll"]["K"] == 100 and manifest["metrics"]["neg_elbo"]["K"] == 1
     check = manifest["export_check"]
     assert check["max_abs_diff_log_likelihood_nats"] <= check["tolerance_nats"]
