@@ -253,7 +253,8 @@ def test_bad_latents(client):
     latent = client.get("/v1/models/digits/1").json()["latent_dim"]
     raw = '{"z": [[' + ",".join(["NaN"] * latent) + "]]}"
     # NaN is no JSON (RFC 8259): refused as the body is parsed, as on the V2 lane
-    err = error_of(client.post("/decode", content=raw, headers={"content-type": "application/json"}), 400, "bad_request")
+    sent = client.post("/decode", content=raw, headers={"content-type": "application/json"})
+    err = error_of(sent, 400, "bad_request")
     assert "not valid JSON" in err["message"] and err["where"] == "body"
     # |z| is bounded by the schema (LATENT_LIMIT): an overflowing value is refused before any graph runs
     err = error_of(client.post("/decode", json={"z": [[1e39] * latent]}), 422, "invalid_request")
