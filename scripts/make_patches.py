@@ -1,8 +1,9 @@
-"""Write N 8-bit greyscale PNG crops of scikit-learn's bundled sample photos to a folder (a seeded, offline
-stand-in for "my own 8-bit images" in the README's folder example and the 8-bit acceptance runs).
+"""Write N 8-bit PNG crops (grey, or RGB with --colour) of scikit-learn's bundled sample photos to a folder
+(a seeded, offline stand-in for "my own images" in the README's folder example and the acceptance runs).
 
     python scripts/make_patches.py /tmp/patches600 --n 600 --size 28 --seed 0
     python scripts/make_patches.py /tmp/patches600s --scale 4 12   # regions 4-12x larger, box-downscaled
+    python scripts/make_patches.py /tmp/colour5000 --n 5000 --size 32 --scale 2 8 --colour
 
 Native-resolution crops carry the photos' fine texture and JPEG noise; downscaled regions are smoother.
 """
@@ -27,9 +28,11 @@ def main() -> None:
         "--scale", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
         help="crop a region MIN..MAX times the size and box-downscale it (default: native-resolution crops)",
     )  # fmt: skip
+    ap.add_argument("--colour", action="store_true", help="RGB crops (default: greyscale)")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
-    photos = [np.asarray(Image.fromarray(img).convert("L")) for img in load_sample_images().images]
+    mode = "RGB" if args.colour else "L"
+    photos = [np.asarray(Image.fromarray(img).convert(mode)) for img in load_sample_images().images]
     args.out.mkdir(parents=True, exist_ok=True)
     s = args.size
     for i in range(args.n):
@@ -40,7 +43,7 @@ def main() -> None:
         if r != s:
             patch = patch.resize((s, s), Image.Resampling.BOX)
         patch.save(args.out / f"patch_{i:04d}.png")
-    print(f"wrote {args.n} {s}x{s} 8-bit PNGs to {args.out}")
+    print(f"wrote {args.n} {s}x{s} 8-bit {'RGB' if args.colour else 'grey'} PNGs to {args.out}")
 
 
 if __name__ == "__main__":
