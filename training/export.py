@@ -119,7 +119,7 @@ def _onnx_export(
 
 def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
     """Write encoder.onnx, decoder.onnx and log_weights.onnx (weights inline); return their contract entries."""
-    latent, dim, lv = model.cfg.latent_dim, model.dim, model.levels
+    latent, dim, lv = model.latent_dim, model.dim, model.levels
     x = torch.zeros(2, dim, dtype=torch.int64)
     z = torch.zeros(2, latent)
     eps = torch.zeros(3, 2, latent)
@@ -271,9 +271,7 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
     """Compare torch and onnxruntime on real images; raise ExportError beyond the contract's fp32 parity
     tolerance (`fp32_parity_tolerance`: 1e-3 nats plus 2e-6 of the log-likelihood) on any image."""
     sess = _sessions(out)
-    eps = np.broadcast_to(
-        importance_noise(seed, k, model.cfg.latent_dim)[:, None, :], (k, len(x), model.cfg.latent_dim)
-    )
+    eps = np.broadcast_to(importance_noise(seed, k, model.latent_dim)[:, None, :], (k, len(x), model.latent_dim))
     eps = np.ascontiguousarray(eps)
     with torch.no_grad():
         xt = torch.from_numpy(x)
@@ -401,9 +399,7 @@ def write_version(
                 "images": check_images.astype(int).tolist(),
                 "K": CHECK_K,
                 "seed": CHECK_SEED,
-                "log_likelihood_nats": reference_scores(
-                    staging, check_images, model.cfg.latent_dim, CHECK_K, CHECK_SEED
-                ),
+                "log_likelihood_nats": reference_scores(staging, check_images, model.latent_dim, CHECK_K, CHECK_SEED),
                 "engine": "onnxruntime fp32 (CPUExecutionProvider)",
             },
             "metrics": metrics,
@@ -468,8 +464,9 @@ def load_checkpoint(version_dir: Path) -> VAE:
     for name, t in ckpt["tensors"].items():
         raw = blob[t["offset"] : t["offset"] + t["length"]]
         state[name] = torch.from_numpy(np.frombuffer(raw.tobytes(), dtype=t["dtype"]).reshape(t["shape"]).copy())
-    # versions written before the rows context existed have no "context" in their resolved config
-    config = {"context": "none", **ckpt["config"]}
+    # versions written before the rows context or the conv networks existed have no "context" or "arch"
+    # in their resolved config
+    config = {"context": "none", "arch": "mlp", **ckpt["config"]}
     shape = ckpt.get("image_shape")
     model = VAE(TrainConfig.from_dict(config), ckpt["dim"], ckpt["levels"], tuple(shape) if shape else None)
     model.load_state_dict(state)

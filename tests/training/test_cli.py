@@ -114,8 +114,9 @@ def test_enormous_model_is_refused_before_training(tmp_path, capsys):
     folder.mkdir()
     for i in range(10):
         Image.fromarray(np.full((28, 28), i * 20, dtype=np.uint8)).save(folder / f"{i}.png")
+    # the mlp: 28x28 images would get the conv networks by default, whose per-level logits are a 1x1 convolution
     args = ["--dataset", f"folder:{folder}", "--likelihood", "categorical", "--out", str(tmp_path / "m" / "1")]
-    assert main(args + ["--quiet"]) == 2
+    assert main(args + ["--arch", "mlp", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "103.9 M parameters = 416 MB" in err and "logistic_mixture" in err
     assert not (tmp_path / "m").exists()

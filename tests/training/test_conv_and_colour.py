@@ -1,0 +1,311 @@
+"""Convolutional networks and colour likelihoods: shapes for any H x W x C, normalised colour mixtures, the
+channel coupling and the rows context over channels, export parity, and grey MLP models left as they were."""
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import ConfigError, TrainConfig, auto_conv_widths
+from training.model import (
+    VAE,
+    ConvDecoderNet,
+    ConvEncoderNet,
+    LogisticMixtureDecoder,
+    MLPDecoderNet,
+    image_shape,
+    parameter_count,
+)
+
+TINY_CONV = dict(arch="conv", conv_widths=[4, 8, 8], conv_blocks=1, latent_dim=3)
+
+
+def tiny(shape, levels=256, n_train=100, **kw) -> VAE:
+    torch.manual_seed(0)
+    cfg = TrainConfig(**{**TINY_CONV, **kw}).resolve(levels, n_train, shape)
+    return VAE(cfg, math.prod(shape), levels, shape).eval()
+
+
+def perturbed(vae: VAE, scale: float = 0.2, seed: int = 1) -> VAE:
+    """Nonzero everywhere: an untrained model's zero-initialised convolutions and context weights would hide
+    the paths they gate."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return vae
+
+
+# --- shapes ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(16, 16, 1), (28, 28, 1), (32, 32, 3), (31, 17, 3)])
+@pytest.mark.parametrize("likelihood", ["logistic_mixture", "categorical"])
+def test_conv_networks_take_any_image_size(shape, likelihood):
+    """Odd sizes are padded to the networks' multiple and cropped back; K stays a batch axis of its own."""
+    levels = 256 if likelihood == "logistic_mixture" else 3
+    vae = perturbed(tiny(shape, levels, likelihood=likelihood))
+    h, w, c = shape
+    d = h * w * c
+    assert isinstance(vae.encoder.net, ConvEncoderNet) and isinstance(vae.decoder.net, ConvDecoderNet)
+    x = torch.randint(0, levels, (2, d), generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        mu, log_var = vae.encoder(x)
+        assert mu.shape == log_var.shape == (2, 3)
+        g, q = vae.decoder.parameter_shape()
+        assert vae.decoder.features(eps).shape == (5, 2, d, g, q)
+        log_w = vae.log_weights(x, eps)
+        assert log_w.shape == (5, 2) and torch.all(torch.isfinite(log_w))
+        assert vae.decoder.pixel_log_probs(x, eps).shape == (5, 2, d)
+        probs = vae.decoder.probs(mu)
+        assert probs.shape == (2, d, levels)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(2, d))
+        # the K samples folded into the convolutions' batch: each sample as if decoded alone
+        alone = torch.stack([vae.decoder.log_prob(x, eps[k]) for k in range(5)])
+        torch.testing.assert_close(vae.decoder.log_prob(x, eps), alone, rtol=1e-5, atol=1e-3)
+
+
+def test_padding_reaches_the_networks_multiple_and_is_cropped_back():
+    vae = tiny((31, 17, 3))  # three resolutions: a multiple of 4
+    assert vae.encoder.net.pad == (1, 3)  # 31 x 17 -> 32 x 20 -> 16 x 10 -> 8 x 5
+    assert vae.decoder.net.coarse == (8, 8, 5)
+    # the decoder's parameters of pixel (r, c) depend on z only: a crop, not a reshuffle of the padded map
+    with torch.no_grad():
+        p = vae.decoder.net(torch.randn(2, 3))
+    assert p.shape == (2, 31 * 17 * 3, *vae.decoder.parameter_shape())
+
+
+def test_grey_images_may_come_as_h_w_or_h_w_1():
+    assert image_shape(64, (8, 8)) == image_shape(64, (8, 8, 1)) == (8, 8, 1)
+    assert image_shape(12, [2, 2, 3]) == (2, 2, 3)
+    with pytest.raises(ValueError, match="H, W"):
+        image_shape(64, (8, 8, 3))
+    a, b = tiny((16, 16)), tiny((16, 16, 1))
+    assert all(torch.equal(s, t) for s, t in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_parameter_count_on_the_meta_device_covers_conv_models():
+    for shape in [(16, 16, 1), (31, 17, 3), (64, 64, 3)]:
+        cfg = TrainConfig().resolve(256, 5000, shape)
+        assert cfg.arch == "conv"
+        n = parameter_count(cfg, math.prod(shape), 256, shape)
+        assert n == sum(p.numel() for p in VAE(cfg, math.prod(shape), 256, shape).parameters())
+    from training.pipeline import check_model_size
+
+    big = TrainConfig(conv_widths=[512, 1024, 2048]).resolve(256, 5000, (64, 64, 3))
+    with pytest.raises(ConfigError, match=r"M parameters = \d+ MB"):  # refused before training, in MB
+        check_model_size(big, 64 * 64 * 3, 256, (64, 64, 3))
+
+
+# --- config ------------------------------------------------------------------------------------------------
+def test_arch_auto_picks_conv_from_16_pixels_up():
+    assert TrainConfig().resolve(17, 1000, (8, 8)).arch == "mlp"  # the 8x8 digits keep the MLP
+    assert TrainConfig().resolve(17, 1000, (8, 8, 1)).arch == "mlp"
+    assert TrainConfig().resolve(17, 1000).arch == "mlp"  # no shape given: the mlp, as before the conv networks
+    assert TrainConfig().resolve(256, 1000, (15, 64, 3)).arch == "mlp"
+    conv = TrainConfig().resolve(256, 1000, (16, 16))
+    assert (conv.arch, conv.conv_widths, conv.conv_blocks, conv.latent_dim) == ("conv", [16, 32, 64], 1, 16)
+    colour = TrainConfig().resolve(256, 1000, (32, 32, 3))
+    assert (colour.conv_widths, colour.latent_dim) == ([16, 32, 64, 64], 64)
+    # a conv decoder runs once per importance sample: K=1 and no dropout, where a small data set's mlp gets both
+    assert (colour.iw_train, colour.dropout) == (1, 0.0)
+    assert (TrainConfig().resolve(17, 1000, (8, 8)).iw_train, TrainConfig().resolve(17, 1000, (8, 8)).dropout) == (
+        5,
+        0.2,
+    )
+    assert TrainConfig(iw_train=3, dropout=0.1).resolve(256, 1000, (32, 32, 3)).iw_train == 3  # flags override
+    assert TrainConfig(arch="mlp").resolve(256, 1000, (32, 32, 3)).arch == "mlp"  # a flag overrides
+    assert TrainConfig(arch="mlp").resolve(256, 1000, (32, 32, 3)).latent_dim == 16
+    assert TrainConfig(latent_dim=8, conv_widths=[8], conv_blocks=0).resolve(256, 1000, (32, 32)).latent_dim == 8
+    mlp = TrainConfig().resolve(17, 1000, (8, 8))
+    assert mlp.latent_dim == 16 and mlp.conv_widths is None and mlp.conv_blocks is None
+    with pytest.raises(ConfigError, match="shape"):
+        TrainConfig(arch="conv").resolve(256, 1000)
+
+
+def test_auto_conv_widths_follow_the_image_size():
+    assert auto_conv_widths(16, 16) == [16, 32, 64]  # 16 -> 8 -> 4
+    assert auto_conv_widths(28, 28) == [16, 32, 64]  # 28 -> 14 -> 7
+    assert auto_conv_widths(32, 32) == [16, 32, 64, 64]  # 32 -> 16 -> 8 -> 4
+    assert auto_conv_widths(64, 64) == [16, 32, 64, 64, 64]  # 64 -> ... -> 4
+    assert auto_conv_widths(256, 256) == [16, 32, 64, 64, 64]  # at most five resolutions
+    assert auto_conv_widths(31, 17) == [16, 32, 64]
+
+
+def test_conv_config_is_validated_and_round_trips(tmp_path):
+    with pytest.raises(ConfigError, match="arch"):
+        TrainConfig(arch="transformer")
+    with pytest.raises(ConfigError, match="conv_widths"):
+        TrainConfig(conv_widths=[])
+    with pytest.raises(ConfigError, match="conv_widths"):
+        TrainConfig(conv_widths=[8, 0])
+    with pytest.raises(ConfigError, match="conv_blocks"):
+        TrainConfig(conv_blocks=-1)
+    with pytest.raises(ConfigError, match="latent_dim"):
+        TrainConfig(latent_dim=0)
+    cfg = TrainConfig(arch="conv", conv_widths=[8, 16], conv_blocks=2)
+    cfg.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="resolve"):
+        VAE(TrainConfig(likelihood="categorical", context="none", dropout=0.0, iw_train=1), 64, 3, (8, 8))
+
+
+def test_the_cli_has_the_conv_flags():
+    from training.cli import build_parser, resolve_config
+
+    args = build_parser().parse_args(["--arch", "conv", "--conv-widths", "8", "16", "32", "--conv-blocks", "2"])
+    cfg = resolve_config(args)
+    assert (cfg.arch, cfg.conv_widths, cfg.conv_blocks) == ("conv", [8, 16, 32], 2)
+    help_text = build_parser().format_help()
+    assert "--arch {auto,mlp,conv}" in help_text and "--conv-widths" in help_text
+
+
+# --- likelihoods -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "shape,levels,likelihood,context",
+    [
+        ((4, 3, 3), 256, "logistic_mixture", "rows"),
+        ((4, 3, 3), 17, "logistic_mixture", "none"),
+        ((4, 3, 1), 256, "logistic_mixture", "rows"),
+        ((4, 3, 3), 3, "categorical", "none"),
+        ((4, 3, 3), 2, "bernoulli", "none"),
+    ],
+)
+def test_log_prob_is_the_sum_of_pixel_log_probs(shape, levels, likelihood, context):
+    vae = perturbed(tiny(shape, levels, arch="mlp", hidden=8, likelihood=likelihood, context=context))
+    x = torch.randint(0, levels, (3, math.prod(shape)), generator=torch.Generator().manual_seed(0))
+    z = torch.randn(4, 3, 3)
+    with torch.no_grad():
+        per_value = vae.decoder.pixel_log_probs(x, z)
+        assert per_value.shape == (4, 3, math.prod(shape)) and torch.all(per_value <= 1e-6)
+        torch.testing.assert_close(vae.decoder.log_prob(x, z), per_value.sum(-1), rtol=1e-6, atol=1e-4)
+
+
+def _colour_decoder(shape, levels=4, context="none", seed=0) -> tuple[LogisticMixtureDecoder, torch.Tensor]:
+    """A colour mixture decoder with strong, signed coupling coefficients and context weights."""
+    torch.manual_seed(seed)
+    cfg = TrainConfig(
+        arch="mlp", likelihood="logistic_mixture", context=context, logistic_components=3, hidden=8, latent_dim=2
+    ).resolve(levels, 100)
+    dec = LogisticMixtureDecoder(cfg, math.prod(shape), levels, shape).eval()
+    with torch.no_grad():
+        dec.net[-1].weight.mul_(4.0)
+        if context == "rows":
+            dec.context_weights.normal_(0.0, 1.5)
+    return dec, torch.randn(3, 2)
+
+
+def test_the_colour_mixture_has_pixelcnn_pp_parameters():
+    dec, _ = _colour_decoder((2, 2, 3))
+    assert dec.parameter_shape() == (4, 3)  # logit share, mean, log scale, one coupling coefficient a value
+    assert dec.out_per_pixel == 12 and dec.pairs == 3
+    grey, _ = _colour_decoder((2, 2, 1))
+    assert grey.parameter_shape() == (3, 3) and grey.pairs == 0  # grey: exactly as before colour
+
+
+@pytest.mark.parametrize("context", ["none", "rows"])
+def test_a_colour_pixel_s_probabilities_sum_to_one_over_its_colours(context):
+    """Every one of the 4^3 = 64 colours of a pixel, for every pixel of a 2x2 image (the other pixels fixed):
+    the channel-coupled mixture is a distribution over whole colours, whatever the pixels above hold."""
+    dec, z = _colour_decoder((2, 2, 3), levels=4, context=context)
+    x = torch.randint(0, 4, (3, 12), generator=torch.Generator().manual_seed(1))
+    colours = torch.tensor(list(itertools.product(range(4), repeat=3)))  # (64, 3)
+    with torch.no_grad():
+        for pixel in range(4):
+            images = x.unsqueeze(0).repeat(64, 1, 1)  # (64, 3, 12)
+            images[:, :, 3 * pixel : 3 * pixel + 3] = colours.unsqueeze(1)
+            per_value = torch.stack([dec.pixel_log_probs(images[i], z) for i in range(64)])  # (64, 3, 12)
+            joint = per_value[..., 3 * pixel : 3 * pixel + 3].sum(-1).double().exp()  # (64, 3)
+            np.testing.assert_allclose(joint.sum(0).numpy(), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("context", ["none", "rows"])
+def test_the_colour_likelihood_is_normalised_over_whole_images(context):
+    """All 4^6 images of a 2x1 colour image with 4 levels: p(x|z) sums to 1 for each z (with the rows context
+    over channels too), and each channel's term is an exact conditional."""
+    dec, z = _colour_decoder((2, 1, 3), levels=4, context=context)
+    images = torch.tensor(list(itertools.product(range(4), repeat=6)))  # (4096, 6)
+    with torch.no_grad():
+        for zi in z:
+            log_p = dec.log_prob(images, zi.expand(len(images), 2)).double()
+            assert abs(log_p.exp().sum().item() - 1.0) < 1e-5
+            # the red of the first pixel: its term is the marginal over everything else
+            red = dec.pixel_log_probs(images, zi.expand(len(images), 2))[:, 0].double().exp()
+            for level in range(4):
+                hit = images[:, 0] == level
+                assert abs(log_p[hit].exp().sum().item() - red[hit][0].item()) < 1e-5
+
+
+def test_channels_follow_the_earlier_channels_of_their_pixel_and_the_rows_above():
+    """Changing one value changes its own term, the later channels of its pixel (green follows red, blue
+    red and green) and, through the rows context, every channel of the pixels whose taps reach it."""
+    dec, z = _colour_decoder((4, 5, 3), levels=256, context="rows")
+    x = torch.randint(0, 256, (3, 60), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = dec.pixel_log_probs(x, z)
+        for channel in range(3):
+            x2 = x.clone()
+            index = (1 * 5 + 2) * 3 + channel  # pixel (1, 2)
+            x2[:, index] = (x2[:, index] + 128) % 256
+            changed = ((dec.pixel_log_probs(x2, z) - base).abs().amax(0) > 0).view(4, 5, 3)
+            expected = torch.zeros(4, 5, 3, dtype=torch.bool)
+            expected[1, 2, channel:] = True  # the value itself and the later channels of its pixel
+            expected[2, 1:4, :] = True  # taps (-1, +1), (-1, 0), (-1, -1) of the row below, every channel
+            expected[3, 2, :] = True  # tap (-2, 0)
+            assert torch.equal(changed, expected), channel
+
+
+def test_colour_probs_are_exact_for_a_first_red_value_and_follow_the_channel_coupling():
+    dec, z = _colour_decoder((2, 1, 3), levels=4, context="rows")
+    images = torch.tensor(list(itertools.product(range(4), repeat=6)))
+    with torch.no_grad():
+        probs = dec.probs(z).double()  # (3, 6, 4)
+        np.testing.assert_allclose(probs.sum(-1).numpy(), 1.0, atol=1e-6)
+        for i, zi in enumerate(z):
+            p = dec.log_prob(images, zi.expand(len(images), 2)).double().exp()
+            red = torch.stack([p[images[:, 0] == level].sum() for level in range(4)])
+            np.testing.assert_allclose(probs[i, 0].numpy(), red.numpy(), atol=1e-6)
+        # without coupling (coefficients 0) a channel's rollout is its mixture given z alone
+        dec2, _ = _colour_decoder((2, 1, 3), levels=4)
+        dec2.net[-1].weight.data.view(4, 6, 3, -1)[3] = 0.0  # the coefficient group: rows of the flat output
+        dec2.net[-1].bias.data.view(4, 6, 3)[3] = 0.0
+        logit, mean, log_scale, coef = dec2._pixel_mixture(dec2.features(z))
+        assert torch.all(coef == 0)
+        log_w = torch.log_softmax(logit, -1).unsqueeze(-2)
+        independent = dec2.bin_probs(log_w, mean, log_scale).flatten(-3, -2)
+        torch.testing.assert_close(dec2.probs(z), independent)
+
+
+def test_the_grey_rows_context_keeps_its_m_by_t_weights():
+    dec, _ = _colour_decoder((3, 4, 1), levels=256, context="rows")
+    assert dec.context_weights.shape == (3, 4)  # M x T, as models trained before colour hold them
+    colour, _ = _colour_decoder((3, 4, 3), levels=256, context="rows")
+    assert colour.context_weights.shape == (3, 3 * 3 * 4)  # M x (C C T)
+
+
+# --- grey MLP models: the same numbers as before the conv networks ----------------------------------------
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "digits" / "1"
+
+
+def test_the_shipped_grey_mlp_computes_its_export_time_scores():
+    """The shipped digits model rebuilt by today's code gives the log-likelihoods onnxruntime computed when it
+    was exported (K=1000, the contract's noise), within the fp32 parity tolerance."""
+    from training.export import load_checkpoint
+    from vae_contract.formulas import ImportanceAccumulator, fp32_parity_tolerance, importance_noise
+
+    manifest = json.loads((SHIPPED / "manifest.json").read_text())
+    model = load_checkpoint(SHIPPED)
+    assert isinstance(model.decoder.net, MLPDecoderNet) and model.cfg.arch == "mlp"
+    check = manifest["check"]
+    x = torch.tensor(check["images"], dtype=torch.int64)
+    eps = importance_noise(check["seed"], check["K"], model.latent_dim)
+    acc = ImportanceAccumulator.empty(len(x))
+    with torch.no_grad():
+        for i in range(0, len(eps), 250):
+            chunk = torch.from_numpy(eps[i : i + 250]).unsqueeze(1).expand(-1, len(x), -1)
+            acc.add(model.log_weights(x, chunk).numpy())
+    expected = np.asarray(check["log_likelihood_nats"])
+    assert np.all(np.abs(acc.log_likelihood() - expected) <= fp32_parity_tolerance(expected))
