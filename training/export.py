@@ -172,33 +172,33 @@ SPAN_INPUT, SPAN_OUTPUT = "decoder_hidden", "decoder_features"
 
 
 def name_low_precision_span(model: VAE, path: Path) -> dict[str, str] | None:
-    """Name the tensors of the log_weights graph that bound the decoder network after its first layer.
+    """Name the tensors of the log_weights graph that bound the span the model says may run at reduced
+    precision (`VAE.low_precision_span`): the decoder network after its first layer.
 
-    Between `decoder_hidden` (the first hidden layer's activation) and `decoder_features` (the output
-    layer's result) the graph is the decoder's matrix products, nearly all of its arithmetic: an engine may
-    run that span in bf16 and the rest in fp32 (the service's OpenVINO path does). The first layer stays
-    outside because rounding z to bf16 costs more accuracy than the layer costs time (16 x 512 of ~470 k
-    multiply-adds a sample on digits). None when the decoder has no hidden layer.
+    Between `decoder_hidden` (the first layer's activation) and `decoder_features` (the output layer's
+    result) the graph is the decoder network's matrix products or convolutions, nearly all of its
+    arithmetic: an engine may run that span in bf16 and the rest in fp32 (the service's OpenVINO path
+    does). None when the model names no span.
     """
     import onnx
 
-    linear = [i for i, layer in enumerate(model.decoder.net) if isinstance(layer, nn.Linear)]
-    if len(linear) < 2:
+    span = model.low_precision_span()
+    if span is None:
         return None
     graph = onnx.load(str(path))
     nodes = list(graph.graph.node)
 
-    def gemm_of(weight: str) -> onnx.NodeProto:
-        found = [n for n in nodes if n.op_type == "Gemm" and weight in n.input]
-        if len(found) != 1:
-            raise ExportError(f"{path.name}: expected one Gemm on {weight}, found {len(found)}")
+    def layer_of(weight: str) -> onnx.NodeProto:
+        found = [n for n in nodes if f"vae.{weight}" in n.input]
+        if len(found) != 1 or found[0].op_type not in ("Gemm", "Conv", "MatMul"):
+            raise ExportError(f"{path.name}: expected one Gemm, MatMul or Conv on {weight}, found {found}")
         return found[0]
 
-    first = gemm_of(f"vae.decoder.net.{linear[0]}.weight")
+    first = layer_of(span.start)
     acts = [n for n in nodes if first.output[0] in n.input]
     if len(acts) != 1 or acts[0].op_type != "LeakyRelu":
         raise ExportError(f"{path.name}: the decoder's first layer does not feed one activation")
-    renames = {acts[0].output[0]: SPAN_INPUT, gemm_of(f"vae.decoder.net.{linear[-1]}.weight").output[0]: SPAN_OUTPUT}
+    renames = {acts[0].output[0]: SPAN_INPUT, layer_of(span.end).output[0]: SPAN_OUTPUT}
     for node in nodes:
         for field in (node.input, node.output):
             for i, name in enumerate(field):
@@ -426,7 +426,8 @@ def write_version(
 
 
 def decoder_spec(model: VAE) -> dict[str, Any]:
-    """The manifest's `decoder` entry: outputs per pixel, and the rows context's taps and weights if any."""
+    """The manifest's `decoder` entry: outputs per pixel, and the rows context's taps and weights if any
+    (M x T for grey; M x (C C T) for C channels, each row ordered (channel, channel of the tap, tap))."""
     spec: dict[str, Any] = {"outputs_per_pixel": model.decoder.out_per_pixel}
     if model.decoder.context:
         spec["context"] = {

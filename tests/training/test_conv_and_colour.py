@@ -309,3 +309,89 @@ def test_the_shipped_grey_mlp_computes_its_export_time_scores():
             acc.add(model.log_weights(x, chunk).numpy())
     expected = np.asarray(check["log_likelihood_nats"])
     assert np.all(np.abs(acc.log_likelihood() - expected) <= fp32_parity_tolerance(expected))
+
+
+# --- export ------------------------------------------------------------------------------------------------
+def _export(frozen, out):
+    from training.export import export_graphs, share_weights
+
+    spec = export_graphs(frozen, out)
+    share_weights(out, ["encoder.onnx", "decoder.onnx", "log_weights.onnx"], {})
+    return spec
+
+
+def test_a_conv_colour_model_exports_and_verifies(tmp_path):
+    """The same graph contract as the MLP (x (B, D), eps (K, B, L), log_w (K, B), probs (B, D, levels)), torch
+    and onnxruntime agree, a drift of the convolutions is caught, and the span is named from the model."""
+    import onnx
+
+    from training.export import ExportError, export_ready, verify
+
+    shape, levels = (9, 7, 3), 256  # odd sides: padded and cropped in the graphs too
+    frozen = export_ready(perturbed(tiny(shape, levels, conv_widths=[4, 8])))
+    assert frozen.decoder.context  # 256 levels: the rows context, over channels
+    spec = _export(frozen, tmp_path)
+    d = math.prod(shape)
+    assert spec["log_weights"]["inputs"] == {"x": ["batch", d, "int64"], "eps": ["K", "batch", 3, "float32"]}
+    assert spec["decoder"]["outputs"] == {"probs": ["batch", d, levels, "float32"]}
+    assert spec["log_weights"]["low_precision_span"] == {"input": "decoder_hidden", "output": "decoder_features"}
+    graph = onnx.load(str(tmp_path / "log_weights.onnx"))
+    made_by = {out: node for node in graph.graph.node for out in node.output}
+    assert made_by["decoder_hidden"].op_type == "LeakyRelu"
+    assert made_by["decoder_features"].op_type == "Conv"
+    assert "vae.decoder.net.out.weight" in made_by["decoder_features"].input
+    x = np.random.default_rng(0).integers(0, levels, (4, d))
+    x[0], x[1] = 0, levels - 1  # the edge bins
+    report = verify(frozen, tmp_path, x, k=16)
+    assert report["max_abs_diff_log_likelihood_nats"] <= report["tolerance_nats"]
+    assert report["max_abs_diff_decoder_probs"] < 1e-4
+    with torch.no_grad():
+        frozen.decoder.net.stages[0].conv2.weight.add_(0.05)
+    with pytest.raises(ExportError, match="parity failed"):
+        verify(frozen, tmp_path, x, k=16)
+
+
+def test_the_conv_span_cuts_into_graphs_that_compute_the_whole(tmp_path):
+    """Cut at the span (as the service's bf16 path does) and run in fp32: the three parts compute the whole,
+    so the span depends on decoder_hidden alone (no shape taken from the graph's inputs)."""
+    import onnxruntime as ort
+
+    ov = pytest.importorskip("openvino")
+    from service.engine import _split_at_span
+    from training.export import export_ready
+
+    frozen = export_ready(perturbed(tiny((16, 12, 3), 256, conv_widths=[4, 8])))
+    _export(frozen, tmp_path)
+    core = ov.Core()
+    head, span, tail = (
+        core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        for m in _split_at_span(core, tmp_path / "log_weights.onnx", "decoder_hidden", "decoder_features")
+    )
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 16 * 12 * 3))
+    eps = rng.standard_normal((5, 3, 3)).astype(np.float32)
+    whole = ort.InferenceSession(str(tmp_path / "log_weights.onnx")).run(None, {"x": x, "eps": eps})[0]
+    hidden = head([x, eps])[0]
+    assert hidden.shape == (15, 8 * 8 * 6)  # K x batch rows: the coarsest map, 8 channels of 8 x 6
+    cut = tail([x, eps, span([hidden])[0]])[0]
+    np.testing.assert_allclose(cut, whole, rtol=1e-5, atol=1e-3)
+
+
+def test_a_conv_checkpoint_rebuilds_itself(tmp_path):
+    """checkpoint.json with the resolved conv config and an (H, W, C) image shape rebuilds the same model; a
+    2-element [H, W] (versions written before colour) still means grey."""
+    from training.export import load_checkpoint, share_weights
+
+    for shape in [(16, 16, 3), (16, 16)]:
+        model = perturbed(tiny(shape, 17, conv_widths=[4, 8]))
+        out = tmp_path / "x".join(map(str, shape))
+        out.mkdir()
+        index = share_weights(out, [], {k: v.numpy() for k, v in model.state_dict().items()})
+        ckpt = {"config": model.cfg.to_dict(), "dim": model.dim, "levels": 17, "image_shape": list(shape)}
+        (out / "checkpoint.json").write_text(json.dumps({**ckpt, "weights": "weights.bin", "tensors": index}))
+        loaded = load_checkpoint(out)
+        assert loaded.cfg.arch == "conv" and loaded.shape == image_shape(model.dim, shape)
+        x = torch.randint(0, 17, (2, model.dim), generator=torch.Generator().manual_seed(0))
+        eps = torch.randn(3, 2, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.log_weights(x, eps), model.log_weights(x, eps), rtol=0, atol=0)
