@@ -426,14 +426,15 @@ def write_version(
 
 
 def decoder_spec(model: VAE) -> dict[str, Any]:
-    """The manifest's `decoder` entry: outputs per pixel, and the rows context's taps and weights if any
-    (M x T for grey; M x (C C T) for C channels, each row ordered (channel, channel of the tap, tap))."""
+    """The manifest's `decoder` entry: outputs per pixel, and the rows context's taps and weights if any:
+    one row of T tap weights per (component, channel, channel of the taps), M C C rows (M for grey)."""
     spec: dict[str, Any] = {"outputs_per_pixel": model.decoder.out_per_pixel}
     if model.decoder.context:
+        weights = model.decoder.context_weights.detach().double().reshape(-1, len(CONTEXT_TAPS))
         spec["context"] = {
             "kind": "rows",
             "taps": [list(t) for t in CONTEXT_TAPS],
-            "weights": model.decoder.context_weights.detach().double().numpy().round(6).tolist(),
+            "weights": weights.numpy().round(6).tolist(),
         }
     return spec
 

@@ -395,3 +395,34 @@ def test_a_conv_checkpoint_rebuilds_itself(tmp_path):
         eps = torch.randn(3, 2, 3)
         with torch.no_grad():
             torch.testing.assert_close(loaded.log_weights(x, eps), model.log_weights(x, eps), rtol=0, atol=0)
+
+
+def test_a_conv_colour_version_is_written_verified_and_served(tmp_path):
+    """write_version end to end for a conv colour model with the rows context: a valid manifest (the context's
+    tap weights one row per component, channel and channel of the taps), a checkpoint that rebuilds the same
+    model, and a version the service loads (its fp32 check scores reproduced)."""
+    from service.repository import load_version
+    from service.settings import Settings
+    from training.export import load_checkpoint, read_verified, write_version
+
+    shape = (9, 7, 3)
+    model = perturbed(tiny(shape, 256, conv_widths=[4, 8]))
+    x = np.random.default_rng(0).integers(0, 256, (4, math.prod(shape)))
+    out = tmp_path / "photos" / "1"
+    write_version(model, out, verify_images=x, metrics={}, training={}, data_info={"image_shape": list(shape)})
+    manifest = read_verified(out)
+    assert (manifest["image"]["channels"], manifest["image"]["dim"]) == (3, 189)
+    assert np.array(manifest["decoder"]["context"]["weights"]).shape == (2 * 3 * 3, 4)  # M C C rows of T taps
+    np.testing.assert_allclose(
+        np.array(manifest["decoder"]["context"]["weights"]).reshape(2, -1),
+        model.decoder.context_weights.detach().numpy(),
+        atol=1e-6,
+    )
+    loaded = load_checkpoint(out)
+    eps = torch.randn(3, 4, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.log_weights(torch.from_numpy(x), eps), model.log_weights(torch.from_numpy(x), eps)
+        )
+    served = load_version(out, Settings(models_dir=tmp_path, intra_op_threads=1, engine="onnxruntime"), "photos", 1)
+    assert served.channels == 3 and served.dim == 189
