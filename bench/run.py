@@ -6,7 +6,8 @@ engine (and the fast path's NLL difference from fp32 over the test split); over 
 perf_analyzer in its own process (/v2 score and encode, concurrency 1, 8, 32; encode with batching off);
 bounded overload runs (digits, and the 28x28, 256-level model, where max_queued_samples is minutes of
 work); the service's peak memory at the largest K on that model; training throughput against a minimal
-plain PyTorch loop.
+plain PyTorch loop; the conv default on 32x32 colour images (bench/conv.py: training against a plain
+loop, scoring at K=1000 on each engine, its share of the machine's convolution rate, fast-path parity).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def tiny_large_model(root: Path) -> Path:
 
 
 def run(model: Path, quick: bool) -> dict[str, Any]:
-    from bench import inprocess, serving, training
+    from bench import conv, inprocess, serving, training
     from training.data import prepare
 
     t_start = time.time()
@@ -83,13 +84,13 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
     test = prepare("digits").flat("test")
     threads = results["machine"]["cpus"]
 
-    print("1/6 fp32 matmul rate and the graph's FLOPs", flush=True)
+    print("1/7 fp32 matmul rate and the graph's FLOPs", flush=True)
     rate = inprocess.matmul_rate(threads=threads)
     flops = inprocess.graph_flops(model, 1000)
     results["matmul"] = {"gflops": round(rate / 1e9, 1), "shape": "8192x1024 @ 1024x1024, onnxruntime MatMul"}
     results["flops"] = {k: round(v / 1e6, 4) for k, v in flops.items()} | {"units": "MFLOP", "K": 1000}
 
-    print("2/6 in-process scoring, K=1000", flush=True)
+    print("2/7 in-process scoring, K=1000", flush=True)
     batches = [1, 16] if quick else [1, 16, 64]
     with tempfile.TemporaryDirectory() as int8_dir:
         sc = inprocess.scoring_rates(model, test, 1000, batches, threads, Path(int8_dir))
@@ -104,7 +105,7 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
     results["scoring"] = sc
     results["fast_path_parity"] = inprocess.fast_path_parity(model, test, 1000, threads)
 
-    print("3/6 HTTP with perf_analyzer (in its own process)", flush=True)
+    print("3/7 HTTP with perf_analyzer (in its own process)", flush=True)
     conc = [1, 8] if quick else [1, 8, 32]
     rows = test[:64]
     http: dict[str, Any] = {}
@@ -158,7 +159,7 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
     }
     results["http"] = http
 
-    print("4/6 bounded overload, an abandoned request, a hot reload under load", flush=True)
+    print("4/7 bounded overload, an abandoned request, a hot reload under load", flush=True)
     with serving.Server(model.parent.parent) as server:
         idle = server.memory_mb()
         img = [test[i].tolist() for i in range(32)]
@@ -174,7 +175,7 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
         with serving.Server(repo, api_keys="bench-key") as server:
             results["reload_under_load"] = serving.reload_under_load(server.url, repo, "bench-key", test[0].tolist())
 
-    print("5/6 peak memory at the largest K on a 28x28, 256-level model, and overload on it", flush=True)
+    print("5/7 peak memory at the largest K on a 28x28, 256-level model, and overload on it", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         large = tiny_large_model(Path(tmp))
         # the whole request must run for its peak to count: on a slow machine it outlasts the default
@@ -206,8 +207,11 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
             o["settings"] = "default settings; each request 32 images at K=1000 on the 28x28, 256-level model"
             results["overload_large_model"] = o
 
-    print("6/6 training throughput", flush=True)
+    print("6/7 training throughput", flush=True)
     results["training"] = training.measure(n_train=6000 if quick else 12000, epochs=1 if quick else 2)
+
+    print("7/7 the conv default on 32x32 colour images: training, scoring, parity", flush=True)
+    results["conv"] = conv.measure(threads, quick)
     results["seconds"] = round(time.time() - t_start, 1)
     return results
 
@@ -426,9 +430,41 @@ def markdown(r: dict[str, Any]) -> str:
             else "."
         ),
         "",
-        f"Total bench time {r['seconds']} s.",
     ]
+    if "conv" in r:
+        lines += conv_lines(r["conv"])
+    lines += [f"Total bench time {r['seconds']} s."]
     return "\n".join(lines) + "\n"
+
+
+def conv_lines(c: dict[str, Any]) -> list[str]:
+    """The conv default on 32x32 colour: training ratio, scoring rates, conv-rate share, fast-path parity."""
+    t, s, parity = c["training"], c["scoring"], c["fast_path_parity"]
+    lines = [
+        f"## The conv default on {c['data']}",
+        "",
+        f"Training ({t['data']}; {t['model']}): product loop {t['product_images_per_s']} images/s, plain PyTorch "
+        f"loop {t['plain_loop_images_per_s']} images/s: **{t['ratio_product_over_plain']}x**"
+        + (f" (turns {_ratios(t['ratio_each_turn'])})." if "ratio_each_turn" in t else "."),
+        "",
+        f"Scoring at K={s['K']} ({s['model']}; {s['mflop_per_image']} MFLOP an image, {s['flops']}):",
+        "",
+    ]
+    for b, row in s["images_per_s"].items():
+        lines.append(
+            f"- batch {b}: "
+            + ", ".join(f"{name} {v}" for name, v in row.items() if not name.startswith(("conv_", "fp32_")))
+            + f" images/s; fp32 share of the conv rate ({row['conv_gflops']} GFLOP/s, onnxruntime 3x3 Conv "
+            f"64->64 on 16x16 x 256): **{row['fp32_fraction_of_conv_rate']:.0%}**"
+        )
+    if "mean_abs_diff_nats" in parity:
+        lines.append(
+            f"- fast path parity ({parity['engine']}, {parity['images']} images, K={parity['K']}): mean "
+            f"|d log p| {parity['mean_abs_diff_nats']} nats, worst {parity['worst_abs_diff_nats']} nats"
+        )
+    else:
+        lines.append(f"- fast path: {parity.get('note', parity)}")
+    return lines + [""]
 
 
 def main() -> None:

@@ -30,19 +30,23 @@ def images_28x28(n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0, turns: int = 3) -> dict[str, Any]:
+def measure(
+    n_train: int = 12000, epochs: int = 2, seed: int = 0, turns: int = 3, images: np.ndarray | None = None
+) -> dict[str, Any]:
     """Both loops after a warm-up of each, then in `turns` alternating turns (the product's first in even
     turns); figures are the medians. Measured once each, product first, the product paid the process's
     first torch steps on these shapes (0.65x, then 0.89x in the next call of the same process) and any
-    drift of the machine between the two."""
+    drift of the machine between the two. images: n_train + 2000 8-bit images (N, H, W[, C]) to train
+    the default model for their shape on (default: generated 28x28 grey ones)."""
     from training.config import TrainConfig
     from training.data import ImageData
     from training.model import VAE
     from training.train import train
 
-    images = images_28x28(n_train + 2000, seed)
+    if images is None:
+        images = images_28x28(n_train + 2000, seed)
     data = ImageData(images[:n_train], images[n_train : n_train + 1000], images[n_train + 1000 :], 256, "bench")
-    cfg = TrainConfig(epochs=epochs, patience=epochs + 1).resolve(256, n_train)
+    cfg = TrainConfig(epochs=epochs, patience=epochs + 1).resolve(256, n_train, data.shape)
     assert cfg.batch_size is not None
     batch = cfg.batch_size
     x = torch.from_numpy(data.flat("train"))
@@ -82,8 +86,9 @@ def measure(n_train: int = 12000, epochs: int = 2, seed: int = 0, turns: int = 3
     seen = n_train * epochs
     product_s, plain_s = float(np.median(times["product"])), float(np.median(times["plain"]))
     return {
-        "data": f"{n_train} generated 28x28 8-bit images, {epochs} epochs",
+        "data": f"{n_train} 8-bit {'x'.join(map(str, data.shape))} images, {epochs} epochs",
         "model": {
+            "arch": cfg.arch,
             "likelihood": cfg.likelihood,
             "context": cfg.context,
             "batch_size": batch,

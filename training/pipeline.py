@@ -67,14 +67,15 @@ def run(
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} already holds a model version; pick a new version or pass --force")
     data = prepare_config(cfg)
-    resolved = cfg.resolve(data.levels, len(data.train))
+    resolved = cfg.resolve(data.levels, len(data.train), data.shape)
     params, mb = check_model_size(resolved, data.dim, data.levels, data.shape)
     log(
         f"data: {cfg.dataset}, images {data.shape[0]}x{data.shape[1]}x{data.shape[2]}, {data.levels} levels, "
         f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}"
     )
     log(
-        f"model: {resolved.likelihood} likelihood{' over rows' if resolved.context == 'rows' else ''}, "
+        f"model: {resolved.arch} networks, {resolved.likelihood} likelihood"
+        f"{' over rows' if resolved.context == 'rows' else ''}, "
         f"{resolved.prior} prior, latent {resolved.latent_dim}, "
         f"{params / 1e6:.2f} M parameters ({mb:.1f} MB); batch {resolved.batch_size}, at most {resolved.epochs} epochs "
         f"({resolved.max_steps} steps), patience {resolved.patience}, seed {resolved.seed}"
