@@ -24,6 +24,7 @@ CONTEXTS = ("auto", "none", "rows")
 ARCHS = ("auto", "mlp", "conv")
 CATEGORICAL_MAX_LEVELS = 3  # "auto": categorical up to this many levels, logistic mixture above (README: measured)
 CONTEXT_MIN_LEVELS = 64  # "auto": the rows context for logistic mixtures over at least this many levels (README)
+MLP_LR, CONV_LR = 1e-3, 2e-3  # "auto" learning rates (the field help says why)
 CONV_MIN_SIDE = 16  # "auto": convolutional networks for images at least this many pixels high and wide
 CONV_COARSEST = 4  # "auto": the conv networks halve the resolution while the shorter side stays >= this
 CONV_MAX_STAGES = 5  # "auto": at most this many resolutions (64x64 -> 4x4)
@@ -116,7 +117,12 @@ class TrainConfig:
         "objective",
     )
     # optimisation
-    lr: float = opt(1e-3, "Adamax learning rate", "optimisation")
+    lr: float | None = opt(
+        None,
+        "Adamax learning rate; auto: 1e-3 for the mlp, 2e-3 for conv networks (32x32 colour crops: 4.19 bits/dim "
+        "after 608 steps at 2e-3, 4.58 after 698 at 1e-3)",
+        "optimisation",
+    )
     weight_decay: float = opt(0.0, "L2 weight decay", "optimisation")
     batch_size: int | None = opt(None, "images per step; auto: 64, up to 256 for large data sets", "optimisation")
     max_steps: int = opt(12000, "optimisation-step budget; the epoch cap is derived from it", "optimisation")
@@ -190,7 +196,7 @@ class TrainConfig:
             raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must lie in [0, 1), got {self.ema}")
-        if self.beta < 0 or self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0:
+        if self.beta < 0 or (self.lr is not None and self.lr <= 0) or self.warmup < 0 or self.weight_decay < 0:
             raise ConfigError("beta, warmup and weight_decay must be >= 0 and lr > 0")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes must be positive, got {self.max_minutes}")
@@ -262,6 +268,7 @@ class TrainConfig:
             iw_train=iw_train,
             arch=arch,
             latent_dim=latent or 16,
+            lr=self.lr or (CONV_LR if arch == "conv" else MLP_LR),
             **conv,
         )
 

@@ -117,6 +117,8 @@ def test_arch_auto_picks_conv_from_16_pixels_up():
         0.2,
     )
     assert TrainConfig(iw_train=3, dropout=0.1).resolve(256, 1000, (32, 32, 3)).iw_train == 3  # flags override
+    assert (colour.lr, TrainConfig().resolve(17, 1000, (8, 8)).lr) == (2e-3, 1e-3)  # conv learns faster at 2e-3
+    assert TrainConfig(lr=5e-4).resolve(256, 1000, (32, 32, 3)).lr == 5e-4
     assert TrainConfig(arch="mlp").resolve(256, 1000, (32, 32, 3)).arch == "mlp"  # a flag overrides
     assert TrainConfig(arch="mlp").resolve(256, 1000, (32, 32, 3)).latent_dim == 16
     assert TrainConfig(latent_dim=8, conv_widths=[8], conv_blocks=0).resolve(256, 1000, (32, 32)).latent_dim == 8
