@@ -33,7 +33,14 @@ def run_ok(args, out):
 def test_idx_source_end_to_end(tmp_path):
     write_idx(tmp_path / "img.idx.gz", synthetic(), compress=True)
     m = run_ok(["--dataset", f"idx:{tmp_path / 'img.idx.gz'}", "--levels", "16"], tmp_path / "models" / "idx" / "1")
-    assert m["image"] == {"height": 6, "width": 6, "dim": 36, "levels": 16}
+    assert m["image"] == {
+        "height": 6,
+        "width": 6,
+        "channels": 1,
+        "dim": 36,
+        "levels": 16,
+        "preprocessing": {"mode": "L", "resize": None, "resample": None, "convert": None},
+    }
     assert m["likelihood"] == "logistic_mixture"  # auto: more than 3 levels
 
 
