@@ -100,27 +100,15 @@ def layer_flops(model: Any, dim: int) -> dict[str, float]:
 
 
 def trained_version(root: Path, images: np.ndarray, epochs: int = 1) -> Path:
-    """The default model for these images, trained `epochs` epochs and exported as the service loads it:
-    speed depends on the architecture, not on how well it is trained."""
+    """The default model for these images, trained `epochs` epochs and exported (bench.training.quick_version)."""
+    from bench.training import quick_version
     from training.config import TrainConfig
     from training.data import ImageData
-    from training.export import write_version
-    from training.train import train
 
     n = len(images)
     data = ImageData(images[: n - 400], images[n - 400 : n - 200], images[n - 200 :], 256, "bench")
     cfg = TrainConfig(epochs=epochs, patience=epochs + 1).resolve(256, len(data.train), data.shape)
-    result = train(cfg, data, progress=False)
-    out = root / "colour32" / "1"
-    write_version(
-        result.model,
-        out,
-        verify_images=data.flat("test")[:64],
-        metrics={},
-        training={"config": cfg.to_dict()},
-        data_info={"image_shape": list(data.shape)},
-    )
-    return out
+    return quick_version(root / "colour32" / "1", data, cfg)
 
 
 def measure(threads: int, quick: bool = False) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,24 @@ def images_28x28(n: int, seed: int = 0) -> np.ndarray:
         img = Image.fromarray((base[i % len(base)] * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR)
         noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, 4, (28, 28))
         out[i] = np.clip(np.rint(noisy), 0, 255)
+    return out
+
+
+def quick_version(out: Path, data: Any, cfg: Any) -> Path:
+    """Train `cfg` on `data` (an ImageData) and export it to the version directory `out`, as the service
+    loads it: for speed and memory figures, which depend on the architecture, not on how well it trained."""
+    from training.export import write_version
+    from training.train import train
+
+    result = train(cfg, data, progress=False)
+    write_version(
+        result.model,
+        out,
+        verify_images=data.flat("test")[:64],
+        metrics={},
+        training={"config": cfg.to_dict()},
+        data_info={"image_shape": list(data.shape)},
+    )
     return out
 
 
