@@ -135,10 +135,25 @@ class JsonBudget:
 
     @classmethod
     def of(cls, settings: Settings, models: dict[str, dict[int, Any]]) -> JsonBudget:
+        """The budget for these settings and served models, computed once per repository scan: every scan
+        swaps in a new snapshot of `models`, so the last one asked for is kept (holding it keeps its
+        identity from being reused). Each JSON and V2 request asks."""
+        last = _budget_cache.get("last")
+        if last is not None and last[0] is models and last[1] is settings:
+            return last[2]
+        budget = cls._compute(settings, models)
+        _budget_cache["last"] = (models, settings, budget)
+        return budget
+
+    @classmethod
+    def _compute(cls, settings: Settings, models: dict[str, dict[int, Any]]) -> JsonBudget:
         # an image as nested lists: one list, one per row, and one per pixel for colour (H x W x C)
         versions = [mv for vs in models.values() for mv in vs.values()]
         lists = max((1 + mv.height * (1 + (mv.width if mv.channels > 1 else 0)) for mv in versions), default=1)
         return cls(cls.FIELDS + settings.max_batch * lists, 2 * (cls.FIELDS + settings.max_batch))
+
+
+_budget_cache: dict[str, tuple[Any, Settings, JsonBudget]] = {}
 
 
 def check_json_structure(body: bytes, budget: JsonBudget) -> None:
