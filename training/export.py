@@ -267,9 +267,38 @@ def _sessions(out: Path) -> dict[str, Any]:
     }
 
 
+DECODER_PROBS_FLOOR = 1e-4  # the decoder graph's probabilities may always differ from torch's this much
+
+
+def decoder_probs_check(probs_onnx: np.ndarray, probs_torch: np.ndarray, probs_f64: np.ndarray) -> dict[str, float]:
+    """How far the decoder graph's per-level probabilities are from a float64 evaluation of the same model,
+    against how far torch's own float32 ones are; `ok` when the graph's error is at most
+    max(DECODER_PROBS_FLOOR, 2 x torch's).
+
+    A fixed bound on |onnxruntime - torch| cannot hold for every trained model: a logistic component
+    narrower than its bin (log scale near -7, which 8-bit models learn) turns a 1e-7 rounding of its mean
+    into a 1e-4 change of a bin's probability, in torch's float32 as much as in onnxruntime's. Held to
+    the float64 answer, the export must be as exact as the model's own float32 arithmetic, and a
+    well-conditioned model still to the floor.
+    """
+    onnx_err = float(np.abs(probs_onnx.astype(np.float64) - probs_f64).max())
+    torch_err = float(np.abs(probs_torch.astype(np.float64) - probs_f64).max())
+    bound = max(DECODER_PROBS_FLOOR, 2.0 * torch_err)
+    return {
+        "max_abs_diff_decoder_probs": float(np.abs(probs_torch - probs_onnx).max()),
+        "decoder_probs_error_vs_float64": {
+            "onnxruntime": onnx_err,
+            "torch_float32": torch_err,
+            "bound": bound,
+        },
+        "ok": bool(np.isfinite(onnx_err) and onnx_err <= bound),
+    }
+
+
 def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> dict[str, Any]:
     """Compare torch and onnxruntime on real images; raise ExportError beyond the contract's fp32 parity
-    tolerance (`fp32_parity_tolerance`: 1e-3 nats plus 2e-6 of the log-likelihood) on any image."""
+    tolerance (`fp32_parity_tolerance`: 1e-3 nats plus 2e-6 of the log-likelihood) on any image, beyond
+    1e-3 on the encoder's outputs, or where the decoder's probabilities fail `decoder_probs_check`."""
     sess = _sessions(out)
     eps = np.broadcast_to(importance_noise(seed, k, model.latent_dim)[:, None, :], (k, len(x), model.latent_dim))
     eps = np.ascontiguousarray(eps)
@@ -278,6 +307,7 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
         lw_torch = model.log_weights(xt, torch.from_numpy(eps)).double().numpy()
         mu_t, lv_t = (t.numpy() for t in model.encoder(xt))
         probs_t = model.decoder.probs(torch.from_numpy(mu_t)).numpy()
+        probs_64 = copy.deepcopy(model.decoder).double().probs(torch.from_numpy(mu_t).double()).numpy()
     lw_onnx = sess["log_weights"].run(None, {"x": x, "eps": eps})[0].astype(np.float64)
     mu_o, lv_o = sess["encoder"].run(None, {"x": x})
     probs_o = sess["decoder"].run(None, {"z": mu_t})[0]
@@ -291,8 +321,10 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
         "tolerance_nats": round(float(tolerance.max()), 6),
         "max_abs_diff_log_likelihood_nats": float(ll_diff.max()),
         "max_abs_diff_encoder": float(max(np.abs(mu_t - mu_o).max(), np.abs(lv_t - lv_o).max())),
-        "max_abs_diff_decoder_probs": float(np.abs(probs_t - probs_o).max()),
     }
+    decoder = decoder_probs_check(probs_o, probs_t, probs_64)
+    decoder_ok = decoder.pop("ok")
+    report.update(decoder)
     if not np.all(np.isfinite(lw_onnx)) or np.any(ll_diff > tolerance):
         worst = int(np.nanargmax(ll_diff / tolerance)) if np.all(np.isfinite(ll_diff)) else -1
         raise ExportError(
@@ -300,7 +332,7 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
             f"{ll_diff.max():.3g} nats (image {worst}: {ll_diff[worst]:.3g} against a tolerance of "
             f"{tolerance[worst]:.3g} nats); nothing written"
         )
-    if report["max_abs_diff_encoder"] > 1e-3 or report["max_abs_diff_decoder_probs"] > 1e-4:
+    if report["max_abs_diff_encoder"] > 1e-3 or not decoder_ok:
         raise ExportError(f"export parity failed for the encoder or decoder graph: {report}; nothing written")
     return report
 
@@ -429,6 +461,8 @@ def decoder_spec(model: VAE) -> dict[str, Any]:
     """The manifest's `decoder` entry: outputs per pixel, and the rows context's taps and weights if any:
     one row of T tap weights per (component, channel, channel of the taps), M C C rows (M for grey)."""
     spec: dict[str, Any] = {"outputs_per_pixel": model.decoder.out_per_pixel}
+    if model.decoder.working_floats:
+        spec["working_floats_per_sample"] = model.decoder.working_floats
     if model.decoder.context:
         weights = model.decoder.context_weights.detach().double().reshape(-1, len(CONTEXT_TAPS))
         spec["context"] = {

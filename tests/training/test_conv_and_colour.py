@@ -128,6 +128,54 @@ def test_arch_auto_picks_conv_from_16_pixels_up():
         TrainConfig(arch="conv").resolve(256, 1000)
 
 
+def test_conv_budgets_follow_the_pixels_a_step_sees():
+    """A conv step's cost follows its pixels: the step budget is CONV_PIXEL_BUDGET pixel passes whatever the image
+    size, batches stop doubling at 128, and the K=1000 evaluation covers 500 images; the mlp keeps its 12,000 steps
+    of up to 256 and 2000 / 1000 evaluated images. Flags override every one."""
+    from training.config import CONV_PIXEL_BUDGET, conv_step_budget
+
+    mnist = TrainConfig().resolve(256, 48_000, (28, 28, 1))
+    assert (mnist.arch, mnist.batch_size, mnist.max_steps, mnist.epochs) == ("conv", 128, 3488, 10)
+    for shape in [(16, 16, 1), (28, 28, 1), (32, 32, 3), (64, 64, 3), (61, 47, 3)]:
+        cfg = TrainConfig().resolve(256, 4000, shape)
+        seen = cfg.max_steps * cfg.batch_size * shape[0] * shape[1]
+        assert CONV_PIXEL_BUDGET <= seen < CONV_PIXEL_BUDGET + cfg.batch_size * shape[0] * shape[1]
+        assert (cfg.eval_images, cfg.calibration_images) == (500, 500)
+    assert conv_step_budget(64, (10**5, 10**5)) == 1
+    mlp = TrainConfig().resolve(256, 48_000, (8, 8, 1))
+    assert (mlp.batch_size, mlp.max_steps, mlp.eval_images, mlp.calibration_images) == (256, 12_000, 2000, 1000)
+    mine = TrainConfig(batch_size=32, max_steps=100, eval_images=0, calibration_images=7).resolve(
+        256, 4000, (32, 32, 3)
+    )
+    assert (mine.batch_size, mine.max_steps, mine.epochs, mine.eval_images, mine.calibration_images) == (
+        32,
+        100,
+        1,
+        0,
+        7,
+    )
+    for bad in (dict(max_steps=0), dict(eval_images=-1), dict(calibration_images=1.5)):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+
+
+def test_a_conv_decoder_declares_its_feature_maps_so_scoring_passes_fit_their_memory():
+    """28x28 at widths [16, 32, 64]: the full-resolution map (16 x 28 x 28 floats) is the largest, 4 alive at
+    once; the manifest carries it (the service sizes its passes with it) and the mlp declares none."""
+    from training.export import decoder_spec
+    from vae_contract.manifest import DecoderSpec
+
+    conv = tiny((28, 28, 1), conv_widths=[16, 32, 64])
+    assert conv.decoder.working_floats == 4 * 16 * 28 * 28
+    spec = decoder_spec(conv)
+    assert spec["working_floats_per_sample"] == 4 * 16 * 28 * 28
+    assert DecoderSpec.model_validate(spec).working_floats_per_sample == 4 * 16 * 28 * 28
+    odd = tiny((31, 17, 3), conv_widths=[4, 8, 8])  # padded to 32 x 20 for three resolutions
+    assert odd.decoder.working_floats == 4 * max(4 * 32 * 20, 8 * 16 * 10, 8 * 8 * 5)
+    mlp = tiny((8, 8, 1), arch="mlp")
+    assert mlp.decoder.working_floats == 0 and "working_floats_per_sample" not in decoder_spec(mlp)
+
+
 def test_auto_conv_widths_follow_the_image_size():
     assert auto_conv_widths(16, 16) == [16, 32, 64]  # 16 -> 8 -> 4
     assert auto_conv_widths(28, 28) == [16, 32, 64]  # 28 -> 14 -> 7
@@ -351,6 +399,36 @@ def test_a_conv_colour_model_exports_and_verifies(tmp_path):
         frozen.decoder.net.stages[0].conv2.weight.add_(0.05)
     with pytest.raises(ExportError, match="parity failed"):
         verify(frozen, tmp_path, x, k=16)
+
+
+def test_a_sharp_colour_model_verifies_against_float64_and_a_wrong_decoder_graph_fails(tmp_path):
+    """Logistics narrower than their bins (log scale -7, as 8-bit training learns) move a bin's probability
+    ~1e-4 with a 1e-7 rounding of the mean, in torch's float32 as in onnxruntime's: the decoder check holds the
+    graph to a float64 evaluation, no worse than torch's own float32 (2x), and a real error still fails it."""
+    from training.export import DECODER_PROBS_FLOOR, decoder_probs_check, export_ready, verify
+
+    shape, levels = (16, 16, 3), 256
+    vae = perturbed(tiny(shape, levels, conv_widths=[8, 8]), scale=0.05)
+    with torch.no_grad():
+        vae.decoder.net.out.bias.view(3, *vae.decoder.parameter_shape())[:, 2] = -7.0
+    frozen = export_ready(vae)
+    _export(frozen, tmp_path)
+    x = np.random.default_rng(0).integers(0, levels, (8, math.prod(shape)))
+    report = verify(frozen, tmp_path, x, k=8)
+    err = report["decoder_probs_error_vs_float64"]
+    assert err["torch_float32"] > DECODER_PROBS_FLOOR / 10  # the sharp model is ill-conditioned in float32 ...
+    assert err["onnxruntime"] <= err["bound"] == max(DECODER_PROBS_FLOOR, 2 * err["torch_float32"])  # ... and passes
+
+    rng = np.random.default_rng(1)
+    exact = rng.dirichlet(np.ones(levels), size=(2, 5))
+    torch32 = (exact + rng.normal(0, 3e-4, exact.shape)).astype(np.float32)
+    assert decoder_probs_check(torch32, torch32, exact)["ok"]
+    assert decoder_probs_check((exact + 5e-4).astype(np.float32), torch32, exact)["ok"]
+    assert not decoder_probs_check((exact + 3e-3).astype(np.float32), torch32, exact)["ok"]
+    assert not decoder_probs_check(exact[:, ::-1].astype(np.float32), torch32, exact)["ok"]
+    assert not decoder_probs_check(np.full_like(torch32, np.nan), torch32, exact)["ok"]
+    well = exact.astype(np.float32)
+    assert not decoder_probs_check((exact + 2e-4).astype(np.float32), well, exact)["ok"]  # the floor holds
 
 
 def test_the_conv_span_cuts_into_graphs_that_compute_the_whole(tmp_path):
