@@ -153,8 +153,9 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
         raise ModelLoadError(f"onnxruntime cannot load the graphs: {exc.__class__.__name__}") from exc
     dim, levels, latent = manifest["image"]["dim"], manifest["image"]["levels"], manifest["latent_dim"]
     per_pixel = int(manifest.get("decoder", {}).get("outputs_per_pixel", levels))
+    feature_maps = int(manifest.get("decoder", {}).get("working_floats_per_sample", 0))  # conv decoders
     budget = settings.engine_memory_mb * 1_000_000
-    rows = max(1, budget // (4 * dim * per_pixel * WORKING_SET))
+    rows = max(1, budget // (4 * (dim * per_pixel * WORKING_SET + feature_maps)))
     chunk = chunk_size(rows)
     check_images_per_call = images_per_call(ref, rows, chunk)
     # per-level probabilities (and, for a mixture, each component's CDF at every edge) of each latent

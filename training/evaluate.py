@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from training.model import VAE
 from vae_contract.formulas import bits_per_dim, images_from_probs
 
 LogWeightsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, D), eps (K, B, L)) -> (K, B)
 MAX_ROWS = 1 << 16  # images x samples per forward pass while evaluating
-MAX_ELEMENTS = 1 << 25  # decoder outputs per forward pass while evaluating (128 MB of float32)
+MAX_ELEMENTS = 1 << 25  # decoder outputs and feature maps per forward pass while evaluating (128 MB of float32)
 
 
 @torch.inference_mode()
@@ -29,17 +31,19 @@ def importance_log_likelihood(
     seed: int = 0,
     batch: int | None = None,
     dtype: torch.dtype = torch.float32,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Importance-sampled log p(x) in nats per image: log (1/K) sum_k w_k, with K split in chunks.
 
     `log_weights(x, eps)` gives log p(x, z) - log q(z|x) at z = reparameterised eps. Memory holds at
     most `chunk` x `batch` samples at once (batch from MAX_ROWS by default), whatever K is; the sum is
-    accumulated in float64.
+    accumulated in float64. `progress` names a progress bar of images (on stderr); None shows none.
     """
     chunk = min(chunk, k)
     batch = batch or max(1, MAX_ROWS // chunk)
     gen = torch.Generator().manual_seed(seed)
     out = []
+    bar = tqdm(total=len(x), desc=progress, unit="image", disable=progress is None, file=sys.stderr, dynamic_ncols=True)
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
         acc = torch.full((len(xb),), -math.inf, dtype=torch.float64)
@@ -50,16 +54,22 @@ def importance_log_likelihood(
             acc = torch.logaddexp(acc, torch.logsumexp(log_w.double(), dim=0))
             done += n
         out.append(acc - math.log(k))
+        bar.update(len(xb))
+    bar.close()
     return torch.cat(out)
 
 
-def log_likelihood(model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0) -> torch.Tensor:
+def log_likelihood(
+    model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0, progress: str | None = None
+) -> torch.Tensor:
     """A VAE's importance-sampled log p(x) per image in nats, K = k."""
     model.eval()
     # the decoder's output per sample sets how many (image, sample) rows fit one pass
-    rows = max(1, MAX_ELEMENTS // (model.dim * model.decoder.out_per_pixel))
+    rows = max(1, MAX_ELEMENTS // (model.dim * model.decoder.out_per_pixel + model.decoder.working_floats))
     batch = max(1, rows // min(chunk, k))
-    return importance_log_likelihood(model.log_weights, x, model.cfg.latent_dim, k, chunk, seed, batch=batch)
+    return importance_log_likelihood(
+        model.log_weights, x, model.cfg.latent_dim, k, chunk, seed, batch=batch, progress=progress
+    )
 
 
 @torch.inference_mode()
@@ -81,11 +91,14 @@ def active_units(model: VAE, x: torch.Tensor, threshold: float = 0.01) -> int:
     return int((mu.var(dim=0) > threshold).sum())
 
 
-def evaluate(model: VAE, x_test: torch.Tensor, k: int = 1000, chunk: int = 250, seed: int = 0) -> dict[str, Any]:
+def evaluate(
+    model: VAE, x_test: torch.Tensor, k: int = 1000, chunk: int = 250, seed: int = 0, progress: bool = False
+) -> dict[str, Any]:
     """Test metrics with units and K spelled out; what the manifest records."""
     dim = x_test.shape[1]
     neg_elbo = -elbo(model, x_test, seed=seed).mean().item()
-    nll = -log_likelihood(model, x_test, k, chunk, seed=seed).mean().item()
+    desc = f"test NLL (K={k})" if progress else None
+    nll = -log_likelihood(model, x_test, k, chunk, seed=seed, progress=desc).mean().item()
     return {
         "split": "test",
         "images": int(len(x_test)),

@@ -22,6 +22,7 @@ from training.config import TrainConfig
 LOG_2PI = math.log(2.0 * math.pi)
 MIN_LOG_SCALE = -7.0  # smallest log scale of a logistic component (PixelCNN++)
 MAX_LOG_SCALE = 7.0  # largest: beyond it a bin's width over the scale underflows float32
+FEATURE_MAPS_ALIVE = 4  # a conv decoder's largest feature maps alive at once per sample (`working_floats`)
 #: (row, column) offsets of the pixels whose values shift a pixel's logistic means under the "rows" context:
 #: the three above it and the one two rows up. Rows above only, so an image's pixels are independent given z
 #: and the rows above them, and a whole row can be generated at once.
@@ -274,6 +275,11 @@ class ConvDecoderNet(nn.Module):
                 stages.append(Upsample(widths[s], widths[s - 1]))
         self.stages = nn.Sequential(*stages)
         self.out = nn.Conv2d(widths[0], c * param_shape[0] * param_shape[1], 1)
+        hp, wp = h + conv_padding(h, n), w + conv_padding(w, n)
+        # a residual block holds its input, two convolutions' results and an activation at once
+        self.activation_floats = FEATURE_MAPS_ALIVE * max(
+            width * (hp >> s) * (wp >> s) for s, width in enumerate(widths)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h, w, c = self.shape
@@ -421,6 +427,12 @@ class Decoder(nn.Module):
     def probs(self, z: torch.Tensor) -> torch.Tensor:
         """Per-value probabilities of every level: z (..., L) -> (..., D, levels)."""
         raise NotImplementedError
+
+    @property
+    def working_floats(self) -> int:
+        """Floats one sample of z holds in the network besides its output (conv feature maps; ~0 for the mlp):
+        with the output's D x out_per_pixel, what sizes a scoring pass's rows (here and in the service)."""
+        return int(getattr(self.net, "activation_floats", 0))
 
     def low_precision_span(self) -> LowPrecisionSpan | None:
         """The span of the decoder network that may run at reduced precision (None: none)."""

@@ -18,17 +18,22 @@ from vae_contract.formulas import bits_per_dim, calibration_block
 DEFAULT_FPR = 0.01
 
 
-def nll_bits_per_dim(model: VAE, x: np.ndarray, k: int, seed: int) -> np.ndarray:
+def nll_bits_per_dim(model: VAE, x: np.ndarray, k: int, seed: int, progress: str | None = None) -> np.ndarray:
     """Importance-sampled NLL in bits/dim of images x (N, D), K = k."""
-    ll = log_likelihood(model, torch.from_numpy(x.astype(np.int64)), k, seed=seed).numpy()
+    ll = log_likelihood(model, torch.from_numpy(x.astype(np.int64)), k, seed=seed, progress=progress).numpy()
     return bits_per_dim(-ll, x.shape[1])
 
 
 def calibrate(
-    model: VAE, x_val: np.ndarray, k: int = 1000, seed: int = 0, default_score: str = "combined"
+    model: VAE,
+    x_val: np.ndarray,
+    k: int = 1000,
+    seed: int = 0,
+    default_score: str = "combined",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The manifest's calibration block: each score's distribution on the validation split."""
-    nll = nll_bits_per_dim(model, x_val, k, seed)
+    nll = nll_bits_per_dim(model, x_val, k, seed, progress=f"calibration (K={k})" if progress else None)
     return {
         "split": "val",
         "images": int(len(x_val)),

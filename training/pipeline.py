@@ -90,13 +90,17 @@ def run(
             f"{result.best_epoch} ({result.weights} weights)"
         )
         t0 = time.monotonic()
-        x_test = subsample(data.flat("test"), cfg.eval_images, cfg.seed)
-        metrics = evaluate(result.model, torch.from_numpy(x_test), k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed)
+        x_test = subsample(data.flat("test"), resolved.eval_images or 0, cfg.seed)
+        metrics = evaluate(
+            result.model, torch.from_numpy(x_test), k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed, progress=progress
+        )
         metrics["of_images"] = len(data.test)
         eval_seconds = time.monotonic() - t0
         t0 = time.monotonic()
-        x_cal = subsample(data.flat("val"), cfg.calibration_images, cfg.seed + 2)
-        calibration = calibrate(result.model, x_cal, k=cfg.eval_k, seed=cfg.seed + 2, default_score=cfg.ood_score)
+        x_cal = subsample(data.flat("val"), resolved.calibration_images or 0, cfg.seed + 2)
+        calibration = calibrate(
+            result.model, x_cal, k=cfg.eval_k, seed=cfg.seed + 2, default_score=cfg.ood_score, progress=progress
+        )
         calibration["of_images"] = len(data.val)
         calibration_seconds = time.monotonic() - t0
         extra = {"metrics.jsonl": work / "metrics.jsonl"}

@@ -190,6 +190,7 @@ class ContextSpec(_Strict):
 
 class DecoderSpec(_Strict):
     outputs_per_pixel: int = Field(ge=1)
+    working_floats_per_sample: int = Field(0, ge=0)  # a conv decoder's feature maps alive at once, per sample
     context: ContextSpec | None = None
 
 
