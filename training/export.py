@@ -267,6 +267,7 @@ def _sessions(out: Path) -> dict[str, Any]:
     }
 
 
+VERIFY_FLOATS = 1 << 25  # decoder floats (outputs and feature maps) per verification call: 128 MB of float32
 DECODER_PROBS_FLOOR = 1e-4  # the decoder graph's probabilities may always differ from torch's this much
 
 
@@ -302,15 +303,26 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
     sess = _sessions(out)
     eps = np.broadcast_to(importance_noise(seed, k, model.latent_dim)[:, None, :], (k, len(x), model.latent_dim))
     eps = np.ascontiguousarray(eps)
+    # a few images a call: K x 256 samples of a conv decoder in one call held 18 GB (32x32 colour)
+    per_sample = model.dim * model.decoder.out_per_pixel + model.decoder.working_floats
+    step = max(1, VERIFY_FLOATS // (per_sample * k))
+    parts = [slice(i, i + step) for i in range(0, len(x), step)]
+    step_probs = max(1, VERIFY_FLOATS // (8 * model.dim * model.levels))  # the rollout's per-level tensors
+    parts_probs = [slice(i, i + step_probs) for i in range(0, len(x), step_probs)]
+    decoder_64 = copy.deepcopy(model.decoder).double()
     with torch.no_grad():
         xt = torch.from_numpy(x)
-        lw_torch = model.log_weights(xt, torch.from_numpy(eps)).double().numpy()
+        lw_torch = np.concatenate(
+            [model.log_weights(xt[s], torch.from_numpy(eps[:, s])).double().numpy() for s in parts], axis=1
+        )
         mu_t, lv_t = (t.numpy() for t in model.encoder(xt))
-        probs_t = model.decoder.probs(torch.from_numpy(mu_t)).numpy()
-        probs_64 = copy.deepcopy(model.decoder).double().probs(torch.from_numpy(mu_t).double()).numpy()
-    lw_onnx = sess["log_weights"].run(None, {"x": x, "eps": eps})[0].astype(np.float64)
+        probs_t = np.concatenate([model.decoder.probs(torch.from_numpy(mu_t[s])).numpy() for s in parts_probs])
+        probs_64 = np.concatenate([decoder_64.probs(torch.from_numpy(mu_t[s]).double()).numpy() for s in parts_probs])
+    lw_onnx = np.concatenate(
+        [sess["log_weights"].run(None, {"x": x[s], "eps": np.ascontiguousarray(eps[:, s])})[0] for s in parts], axis=1
+    ).astype(np.float64)
     mu_o, lv_o = sess["encoder"].run(None, {"x": x})
-    probs_o = sess["decoder"].run(None, {"z": mu_t})[0]
+    probs_o = np.concatenate([sess["decoder"].run(None, {"z": mu_t[s]})[0] for s in parts_probs])
     ll_torch = _logmeanexp(lw_torch)
     ll_diff = np.abs(ll_torch - _logmeanexp(lw_onnx))
     tolerance = fp32_parity_tolerance(ll_torch)
