@@ -152,8 +152,9 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
     except Exception as exc:  # onnxruntime raises several types for a bad graph
         raise ModelLoadError(f"onnxruntime cannot load the graphs: {exc.__class__.__name__}") from exc
     dim, levels, latent = manifest["image"]["dim"], manifest["image"]["levels"], manifest["latent_dim"]
-    per_pixel = int(manifest.get("decoder", {}).get("outputs_per_pixel", levels))
-    feature_maps = int(manifest.get("decoder", {}).get("working_floats_per_sample", 0))  # conv decoders
+    decoder = manifest.get("decoder", {})
+    per_pixel = int(decoder.get("outputs_per_pixel", levels))
+    feature_maps = int(decoder.get("working_floats_per_sample", 0))  # conv decoders
     budget = settings.engine_memory_mb * 1_000_000
     rows = max(1, budget // (4 * (dim * per_pixel * WORKING_SET + feature_maps)))
     chunk = chunk_size(rows)

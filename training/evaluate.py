@@ -59,14 +59,17 @@ def importance_log_likelihood(
     return torch.cat(out)
 
 
+def rows_per_pass(model: VAE) -> int:
+    """(image, sample) rows of one decoder pass within MAX_ELEMENTS floats of outputs and feature maps."""
+    return max(1, MAX_ELEMENTS // model.decoder.floats_per_sample)
+
+
 def log_likelihood(
     model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0, progress: str | None = None
 ) -> torch.Tensor:
     """A VAE's importance-sampled log p(x) per image in nats, K = k."""
     model.eval()
-    # the decoder's output per sample sets how many (image, sample) rows fit one pass
-    rows = max(1, MAX_ELEMENTS // (model.dim * model.decoder.out_per_pixel + model.decoder.working_floats))
-    batch = max(1, rows // min(chunk, k))
+    batch = max(1, rows_per_pass(model) // min(chunk, k))
     return importance_log_likelihood(
         model.log_weights, x, model.cfg.latent_dim, k, chunk, seed, batch=batch, progress=progress
     )

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from training.config import TrainConfig
+from training.evaluate import MAX_ELEMENTS, rows_per_pass
 from training.model import CONTEXT_TAPS, VAE
 from vae_contract.formulas import ImportanceAccumulator, fp32_parity_tolerance, importance_noise
 from vae_contract.manifest import (
@@ -267,7 +268,6 @@ def _sessions(out: Path) -> dict[str, Any]:
     }
 
 
-VERIFY_FLOATS = 1 << 25  # decoder floats (outputs and feature maps) per verification call: 128 MB of float32
 DECODER_PROBS_FLOOR = 1e-4  # the decoder graph's probabilities may always differ from torch's this much
 
 
@@ -304,10 +304,9 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
     eps = np.broadcast_to(importance_noise(seed, k, model.latent_dim)[:, None, :], (k, len(x), model.latent_dim))
     eps = np.ascontiguousarray(eps)
     # a few images a call: K x 256 samples of a conv decoder in one call held 18 GB (32x32 colour)
-    per_sample = model.dim * model.decoder.out_per_pixel + model.decoder.working_floats
-    step = max(1, VERIFY_FLOATS // (per_sample * k))
+    step = max(1, rows_per_pass(model) // k)
     parts = [slice(i, i + step) for i in range(0, len(x), step)]
-    step_probs = max(1, VERIFY_FLOATS // (8 * model.dim * model.levels))  # the rollout's per-level tensors
+    step_probs = max(1, MAX_ELEMENTS // (8 * model.dim * model.levels))  # the rollout's per-level tensors
     parts_probs = [slice(i, i + step_probs) for i in range(0, len(x), step_probs)]
     decoder_64 = copy.deepcopy(model.decoder).double()
     with torch.no_grad():

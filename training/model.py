@@ -303,6 +303,8 @@ class MLPDecoderNet(nn.Sequential):
     Sequential subclass, so the state-dict names (`net.0.weight`, ...) stay as they were too.
     """
 
+    activation_floats = 0  # hidden layers of a few hundred floats: nothing beside the output (`Decoder.working_floats`)
+
     def __init__(self, latent: int, hidden: int, depth: int, dropout: float, dim: int, param_shape: tuple[int, int]):
         super().__init__(*mlp([latent] + [hidden] * depth + [dim * param_shape[0] * param_shape[1]], dropout))
         self.dim, self.param_shape = dim, param_shape
@@ -430,9 +432,14 @@ class Decoder(nn.Module):
 
     @property
     def working_floats(self) -> int:
-        """Floats one sample of z holds in the network besides its output (conv feature maps; ~0 for the mlp):
-        with the output's D x out_per_pixel, what sizes a scoring pass's rows (here and in the service)."""
-        return int(getattr(self.net, "activation_floats", 0))
+        """Floats one sample of z holds in the network besides its output (conv feature maps; 0 for the mlp)."""
+        return int(self.net.activation_floats)
+
+    @property
+    def floats_per_sample(self) -> int:
+        """The output's D x out_per_pixel and the network's feature maps: what sizes a pass's rows (evaluation,
+        export verification, and through the manifest the service)."""
+        return self.dim * self.out_per_pixel + self.working_floats
 
     def low_precision_span(self) -> LowPrecisionSpan | None:
         """The span of the decoder network that may run at reduced precision (None: none)."""
