@@ -210,6 +210,15 @@ def test_sigterm_finishes_in_flight_work_then_exits(models_dir):
             threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
             r = urllib.request.urlopen(req, timeout=60)
             print("in-flight answered", r.status, len(json.load(r)["results"]), flush=True)
+            done.set()
+        def die_after_the_client(signum, frame):
+            # uvicorn re-raises the SIGTERM it caught once it has finished; the client thread may still be
+            # reading the answer it was sent, so let it print before the process dies of that signal
+            done.wait(10)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, die_after_the_client)
         threading.Thread(target=drive, daemon=True).start()
         serve(Settings(models_dir={str(models_dir)!r}, port=port, intra_op_threads=1, engine="onnxruntime",
                        graceful_shutdown_s=30))
