@@ -42,6 +42,7 @@ from service.settings import Settings
 
 log = logging.getLogger("vae_serve")
 OPEN_PATHS = {"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"}  # never need a key
+UI_PATH = "/ui"  # the web page (service/routes/ui.py) holds no data: open; its API calls carry the key
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
@@ -369,7 +370,7 @@ class ApiKeys:
         and path, when the caller knows (None: look it up)."""
         path = scope.get("path", "")
         admin = path.startswith("/admin")
-        if path in OPEN_PATHS or (not self.keys and not admin):
+        if path in OPEN_PATHS or path == UI_PATH or path.startswith(UI_PATH + "/") or (not self.keys and not admin):
             return None
         if not (self._routed(scope) if routed is None else routed):
             return None

@@ -31,7 +31,7 @@ from service.http import (
 from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import build_openapi
 from service.repository import ModelRepository, ScanReport
-from service.routes import admin, health, inference, models
+from service.routes import admin, health, inference, models, ui
 from service.settings import Settings
 from service.v2 import InferLane
 from service.v2 import router as v2_router
@@ -106,7 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    for router in (health.router, models.router, inference.router, inference.uploads, admin.router, v2_router):
+    routers = (health.router, models.router, inference.router, inference.uploads, admin.router, v2_router, ui.router)
+    for router in routers:
         app.include_router(router)
     install_docs(app)
     keys = ApiKeys(settings.keys(), routes=lambda: app.routes)
