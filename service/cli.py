@@ -9,14 +9,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 
-def main(argv: list[str] | None = None) -> int:
-    from service.server import serve
-    from service.settings import Settings
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vae-serve",
         description="Serve VAE model versions over HTTP. Every setting is also a VAE_* environment variable "
-        "(see README, 'Settings'); flags win.",
+        "(docs: Reference, Settings); flags win.",
     )
     p.add_argument("--models", type=Path, help="model repository directory (VAE_MODELS_DIR, default: models)")
     p.add_argument("--host", help="bind address (VAE_HOST, default 127.0.0.1)")
@@ -25,7 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="threads per engine call (VAE_INTRA_OP_THREADS; 0 = all CPUs)")
     p.add_argument("--engine", choices=["auto", "onnxruntime", "openvino"], help="scoring engine (VAE_ENGINE)")
     p.add_argument("--log-level", help="debug, info, warning, error (VAE_LOG_LEVEL)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.server import serve
+    from service.settings import Settings
+
+    args = build_parser().parse_args(argv)
     overrides = {
         k: v
         for k, v in {
