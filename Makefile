@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PERF := .venv-perf/bin/perf_analyzer
 
-.PHONY: run test bench lint typecheck model clean lock docker-test
+.PHONY: run test bench lint typecheck docs screenshot model clean lock docker-test
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ $(MODEL)/manifest.json: | $(STAMP)  # shipped in the repository; trained only if
 run: $(STAMP) $(MODEL)/manifest.json  ## serve the shipped default model (models/digits/1) on $(HOST):$(PORT)
 	$(BIN)/vae-serve --models models --host $(HOST) --port $(PORT)
 
-test: $(STAMP) lint typecheck  ## ruff, mypy, then the whole test suite
+test: $(STAMP) lint typecheck docs  ## ruff, mypy, the docs build, then the whole test suite (browser tests included)
 	$(BIN)/python -m pytest -q
+
+docs: $(STAMP)  ## the documentation site (docs/, mkdocs.yml) into build/site: strict, offline, reference pages from the code
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+screenshot: $(STAMP)  ## docs/images/ui.png: the web page at /ui in headless Chromium (needs Debian's chromium)
+	VAE_UI_SCREENSHOT=docs/images/ui.png $(BIN)/python -m pytest -q tests/ui -k uploaded_png
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
