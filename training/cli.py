@@ -17,7 +17,7 @@ from training.config import PRESETS, ConfigError, TrainConfig, read_config_file
 from training.data import DataError
 from training.export import ExportError
 from training.pipeline import run
-from training.train import TrainingDiverged
+from training.train import DEFAULT_CHECKPOINT_EVERY, DEVICES, TrainingDiverged, TrainingInterrupted
 
 GROUP_TITLES = {"data": "data", "model": "model", "objective": "objective", "optimisation": "optimisation",
                 "evaluation": "evaluation and export"}  # fmt: skip
@@ -69,6 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing model version")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_group = p.add_argument_group("running")
+    run_group.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where training runs: auto (CUDA where available, else the CPU), cpu, cuda, mps; evaluation, "
+        "calibration and the export's checks run on the CPU (default: auto)",
+    )
+    run_group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=DEFAULT_CHECKPOINT_EVERY,
+        metavar="STEPS",
+        help="write a checkpoint to resume from every this many optimisation steps, besides the one written "
+        f"at SIGTERM or SIGINT (default: {DEFAULT_CHECKPOINT_EVERY})",
+    )
+    run_group.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run of this --out from its checkpoint (same settings; a fresh start when "
+        "there is none); gives the model the uninterrupted run would have given",
+    )
     hints = typing.get_type_hints(TrainConfig)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
@@ -100,12 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         out = args.out or default_out(cfg.dataset)
-        run(cfg, out, force=args.force, plots=not args.no_plots, progress=not args.quiet)
+        if args.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be a positive number of steps, got {args.checkpoint_every}")
+        run(
+            cfg,
+            out,
+            force=args.force,
+            plots=not args.no_plots,
+            progress=not args.quiet,
+            resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            device=args.device,
+        )
+    except TrainingInterrupted as exc:
+        hint = "run the same command with --resume to continue" if exc.checkpoint else "nothing was saved"
+        print(f"vae-train: interrupted: {exc}; {hint}", file=sys.stderr)
+        return 128 + exc.signum
     except (ConfigError, DataError, ExportError, TrainingDiverged) as exc:
         print(f"vae-train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vae-train: interrupted; nothing written", file=sys.stderr)
+        print("vae-train: interrupted; no model version written", file=sys.stderr)
         return 130
     return 0
 

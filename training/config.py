@@ -23,6 +23,7 @@ INPUT_SCALES = ("unit", "raw")
 OOD_SCORES = ("nll_bpd", "complexity", "typicality", "combined")
 CONTEXTS = ("auto", "none", "rows")
 ARCHS = ("auto", "mlp", "conv")
+PRECISIONS = ("fp32", "bf16", "fp16")
 CATEGORICAL_MAX_LEVELS = 3  # "auto": categorical up to this many levels, logistic mixture above (README: measured)
 CONTEXT_MIN_LEVELS = 64  # "auto": the rows context for logistic mixtures over at least this many levels (README)
 MLP_LR, CONV_LR = 1e-3, 2e-3  # "auto" learning rates (the field help says why)
@@ -148,6 +149,13 @@ class TrainConfig:
         None, "wall-clock training budget (off by default: results then depend on the machine's speed)", "optimisation"
     )
     seed: int = opt(0, "seed of initialisation, batches and noise", "optimisation")
+    precision: str = opt(
+        "fp32",
+        "arithmetic of the training steps' forward pass: fp32, or autocast to bf16 (CPU or CUDA) or fp16 (CUDA, "
+        "with loss scaling); validation, evaluation, calibration and export stay float32",
+        "optimisation",
+        PRECISIONS,
+    )
     # evaluation and export
     eval_k: int = opt(1000, "importance samples K for the test NLL and the OOD calibration", "evaluation")
     eval_chunk: int = opt(250, "importance samples per forward pass while evaluating", "evaluation")
@@ -182,6 +190,7 @@ class TrainConfig:
             ("prior", PRIORS),
             ("input_scale", INPUT_SCALES),
             ("ood_score", OOD_SCORES),
+            ("precision", PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

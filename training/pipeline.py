@@ -21,9 +21,21 @@ from training.evaluate import evaluate, save_plots
 from training.export import ExportError, parse_version_dir, write_version
 from training.model import parameter_count
 from training.ood import calibrate
-from training.train import train
+from training.train import (
+    CHECKPOINT_FILE,
+    DEFAULT_CHECKPOINT_EVERY,
+    Distributed,
+    TrainingDiverged,
+    check_precision,
+    resolve_device,
+    train,
+)
 
 Log = Callable[[str], None]
+
+
+def _silent(_: str) -> None:
+    """The log of processes other than rank 0."""
 
 
 def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -53,6 +65,12 @@ def check_model_size(
     return params, mb
 
 
+def work_dir(out: Path) -> Path:
+    """Where a run trains before its model version exists: metrics.jsonl and the checkpoint to resume from.
+    Removed when the version is written; kept when training is interrupted or a later stage fails."""
+    return out.parent / f".{out.name}-work"
+
+
 def run(
     cfg: TrainConfig,
     out: Path,
@@ -61,11 +79,35 @@ def run(
     plots: bool = True,
     progress: bool = True,
     log: Log = print,
+    resume: bool = False,
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+    device: str = "cpu",
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate, calibrate and export one model version; return its manifest."""
+    """Train, evaluate, calibrate and export one model version; return its manifest.
+
+    `resume` continues from the checkpoint an interrupted run left in `work_dir(out)` (a fresh start
+    where there is none). Under `torchrun` every process trains its slice of each batch and rank 0 alone
+    evaluates, calibrates and writes the version; the other processes return {} after training."""
+    procs = Distributed.from_env()
+    if not procs.main:
+        log = _silent
+        progress = False
     parse_version_dir(out)  # refuse a bad output path before spending time on training
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} already holds a model version; pick a new version or pass --force")
+    dev = resolve_device(device)
+    check_precision(cfg.precision, dev)
+    work = work_dir(out)
+    if (work / CHECKPOINT_FILE).exists() and not resume:
+        if not force:
+            raise ExportError(
+                f"{work} holds the checkpoint of an interrupted run of {out}: add --resume to continue it, "
+                "or --force to start afresh (which deletes it)"
+            )
+        if procs.main:
+            shutil.rmtree(work)
+    dev = procs.init(dev)
     data = prepare_config(cfg)
     resolved = cfg.resolve(data.levels, len(data.train), data.shape)
     params, mb = check_model_size(resolved, data.dim, data.levels, data.shape)
@@ -80,10 +122,30 @@ def run(
         f"{params / 1e6:.2f} M parameters ({mb:.1f} MB); batch {resolved.batch_size}, at most {resolved.epochs} epochs "
         f"({resolved.max_steps} steps), patience {resolved.patience}, seed {resolved.seed}"
     )
-    work = out.parent / f".{out.name}-work"
-    work.mkdir(parents=True, exist_ok=True)
+    log(
+        f"device: {dev.type}, precision {resolved.precision}"
+        + (f", {procs.world} processes (batch {resolved.batch_size} split among them)" if procs.active else "")
+    )
     try:
-        result = train(resolved, data, out_dir=work, progress=progress, log=log)
+        result = train(
+            resolved,
+            data,
+            out_dir=work,
+            progress=progress,
+            log=log,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            device=dev,
+            procs=procs,
+            on_step=on_step,
+        )
+    except TrainingDiverged:
+        if procs.main:  # nothing worth resuming: a diverged run needs another configuration
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    if not procs.main:
+        return {}
+    try:
         log(
             f"trained {result.epochs_run} epochs ({result.steps} steps) in {result.seconds:.1f} s, "
             f"{result.stopped_because}; best validation loss {result.best_val_loss:.3f} nats at epoch "
@@ -125,6 +187,9 @@ def run(
             },
             "torch_version": torch.__version__,
             "threads": torch.get_num_threads(),
+            "device": dev.type,
+            "processes": procs.world,
+            "resumed_from_step": result.resumed_from_step,
         }
         data_info = {
             "source": cfg.dataset,
@@ -144,8 +209,11 @@ def run(
             calibration=calibration,
             force=force,
         )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if (work / CHECKPOINT_FILE).exists():
+            log(f"the trained weights are kept in {work / CHECKPOINT_FILE}: add --resume to the same command to go on")
+        raise
+    shutil.rmtree(work, ignore_errors=True)  # only now: a failure above keeps the checkpoint to resume from
     m = manifest["metrics"]
     log(f"test -ELBO (K=1): {m['neg_elbo']['nats']:.3f} nats = {m['neg_elbo']['bits_per_dim']:.4f} bits/dim")
     log(
