@@ -161,10 +161,12 @@ function colour(t) {
   return STOPS[i].map((c, j) => Math.round(c + f * (STOPS[i + 1][j] - c)));
 }
 
+// One scale for every image of a version: 0 (typical) up to twice the pixel threshold, where the colour
+// saturates; so maps compare across images. Without a threshold, the image's own largest value.
 function mapRange(map, threshold) {
+  if (Number.isFinite(threshold) && threshold > 0) return 2 * threshold;
   let hi = 0;
   for (const row of map) for (const v of row) if (Number.isFinite(v) && v > hi) hi = v;
-  if (Number.isFinite(threshold) && threshold > hi) hi = threshold;
   return hi > 0 ? hi : 1;
 }
 
@@ -178,7 +180,7 @@ function drawOverlay(canvas, map, mask, hi, opacity) {
     for (let x = 0; x < w; x++) {
       const t = Math.max(0, map[y][x]) / hi;
       const [r, g, b] = colour(t);
-      ctx.fillStyle = `rgba(${r},${g},${b},${(opacity * (0.25 + 0.75 * Math.min(1, t))).toFixed(3)})`;
+      ctx.fillStyle = `rgba(${r},${g},${b},${(opacity * Math.min(1, t)).toFixed(3)})`;
       ctx.fillRect(x * sx, y * sy, sx, sy);
     }
   }
@@ -207,7 +209,7 @@ function legend(hi, threshold) {
   const lo = document.createElement("span");
   lo.textContent = "0";
   const top = document.createElement("span");
-  top.textContent = hi.toFixed(2) + (Number.isFinite(threshold) ? ` (pixel threshold ${threshold.toFixed(2)})` : "");
+  top.textContent = hi.toFixed(2) + (Number.isFinite(threshold) ? ` (pixel threshold ${threshold.toFixed(2)}: mid-scale)` : "");
   box.append("map", lo, bar, top);
   return box;
 }
