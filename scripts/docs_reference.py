@@ -128,7 +128,8 @@ def _option_row(parser: argparse.ArgumentParser, action: argparse.Action) -> str
 
 def cli_section(name: str, target: str, parser: argparse.ArgumentParser) -> str:
     parser.prog = name
-    usage = parser.format_usage().strip().removeprefix("usage: ")
+    first, *rest = parser.format_usage().strip().removeprefix("usage: ").splitlines()
+    usage = "\n".join([first] + [line.removeprefix(" " * len("usage: ")) for line in rest])
     lines = [f"## `{name}`\n", f"Entry point `{target}`.\n", cell(parser.description or "") + "\n"]
     lines.append(f"```text\n{usage}\n```\n")
     for group in parser._action_groups:
