@@ -143,6 +143,7 @@ def run(
         if procs.main:  # nothing worth resuming: a diverged run needs another configuration
             shutil.rmtree(work, ignore_errors=True)
         raise
+    procs.close()  # training was the last collective: rank 0 evaluates, calibrates and exports alone
     if not procs.main:
         return {}
     try:

@@ -145,6 +145,10 @@ class Distributed:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return device
 
+    def close(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
     def shard(self, rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """This process's contiguous slice of `rows` (all of it in a single process)."""
         return rows if not self.active else torch.tensor_split(rows, self.world, dim=dim)[self.rank]
@@ -383,7 +387,7 @@ def train(
     net: nn.Module = _LogWeights(model)
     if procs.active:
         net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False
+            net, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False
         )
     x_train = torch.from_numpy(data.flat("train"))
     x_val = torch.from_numpy(data.flat("val"))
