@@ -26,7 +26,7 @@ test: $(STAMP) lint typecheck docs  ## ruff, mypy, the docs build, then the whol
 	$(BIN)/python -m pytest -q
 
 docs: $(STAMP)  ## the documentation site (docs/, mkdocs.yml) into build/site: strict, offline, reference pages from the code
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 screenshot: $(STAMP)  ## docs/images/ui.png: the web page at /ui in headless Chromium (needs Debian's chromium)
 	VAE_UI_SCREENSHOT=docs/images/ui.png $(BIN)/python -m pytest -q tests/ui -k uploaded_png

@@ -68,3 +68,29 @@ def test_the_http_page_lists_every_route_of_the_schema(ref) -> None:
     assert "### ScoreRequest" in page and "`num_samples`" in page
     schema["paths"]["/frobnicate"] = {"post": {"summary": "Frobnicate", "tags": ["inference"], "responses": {}}}
     assert "### `POST /frobnicate`" in ref.openapi_page(schema)
+
+
+def test_the_site_builds_strict_and_offline(tmp_path: Path) -> None:
+    """`mkdocs build --strict` (what `make docs` runs): the generated pages are in it, and the pages load no
+    script, style sheet, font or image from elsewhere."""
+    import re
+    import subprocess
+
+    site = tmp_path / "site"
+    env = {"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for page in ("reference/http-api", "reference/cli", "reference/settings", "reference/model-contract"):
+        assert (site / page / "index.html").is_file(), page
+    assert "VAE_MAX_K" in (site / "reference" / "settings" / "index.html").read_text()
+    assert "format_version" in (site / "reference" / "model-contract" / "index.html").read_text()
+    for html in site.rglob("*.html"):
+        text = html.read_text()
+        assert not re.search(r"<(script|img|link)[^>]+(src|href)=\"(https?:)?//", text), html
