@@ -406,9 +406,18 @@ function paintDrawing(withCursor) {
   const img = state.current.details.image;
   const canvas = $("draw");
   drawLevels(canvas, state.grid, img.levels, scaleFor(img.height, img.width, 192));
+  const ctx = canvas.getContext("2d"), s = canvas.width / img.width;
+  ctx.strokeStyle = "rgba(255,255,255,0.15)";  // the pixel grid
+  ctx.lineWidth = 1;
+  for (let i = 1; i < Math.max(img.width, img.height); i++) {
+    ctx.beginPath();
+    ctx.moveTo(i * s + 0.5, 0);
+    ctx.lineTo(i * s + 0.5, canvas.height);
+    ctx.moveTo(0, i * s + 0.5);
+    ctx.lineTo(canvas.width, i * s + 0.5);
+    ctx.stroke();
+  }
   if (withCursor) {
-    const s = canvas.width / img.width;
-    const ctx = canvas.getContext("2d");
     ctx.strokeStyle = "#f6b73c";
     ctx.lineWidth = 2;
     ctx.strokeRect(state.cursor[1] * s + 1, state.cursor[0] * s + 1, s - 2, s - 2);
