@@ -15,14 +15,13 @@ the service applies the same to uploaded files.
 
 from __future__ import annotations
 
-import gzip
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vae_contract import sources
 from vae_contract.formulas import requantize, rgb_to_grey
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -168,31 +167,9 @@ def digits_labels(part: str) -> np.ndarray:
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX (MNIST-format) unsigned-byte image file, gzipped or not, as (N, H, W) uint8."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{path}: corrupt gzip stream: {exc}") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    dtype_code, ndim = raw[2], raw[3]
-    if dtype_code != 0x08:
-        raise DataError(f"{path}: IDX element type 0x{dtype_code:02x} is not unsigned byte (0x08)")
-    if ndim != 3:
-        raise DataError(f"{path}: IDX holds {ndim}-dimensional data; images need 3 (N, H, W)")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{path}: IDX header declares {dims} = {expected} bytes of data but the file holds {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+        return sources.read_idx(path)
+    except sources.SourceError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def read_folder(path: Path, image_size: list[int] | None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -235,9 +212,9 @@ def read_folder(path: Path, image_size: list[int] | None) -> tuple[np.ndarray, d
 
 def _load_array_file(path: Path) -> Any:
     try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read as a numpy file: {exc}") from exc
+        return sources.load_array_file(path)
+    except sources.SourceError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def load_source(
