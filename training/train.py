@@ -410,11 +410,12 @@ def train(
         best = saved["best"]
         stale, steps, elapsed = saved["stale"], saved["steps"], saved["seconds"]
         first_epoch, next_index, perm = saved["epoch"], saved["next_index"], saved["perm"]
-        epoch_total = saved["epoch_total"].to(dev)
+        mine = saved["ranks"][procs.rank]  # this process's own generators and its part of the epoch's loss sum
+        epoch_total = mine["epoch_total"].to(dev)
         stopped, time_limited, finished = saved["stopped_because"], saved["time_limited"], saved["finished"]
         metrics_bytes = saved["metrics_bytes"]
         gen.set_state(saved["generator"])
-        _set_rng_state(saved["rng"][procs.rank])
+        _set_rng_state(mine["rng"])
         if log is not None:
             where = "training had finished" if finished else f"epoch {first_epoch}, step {steps}"
             log(f"resuming from {ckpt_path} ({where})")
@@ -424,7 +425,8 @@ def train(
     epoch = first_epoch
 
     def checkpoint(done: bool) -> None:
-        rng = procs.gather(_rng_state())  # every process's generators (each has its own dropout stream)
+        # each process's own: its generators (its dropout stream) and its slices' part of the epoch's loss sum
+        ranks = procs.gather({"rng": _rng_state(), "epoch_total": epoch_total.cpu()})
         if not writes:
             return
         assert ckpt_path is not None
@@ -439,7 +441,6 @@ def train(
                 "epoch": epoch,
                 "next_index": next_index,
                 "perm": perm,
-                "epoch_total": epoch_total,
                 "steps": steps,
                 "stale": stale,
                 "best": best,
@@ -449,7 +450,7 @@ def train(
                 "ema_steps": average.steps if average is not None else 0,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "generator": gen.get_state(),
-                "rng": rng,
+                "ranks": ranks,
                 "metrics_bytes": log_file.tell() if log_file is not None else 0,
                 "seconds": time.monotonic() - start,
                 "stopped_because": stopped,
@@ -506,7 +507,7 @@ def train(
                         checkpoint(False)
                     if stop:
                         signum = signals.signum or signal.SIGTERM  # another process's signal
-                        raise TrainingInterrupted(signum, steps, ckpt_path if writes else None)
+                        raise TrainingInterrupted(signum, steps, ckpt_path)  # rank 0 wrote it
                 train_loss = procs.sum(epoch_total).item() / n  # one sync per epoch
                 if not math.isfinite(train_loss):
                     raise TrainingDiverged(
