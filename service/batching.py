@@ -410,15 +410,15 @@ class Scheduler:
         if not self.settings.batching:
             jobs = jobs[:1]
         picked: list[tuple[ScoreJob, int]] = []
-        length = limit = 0  # of the first image not finished nor in flight
+        call, limit = None, 0  # of the first image not finished nor in flight
         for job in jobs:
             for i, t in enumerate(job.tasks):
                 if t.finished or i in job.in_flight:
                     continue
-                if not length:
-                    length = t.next_len()
-                    limit = self._score_call_images(mv, length)
-                if t.next_len() == length:
+                if call is None:
+                    call = t.next_call()
+                    limit = self._score_call_images(mv, call[0])
+                if t.next_call() == call:
                     picked.append((job, i))
                     if len(picked) == limit:
                         break
@@ -522,7 +522,7 @@ class Scheduler:
         self.metrics.child(self.metrics.batch_rows, "score").observe(len(tasks) * tasks[0].next_len())
         t0 = time.perf_counter()
         try:
-            rows = run_call(mv.scoring.engine, tasks, mv.latent_dim)
+            rows = run_call(mv.scoring.engine, tasks, mv.latent_dim, pixel_engine=mv.ref)
         except Exception:  # noqa: BLE001
             log.exception("score engine call failed on %s", mv.key)
             with self._cond:

@@ -26,6 +26,9 @@ from vae_contract.formulas import (
     MAX_SEED,
     SCORE_NAMES,
     SCORE_UNITS,
+    PixelNllAccumulator,
+    ScoreCalibration,
+    anomaly_maps,
     bits_per_dim,
     images_from_probs,
     raw_scores,
@@ -76,6 +79,20 @@ class DecodeResult:
 
 
 @dataclass
+class MapResult:
+    """Anomaly maps of the scored images (models/README.md, calibration.anomaly_map)."""
+
+    maps: np.ndarray  # (B, H, W), std units, higher = more anomalous
+    threshold: float  # a pixel above it is flagged: the validation pixels' 1 - fpr quantile
+    fpr: float
+    units: str
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self.maps > self.threshold
+
+
+@dataclass
 class ScoreResult:
     mv: ModelVersion
     k: int
@@ -91,6 +108,7 @@ class ScoreResult:
     threshold: float | None
     p_value: np.ndarray | None
     is_ood: np.ndarray | None
+    maps: MapResult | None = None
 
     @property
     def nll_bpd(self) -> np.ndarray:
@@ -191,6 +209,18 @@ class InferenceCore:
         if fpr is not None and not 0 < fpr < 1:
             raise InvalidInput("fpr must lie strictly between 0 and 1", "fpr")
         return name, fpr
+
+    def check_map_request(self, mv: ModelVersion) -> dict[str, Any]:
+        """The version's anomaly-map calibration; InvalidInput when it was exported without one."""
+        if not mv.has_anomaly_maps:
+            raise InvalidInput(
+                f"model {mv.key} was exported before anomaly maps (no pixel_log_weights graph or no anomaly_map "
+                "calibration): re-export it with vae-export (which calibrates the maps when its training data can "
+                "be read) or re-train it; scores without anomaly_map still work",
+                "anomaly_map",
+                code="no_anomaly_map",
+            )
+        return dict(mv.manifest["calibration"]["anomaly_map"])
 
     # --- running jobs -------------------------------------------------------------------------
     async def _run(self, job: Job, ctx: RequestContext) -> Any:
@@ -318,11 +348,18 @@ class InferenceCore:
         score: str | None,
         fpr: float | None,
         ctx: RequestContext,
+        anomaly_map: bool = False,
     ) -> ScoreResult:
-        """Importance-sampled log-likelihood and the OOD score of each image: see models/README.md."""
+        """Importance-sampled log-likelihood and the OOD score of each image, and with `anomaly_map` each
+        image's anomaly map from the same samples: see models/README.md."""
         name, fpr = self.check_score_request(mv, len(x), k, score, fpr)
         self.check_seed(seed)
-        tasks = [ImageTask(row, k, seed, mv.chunk) for row in x]
+        map_calibration = self.check_map_request(mv) if anomaly_map else None
+        pixels = mv.height * mv.width
+        tasks = [
+            ImageTask(row, k, seed, mv.chunk, pixels=PixelNllAccumulator.empty(1, pixels) if anomaly_map else None)
+            for row in x
+        ]
         job = self._job(ScoreJob, "score", mv, len(x) * k, ctx, tasks=tasks)
         done: list[ImageTask] = await self._run(job, ctx)
         self.metrics.images_scored.labels(mv.name).inc(len(x))
@@ -344,7 +381,16 @@ class InferenceCore:
             is_ood: np.ndarray | None = values > cut
         else:
             fpr, threshold, p_value, is_ood = None, None, None, None
+        maps = None
+        engine = mv.scoring.info.label
+        if map_calibration is not None:
+            engine = mv.ref.info.label  # the pixel graph runs on the reference engine
+            map_fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
+            expected = np.concatenate([t.pixels.expected_nll() for t in done if t.pixels is not None])
+            center, spread = (np.asarray(map_calibration[key], dtype=np.float64) for key in ("center", "spread"))
+            values_map = anomaly_maps(expected, center, spread).reshape(len(x), mv.height, mv.width)
+            cut_map = ScoreCalibration.from_block("anomaly_map", map_calibration).threshold(map_fpr)
+            maps = MapResult(values_map, cut_map, map_fpr, str(map_calibration["units"]))
         return ScoreResult(
-            mv, k, seed, mv.scoring.info.label, ll, elbo, ess, name, SCORE_UNITS[name], values, fpr, threshold, p_value,
-            is_ood,
-        )  # fmt: skip
+            mv, k, seed, engine, ll, elbo, ess, name, SCORE_UNITS[name], values, fpr, threshold, p_value, is_ood, maps
+        )

@@ -59,7 +59,9 @@ class OrtEngine:
 
         self.sessions = {
             name: ort.InferenceSession(
-                str(version_dir / fname), options(name == "log_weights"), providers=["CPUExecutionProvider"]
+                str(version_dir / fname),
+                options(name in ("log_weights", "pixel_log_weights")),
+                providers=["CPUExecutionProvider"],
             )
             for name, fname in graphs.items()
         }
@@ -73,6 +75,11 @@ class OrtEngine:
 
     def log_weights(self, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
         return self.sessions["log_weights"].run(None, {"x": x, "eps": eps})[0]
+
+    def pixel_log_weights(self, x: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """log_w (K, B) and each pixel's log p(x_p|z) (K, B, H x W); KeyError on a version exported before the graph."""
+        log_w, pixel_log_px = self.sessions["pixel_log_weights"].run(None, {"x": x, "eps": eps})
+        return log_w, pixel_log_px
 
 
 class OpenVinoEngine:

@@ -191,3 +191,69 @@ def encode_png(images: np.ndarray, levels: int, scale: int = 1, columns: int | N
     buf = io.BytesIO()
     Image.fromarray(canvas, mode="L" if canvas.ndim == 2 else "RGB").save(buf, format="PNG")
     return buf.getvalue()
+
+
+# A perceptually ordered dark-to-bright ramp (after matplotlib's "inferno"), for heat maps without matplotlib.
+_HEAT = np.array(
+    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21], [250, 193, 39],
+     [252, 255, 164]], dtype=np.float64,
+)  # fmt: skip
+OVERLAY_MIN_SIDE = 160  # pixels: small images are upscaled (nearest) to at least this before drawing
+
+
+def heat_colours(t: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> RGB (..., 3) float in [0, 255] along the ramp."""
+    pos = np.clip(t, 0.0, 1.0) * (len(_HEAT) - 1)
+    lo = np.minimum(pos.astype(int), len(_HEAT) - 2)
+    frac = (pos - lo)[..., None]
+    return _HEAT[lo] * (1 - frac) + _HEAT[lo + 1] * frac
+
+
+def overlay_png(images: np.ndarray, levels: int, maps: np.ndarray, threshold: float, units: str) -> bytes:
+    """Each image (N, H, W[, C]) beside its anomaly map (N, H, W) laid over it, one row an image, and a colour
+    scale: 0 (a pixel as costly as on normal images) is dark and transparent, the scale's top (twice the pixel
+    threshold, or the largest value shown) bright and opaque, over a dimmed grey copy of the image; the flagged
+    pixels (above the threshold) are outlined in cyan."""
+    from PIL import ImageDraw, ImageFont
+
+    if images.ndim == 3:
+        images = images[..., None]
+    n, h, w, c = images.shape
+    up = max(1, -(-OVERLAY_MIN_SIDE // max(h, w)))
+    rgb = levels_to_pixels(images, levels).astype(np.float64)
+    rgb = np.repeat(rgb, 3, axis=3) if c == 1 else rgb
+    top = max(2.0 * threshold, float(np.quantile(maps, 0.999)), 1e-6)
+    t = np.clip(maps / top, 0.0, 1.0)[..., None]
+    # the heat over a dimmed grey copy of the image: its colours stay readable on bright pixels
+    base = 0.5 * rgb.mean(axis=3, keepdims=True)
+    alpha = 0.3 + 0.6 * t
+    over = (1 - alpha) * base + alpha * heat_colours(t[..., 0])
+    over_up = over.repeat(up, axis=1).repeat(up, axis=2)
+    flagged = (maps > threshold).repeat(up, axis=1).repeat(up, axis=2)
+    padded = np.pad(flagged, ((0, 0), (1, 1), (1, 1)))
+    inner = padded[:, 1:-1, 2:] & padded[:, 1:-1, :-2] & padded[:, 2:, 1:-1] & padded[:, :-2, 1:-1]
+    over_up[flagged & ~inner] = (0, 255, 255)  # the flagged regions' outlines, one screen pixel wide
+    gap, bar_w, label_w = 4, 14, 70
+    side_h, side_w = h * up, w * up
+    canvas = Image.new("RGB", (2 * side_w + 3 * gap + bar_w + label_w, n * (side_h + gap) + gap + 14), "white")
+    for i in range(n):
+        y = gap + i * (side_h + gap)
+        tiles = (rgb[i].repeat(up, axis=0).repeat(up, axis=1), over_up[i])
+        for j, arr in enumerate(tiles):
+            canvas.paste(Image.fromarray(np.rint(arr).astype(np.uint8)), (gap + j * (side_w + gap), y))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    x0, y0, y1 = 2 * side_w + 3 * gap, gap, canvas.height - gap - 14
+    ramp = heat_colours(np.linspace(1.0, 0.0, max(2, y1 - y0)))
+    for k, colour in enumerate(np.rint(ramp).astype(int)):
+        draw.line([(x0, y0 + k), (x0 + bar_w, y0 + k)], fill=tuple(int(v) for v in colour))
+    for value, label in ((top, f"{top:.1f}"), (threshold, f"{threshold:.1f} flag"), (0.0, "0")):
+        yy = y0 + int(round((1 - value / top) * (y1 - y0 - 1)))
+        draw.line([(x0 + bar_w, yy), (x0 + bar_w + 3, yy)], fill="black")
+        draw.text((x0 + bar_w + 5, max(y0, min(yy - 5, y1 - 10))), label, fill="black", font=font)
+    draw.text(
+        (gap, canvas.height - 13), f"input | anomaly map ({units}); cyan: flagged pixels", fill="black", font=font
+    )
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

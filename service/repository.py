@@ -73,6 +73,13 @@ class ModelVersion:
         return self.score_images_per_call * self.chunk
 
     @property
+    def has_anomaly_maps(self) -> bool:
+        """Whether the version carries the pixel_log_weights graph and the anomaly-map calibration."""
+        return "pixel_log_weights" in self.ref.sessions and bool(
+            (self.manifest.get("calibration") or {}).get("anomaly_map")
+        )
+
+    @property
     def height(self) -> int:
         return int(self.manifest["image"]["height"])
 
@@ -134,6 +141,7 @@ class ModelVersion:
             "metrics": m.get("metrics", {}),
             "calibrated_scores": sorted(self.calibrations),
             "default_score": (m.get("calibration") or {}).get("default_score"),
+            "anomaly_maps": self.has_anomaly_maps,
             "scoring": self.scoring.describe(),
             "created": m.get("created"),
         }

@@ -45,6 +45,7 @@ def _json_integer(value: Any) -> Any:
 
 StrictInt = Annotated[int, BeforeValidator(_json_integer)]
 StrictFloat = Annotated[float, Field(strict=True)]
+StrictBool = Annotated[bool, Field(strict=True)]  # true or false, never 1, "yes" or "true"
 
 _LEVEL = {"type": "integer", "minimum": 0, "maximum": 255}
 _PIXEL = {"anyOf": [_LEVEL, {"type": "array", "items": _LEVEL, "minItems": 1}]}
@@ -135,6 +136,11 @@ class ScoreRequest(ImagesRequest):
     fpr: StrictFloat | None = Field(
         None, gt=0, lt=1, description="target false-positive rate of the OOD threshold (default: the model's, 0.01)"
     )
+    anomaly_map: StrictBool = Field(
+        False,
+        description="also return each image's anomaly map (H x W, from the same K samples) and its mask at fpr "
+        "(a pixel false-positive rate); with Accept: image/png, the images beside their heat-map overlays",
+    )
 
 
 class ImageScore(BaseModel):
@@ -147,6 +153,15 @@ class ImageScore(BaseModel):
     threshold: float | None = Field(None, description="score above this is flagged at the requested fpr")
     p_value: float | None = Field(None, description="(1 + #calibration scores >= score) / (n + 1)")
     is_ood: bool | None = Field(None, description="score > threshold; null when the model is not calibrated")
+    anomaly_map: list[list[float]] | None = Field(
+        None, description="with anomaly_map: H x W per-pixel anomaly scores in std units, higher = more anomalous"
+    )
+    anomaly_mask: list[list[int]] | None = Field(
+        None, description="with anomaly_map: H x W of 1 where the map exceeds pixel_threshold, else 0"
+    )
+    pixel_threshold: float | None = Field(
+        None, description="with anomaly_map: the validation pixels' 1 - fpr quantile of the map (std units)"
+    )
 
 
 class ScoreResponse(ModelInfo):

@@ -14,11 +14,15 @@ from typing import Protocol
 
 import numpy as np
 
-from vae_contract.formulas import NOISE_BLOCK, ImportanceAccumulator, importance_noise
+from vae_contract.formulas import NOISE_BLOCK, ImportanceAccumulator, PixelNllAccumulator, importance_noise
 
 
 class LogWeightsEngine(Protocol):
     def log_weights(self, x: np.ndarray, eps: np.ndarray) -> np.ndarray: ...
+
+
+class PixelLogWeightsEngine(Protocol):
+    def pixel_log_weights(self, x: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def chunk_size(rows_budget: int, k_max: int = 1000) -> int:
@@ -36,6 +40,7 @@ class ImageTask:
     chunk: int
     done: int = 0
     acc: ImportanceAccumulator = field(default_factory=lambda: ImportanceAccumulator.empty(1))
+    pixels: PixelNllAccumulator | None = None  # each pixel's expected NLL, when an anomaly map is asked for
 
     @property
     def finished(self) -> bool:
@@ -44,17 +49,36 @@ class ImageTask:
     def next_len(self) -> int:
         return min(self.chunk, self.k - self.done)
 
+    def next_call(self) -> tuple[int, bool]:
+        """What an engine call must share with this task's next chunk: its length, and the graph (with maps or not)."""
+        return self.next_len(), self.pixels is not None
 
-def run_call(engine: LogWeightsEngine, tasks: list[ImageTask], latent_dim: int) -> int:
-    """Advance every task by its next chunk (all of the same length) with one engine call; return rows run."""
+
+def run_call(
+    engine: LogWeightsEngine,
+    tasks: list[ImageTask],
+    latent_dim: int,
+    pixel_engine: PixelLogWeightsEngine | None = None,
+) -> int:
+    """Advance every task by its next chunk with one engine call; return rows run. The tasks share their
+    `next_call()`: with anomaly maps, `pixel_engine`'s pixel_log_weights graph gives the same log weights and
+    each pixel's log p(x_p|z) in the same pass."""
     n = tasks[0].next_len()
     x = np.stack([t.x for t in tasks])
     eps = np.empty((n, len(tasks), latent_dim), dtype=np.float32)
     for j, t in enumerate(tasks):
         eps[:, j, :] = importance_noise(t.seed, n, latent_dim, start=t.done)
-    log_w = np.asarray(engine.log_weights(x, eps), dtype=np.float64)  # (n, B)
+    if tasks[0].pixels is not None:
+        if pixel_engine is None:
+            raise ValueError("anomaly maps need an engine with the pixel_log_weights graph")
+        lw, px = pixel_engine.pixel_log_weights(x, eps)
+        log_w, pixel_log_px = np.asarray(lw, dtype=np.float64), np.asarray(px)  # (n, B), (n, B, P)
+    else:
+        log_w = np.asarray(engine.log_weights(x, eps), dtype=np.float64)  # (n, B)
     for j, t in enumerate(tasks):
         t.acc.add(log_w[:, j : j + 1])
+        if t.pixels is not None:
+            t.pixels.add(log_w[:, j : j + 1], pixel_log_px[:, j : j + 1])
         t.done += n
     return n * len(tasks)
 
@@ -64,8 +88,8 @@ def pick_group(tasks: list[ImageTask], max_images: int) -> list[ImageTask]:
     pending = [t for t in tasks if not t.finished]
     if not pending:
         return []
-    n = pending[0].next_len()
-    return [t for t in pending if t.next_len() == n][:max_images]
+    call = pending[0].next_call()
+    return [t for t in pending if t.next_call() == call][:max_images]
 
 
 def score_direct(

@@ -92,6 +92,9 @@ def signature(mv: ModelVersion, op: str) -> tuple[list[dict[str, Any]], list[dic
     x = {"x": graphs["log_weights"]["inputs"]["x"]}
     names = SCORE_OUTPUTS if mv.calibrations else SCORE_OUTPUTS[:5]
     outputs = [_tensor(n, "BOOL" if n == "is_ood" else "FP64", ["batch"]) for n in names]
+    if mv.has_anomaly_maps:  # optional: computed when asked for (parameter anomaly_map or by output name)
+        pixels = ["batch", mv.height, mv.width]
+        outputs += [_tensor("anomaly_map", "FP32", pixels), _tensor("anomaly_mask", "BOOL", pixels)]
     return from_graph(x), outputs
 
 
@@ -300,6 +303,7 @@ async def infer(
             outputs["probs"] = (dec.probs, "FP32")
     else:
         x = core.check_images(mv, single(tensors, "x"), "inputs[x]")
+        wanted = _requested(req)
         s = await core.score(
             mv,
             x,
@@ -308,6 +312,8 @@ async def infer(
             _param(params, "score", str, None),
             _param(params, "fpr", float, None),
             ctx,
+            anomaly_map=_param(params, "anomaly_map", bool, False)
+            or bool(wanted and {"anomaly_map", "anomaly_mask"} & set(wanted)),
         )
         outputs = {
             "log_likelihood": (s.log_likelihood, "FP64"),
@@ -319,6 +325,9 @@ async def infer(
         if s.p_value is not None and s.is_ood is not None:
             outputs["p_value"] = (s.p_value, "FP64")
             outputs["is_ood"] = (np.asarray(s.is_ood, dtype=bool), "BOOL")
+        if s.maps is not None:
+            outputs["anomaly_map"] = (s.maps.maps.astype(np.float32), "FP32")
+            outputs["anomaly_mask"] = (s.maps.masks, "BOOL")
         out_params = {
             "num_samples": s.k,
             "seed": s.seed,
@@ -327,6 +336,7 @@ async def infer(
             "score_units": s.score_units,
             "fpr": s.fpr,
             "threshold": s.threshold,
+            **({"pixel_threshold": s.maps.threshold, "anomaly_map_units": s.maps.units} if s.maps else {}),
         }
     return render(req, mv, v2_name, outputs, out_params)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,39 @@ import torch
 from tqdm import tqdm
 
 from training.model import VAE
-from vae_contract.formulas import bits_per_dim, images_from_probs
+from vae_contract.formulas import (
+    ImportanceAccumulator,
+    PixelNllAccumulator,
+    bits_per_dim,
+    images_from_probs,
+)
 
 LogWeightsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, D), eps (K, B, L)) -> (K, B)
 MAX_ROWS = 1 << 16  # images x samples per forward pass while evaluating
 MAX_ELEMENTS = 1 << 25  # decoder outputs and feature maps per forward pass while evaluating (128 MB of float32)
+
+
+def _noise_chunks(
+    x: torch.Tensor,
+    latent_dim: int,
+    k: int,
+    chunk: int,
+    seed: int,
+    batch: int,
+    dtype: torch.dtype,
+    progress: str | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(batch of images, eps (n, B, L)) for every chunk of every batch, then (batch, None) when a batch is
+    done; the noise is one seeded stream, so the chunking decides nothing but memory."""
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=len(x), desc=progress, unit="image", disable=progress is None, file=sys.stderr, dynamic_ncols=True)
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        for done in range(0, k, chunk):
+            yield xb, torch.randn(min(chunk, k - done), len(xb), latent_dim, generator=gen, dtype=dtype)
+        yield xb, None
+        bar.update(len(xb))
+    bar.close()
 
 
 @torch.inference_mode()
@@ -40,23 +68,43 @@ def importance_log_likelihood(
     accumulated in float64. `progress` names a progress bar of images (on stderr); None shows none.
     """
     chunk = min(chunk, k)
-    batch = batch or max(1, MAX_ROWS // chunk)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    bar = tqdm(total=len(x), desc=progress, unit="image", disable=progress is None, file=sys.stderr, dynamic_ncols=True)
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        acc = torch.full((len(xb),), -math.inf, dtype=torch.float64)
-        done = 0
-        while done < k:
-            n = min(chunk, k - done)
-            log_w = log_weights(xb, torch.randn(n, len(xb), latent_dim, generator=gen, dtype=dtype))
-            acc = torch.logaddexp(acc, torch.logsumexp(log_w.double(), dim=0))
-            done += n
-        out.append(acc - math.log(k))
-        bar.update(len(xb))
-    bar.close()
+    out, acc = [], None
+    for xb, eps in _noise_chunks(x, latent_dim, k, chunk, seed, batch or max(1, MAX_ROWS // chunk), dtype, progress):
+        if acc is None:
+            acc = torch.full((len(xb),), -math.inf, dtype=torch.float64)
+        if eps is None:
+            out.append(acc - math.log(k))
+            acc = None
+        else:
+            acc = torch.logaddexp(acc, torch.logsumexp(log_weights(xb, eps).double(), dim=0))
     return torch.cat(out)
+
+
+@torch.inference_mode()
+def pixel_nll(
+    model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0, progress: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Importance-sampled log p(x) (N,) in nats and each pixel's expected NLL under the posterior (N, H*W) in
+    nats (channels summed; vae_contract.formulas.PixelNllAccumulator), from the same K samples an image."""
+    model.eval()
+    chunk = min(chunk, k)
+    batch = max(1, rows_per_pass(model) // chunk)
+    lls, maps = [], []
+    acc: ImportanceAccumulator | None = None
+    pix: PixelNllAccumulator | None = None
+    for xb, eps in _noise_chunks(x, model.cfg.latent_dim, k, chunk, seed, batch, torch.float32, progress):
+        if eps is None:
+            assert acc is not None and pix is not None
+            lls.append(acc.log_likelihood())
+            maps.append(pix.expected_nll())
+            acc = pix = None
+            continue
+        log_w, pixels = model.pixel_terms(xb, eps)
+        if acc is None or pix is None:
+            acc, pix = ImportanceAccumulator.empty(len(xb)), PixelNllAccumulator.empty(len(xb), pixels.shape[-1])
+        acc.add(log_w.numpy())
+        pix.add(log_w.numpy(), pixels.numpy())
+    return np.concatenate(lls), np.concatenate(maps)
 
 
 def rows_per_pass(model: VAE) -> int:

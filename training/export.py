@@ -12,8 +12,10 @@ import copy
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -26,7 +28,12 @@ from torch import nn
 from training.config import TrainConfig
 from training.evaluate import MAX_ELEMENTS, rows_per_pass
 from training.model import CONTEXT_TAPS, VAE
-from vae_contract.formulas import ImportanceAccumulator, fp32_parity_tolerance, importance_noise
+from vae_contract.formulas import (
+    ImportanceAccumulator,
+    PixelNllAccumulator,
+    fp32_parity_tolerance,
+    importance_noise,
+)
 from vae_contract.manifest import (
     MANIFEST_FORMAT,
     ManifestError,
@@ -40,7 +47,12 @@ from vae_contract.manifest import (
 OPSET = 18
 WEIGHTS = "weights.bin"
 CHECKPOINT = "checkpoint.json"
-GRAPH_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "log_weights": "log_weights.onnx"}
+GRAPH_FILES = {
+    "encoder": "encoder.onnx",
+    "decoder": "decoder.onnx",
+    "log_weights": "log_weights.onnx",
+    "pixel_log_weights": "pixel_log_weights.onnx",
+}
 CHECK_IMAGES, CHECK_K, CHECK_SEED = 32, 1000, 0
 INLINE_BYTES = 1024  # initializers smaller than this stay inside their graph
 
@@ -82,6 +94,18 @@ class LogWeightsGraph(nn.Module):
         return self.vae.log_weights(x, eps)
 
 
+class PixelLogWeightsGraph(nn.Module):
+    """x (B, D) int64, eps (K, B, L) -> log_w (K, B) and pixel_log_px (K, B, H x W): the log_weights graph's
+    numbers before the sum over pixels (each pixel's log p(x_p|z), its channels summed), for anomaly maps."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.vae.pixel_terms(x, eps)
+
+
 def export_ready(model: VAE) -> VAE:
     """A copy in eval mode whose prior is frozen to the Gaussian mixture the manifest records, its log-density
     in matrix-product form where that is exact in fp32 (see `mixture_log_prob`)."""
@@ -119,7 +143,8 @@ def _onnx_export(
 
 
 def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
-    """Write encoder.onnx, decoder.onnx and log_weights.onnx (weights inline); return their contract entries."""
+    """Write encoder.onnx, decoder.onnx, log_weights.onnx and pixel_log_weights.onnx (weights inline); return
+    their contract entries."""
     latent, dim, lv = model.latent_dim, model.dim, model.levels
     x = torch.zeros(2, dim, dtype=torch.int64)
     z = torch.zeros(2, latent)
@@ -148,7 +173,21 @@ def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
         ["log_w"],
         {"x": {0: "batch"}, "eps": {0: "K", 1: "batch"}, "log_w": {0: "K", 1: "batch"}},
     )
+    _onnx_export(
+        PixelLogWeightsGraph(model),
+        (x, eps),
+        out / GRAPH_FILES["pixel_log_weights"],
+        ["x", "eps"],
+        ["log_w", "pixel_log_px"],
+        {
+            "x": {0: "batch"},
+            "eps": {0: "K", 1: "batch"},
+            "log_w": {0: "K", 1: "batch"},
+            "pixel_log_px": {0: "K", 1: "batch"},
+        },
+    )
     span = name_low_precision_span(model, out / GRAPH_FILES["log_weights"])
+    pixels = dim // model.decoder.channels
     return {
         "encoder": {
             "file": GRAPH_FILES["encoder"],
@@ -165,6 +204,11 @@ def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
             "inputs": {"x": ["batch", dim, "int64"], "eps": ["K", "batch", latent, "float32"]},
             "outputs": {"log_w": ["K", "batch", "float32"]},
             **({"low_precision_span": span} if span else {}),
+        },
+        "pixel_log_weights": {
+            "file": GRAPH_FILES["pixel_log_weights"],
+            "inputs": {"x": ["batch", dim, "int64"], "eps": ["K", "batch", latent, "float32"]},
+            "outputs": {"log_w": ["K", "batch", "float32"], "pixel_log_px": ["K", "batch", pixels, "float32"]},
         },
     }
 
@@ -320,6 +364,7 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
     lw_onnx = np.concatenate(
         [sess["log_weights"].run(None, {"x": x[s], "eps": np.ascontiguousarray(eps[:, s])})[0] for s in parts], axis=1
     ).astype(np.float64)
+    pixel_err = _pixel_graph_error(model, sess["pixel_log_weights"], x, eps, parts)
     mu_o, lv_o = sess["encoder"].run(None, {"x": x})
     probs_o = np.concatenate([sess["decoder"].run(None, {"z": mu_t[s]})[0] for s in parts_probs])
     ll_torch = _logmeanexp(lw_torch)
@@ -333,6 +378,7 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
         "max_abs_diff_log_likelihood_nats": float(ll_diff.max()),
         "max_abs_diff_encoder": float(max(np.abs(mu_t - mu_o).max(), np.abs(lv_t - lv_o).max())),
     }
+    report["max_abs_diff_pixel_nll_nats"] = pixel_err
     decoder = decoder_probs_check(probs_o, probs_t, probs_64)
     decoder_ok = decoder.pop("ok")
     report.update(decoder)
@@ -343,9 +389,34 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
             f"{ll_diff.max():.3g} nats (image {worst}: {ll_diff[worst]:.3g} against a tolerance of "
             f"{tolerance[worst]:.3g} nats); nothing written"
         )
-    if report["max_abs_diff_encoder"] > 1e-3 or not decoder_ok:
-        raise ExportError(f"export parity failed for the encoder or decoder graph: {report}; nothing written")
+    if report["max_abs_diff_encoder"] > 1e-3 or not decoder_ok or not pixel_err <= PIXEL_NLL_TOLERANCE:
+        raise ExportError(
+            f"export parity failed for the encoder, decoder or pixel_log_weights graph: {report}; nothing written"
+        )
     return report
+
+
+PIXEL_NLL_TOLERANCE = 1e-3  # nats: one pixel's expected NLL, torch against the pixel_log_weights graph
+
+
+def _pixel_graph_error(model: VAE, session: Any, x: np.ndarray, eps: np.ndarray, parts: list[slice]) -> float:
+    """The largest difference, in nats, between torch's and the pixel_log_weights graph's expected per-pixel NLL
+    (the anomaly map's input, `PixelNllAccumulator`), and between their per-image sums and log_w's (inf on a
+    NaN)."""
+    worst = 0.0
+    for s in parts:
+        e = np.ascontiguousarray(eps[:, s])
+        with torch.no_grad():
+            lw_t, px_t = (t.double().numpy() for t in model.pixel_terms(torch.from_numpy(x[s]), torch.from_numpy(e)))
+        lw_o, px_o = session.run(None, {"x": x[s], "eps": e})
+        maps = []
+        for lw, px in ((lw_t, px_t), (lw_o, px_o)):
+            acc = PixelNllAccumulator.empty(lw.shape[1], px.shape[2])
+            acc.add(lw, px)
+            maps.append(acc.expected_nll())
+        diff = np.abs(maps[0] - maps[1]).max()
+        worst = max(worst, float(diff) if np.isfinite(diff) else math.inf)
+    return worst
 
 
 def reference_scores(out: Path, x: np.ndarray, latent_dim: int, k: int, seed: int) -> list[float]:
@@ -530,13 +601,26 @@ def read_verified(version_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def _map_calibration_or_none(model: VAE, calibration: dict[str, Any]) -> dict[str, Any] | None:
+    """The anomaly-map calibration of an older version, or None (with a warning) when its data is gone."""
+    from training.data import DataError
+    from training.ood import map_calibration_for
+
+    try:
+        return map_calibration_for(model, calibration)
+    except (DataError, OSError) as exc:
+        print(f"warning: no anomaly-map calibration ({exc}); the version serves no anomaly maps", file=sys.stderr)
+        return None
+
+
 def reexport(version_dir: Path, out: Path | None = None, force: bool = False) -> dict[str, Any]:
     """Export a version's torch checkpoint again with this exporter (into `out`, or in place).
 
     Graphs, weights and check scores are written anew and verified as at training time (on the
     manifest's check images); metrics, calibration, training and data records and the other files
     (plots, metrics.jsonl, OOD reports) carry over. For versions exported by an older vae-train: the
-    model stays the same function, its graphs may run faster.
+    model stays the same function, its graphs may run faster, and a version calibrated before anomaly
+    maps gains their calibration when its training data can be read again (same validation images).
     """
     manifest = read_verified(version_dir)
     model = load_checkpoint(version_dir)
@@ -545,6 +629,9 @@ def reexport(version_dir: Path, out: Path | None = None, force: bool = False) ->
         force = True
     own = {CHECKPOINT, WEIGHTS, *GRAPH_FILES.values()}
     image = manifest["image"]
+    calibration = manifest.get("calibration")
+    if calibration and not calibration.get("anomaly_map"):
+        calibration = dict(calibration, anomaly_map=_map_calibration_or_none(model, calibration))
     # write_version copies the extra files into its staging directory before it replaces `target`,
     # so they can be read from `version_dir` even when re-exporting in place
     written = write_version(
@@ -559,7 +646,7 @@ def reexport(version_dir: Path, out: Path | None = None, force: bool = False) ->
             "preprocessing": image.get("preprocessing", {}),
         },
         extra_files={f: version_dir / f for f in manifest["files"] if f not in own},
-        calibration=manifest.get("calibration"),
+        calibration=calibration,
         force=force,
     )
     carried = {k: v for k, v in manifest.items() if k not in written}

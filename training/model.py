@@ -863,12 +863,22 @@ class VAE(nn.Module):
         x (B, D) int64, eps (K, B, L) standard normal -> (K, B). beta=1 gives the log importance
         weights whose log-mean-exp over K is the IWAE bound and whose mean is the ELBO.
         """
+        z, log_prior_ratio = self.latent_terms(x, eps)
+        return self.decoder.log_prob(x, z) + beta * log_prior_ratio
+
+    def latent_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z = mu + sigma * eps (K, B, L) from the posterior of x (B, D), and log p(z) - log q(z|x) (K, B)."""
         mu, log_var = self.encoder(x)  # (B, L)
-        z = mu + torch.exp(0.5 * log_var) * eps  # (K, B, L)
-        log_q = diag_gaussian_log_prob(z, mu, log_var)  # (K, B)
-        log_pz = self.prior.log_prob(z)  # (K, B)
-        log_px = self.decoder.log_prob(x, z)  # (K, B)
-        return log_px + beta * (log_pz - log_q)
+        z = mu + torch.exp(0.5 * log_var) * eps
+        return z, self.prior.log_prob(z) - diag_gaussian_log_prob(z, mu, log_var)
+
+    def pixel_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log importance weights (K, B) and, per sample, each pixel's log p(x_p|z, ...) with its channels
+        summed (K, B, H*W): the numbers an anomaly map is made of; the pixels sum to log p(x|z)."""
+        z, log_prior_ratio = self.latent_terms(x, eps)
+        per_value = self.decoder.pixel_log_probs(x, z)  # (K, B, D), channel fastest
+        pixels = per_value.reshape(per_value.shape[:-1] + (-1, self.decoder.channels)).sum(-1)
+        return pixels.sum(-1) + log_prior_ratio, pixels
 
     def loss(self, x: torch.Tensor, k: int, beta: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean over the batch of -log mean_k exp(log_w): the negative (beta-)ELBO for k=1, IWAE for k>1."""

@@ -6,14 +6,15 @@ prose in models/README.md); the service computes the same ones from the exported
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from training.evaluate import log_likelihood
+from training.evaluate import log_likelihood, pixel_nll
 from training.model import VAE
-from vae_contract.formulas import bits_per_dim, calibration_block
+from vae_contract.formulas import bits_per_dim, calibration_block, map_calibration_block
 
 DEFAULT_FPR = 0.01
 
@@ -32,8 +33,11 @@ def calibrate(
     default_score: str = "combined",
     progress: bool = False,
 ) -> dict[str, Any]:
-    """The manifest's calibration block: each score's distribution on the validation split."""
-    nll = nll_bits_per_dim(model, x_val, k, seed, progress=f"calibration (K={k})" if progress else None)
+    """The manifest's calibration block: each score's distribution on the validation split, and the anomaly
+    map's per-pixel statistics, from one importance-sampling pass."""
+    desc = f"calibration (K={k})" if progress else None
+    ll, expected_nll = pixel_nll(model, torch.from_numpy(x_val.astype(np.int64)), k, seed=seed, progress=desc)
+    nll = bits_per_dim(-ll, x_val.shape[1])
     return {
         "split": "val",
         "images": int(len(x_val)),
@@ -42,4 +46,22 @@ def calibrate(
         "default_score": default_score,
         "default_fpr": DEFAULT_FPR,
         **calibration_block(nll, x_val),
+        "anomaly_map": map_calibration_block(expected_nll, k, seed),
     }
+
+
+def map_calibration_for(model: VAE, calibration: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """calibration.anomaly_map for a version calibrated before anomaly maps: the same validation images (the
+    training config's source, split and subsample seed) at the calibration's K and seed. Raises DataError
+    when the training data cannot be read again."""
+    from training.data import prepare_config
+    from training.pipeline import subsample
+
+    cfg = model.cfg
+    data = prepare_config(cfg)
+    x_val = subsample(data.flat("val"), cfg.calibration_images or 0, int(calibration["seed"]))
+    log(f"anomaly-map calibration: {len(x_val)} validation images of {cfg.dataset}, K={calibration['K']}")
+    _, expected_nll = pixel_nll(
+        model, torch.from_numpy(x_val.astype(np.int64)), int(calibration["K"]), seed=int(calibration["seed"])
+    )
+    return map_calibration_block(expected_nll, int(calibration["K"]), int(calibration["seed"]))

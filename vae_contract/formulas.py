@@ -140,6 +140,37 @@ class ImportanceAccumulator:
         return np.asarray(np.exp(2.0 * self.lse - self.lse2))
 
 
+@dataclass
+class PixelNllAccumulator:
+    """Each pixel's expected NLL under the posterior, E_p(z|x)[-log p(x_p|z)], chunk after chunk, in float64.
+
+    Estimated with the self-normalised importance weights of the score's own samples:
+    sum_k w_k (-log p(x_p|z_k)) / sum_k w_k, w_k = exp(log_w_k) (the weights the NLL sums). Kept as
+    sums scaled by exp(-m), m the largest log_w so far, so that no weight overflows.
+    """
+
+    log_scale: FloatArray  # (B,)
+    weight: FloatArray  # (B,)
+    nll: FloatArray  # (B, P)
+
+    @classmethod
+    def empty(cls, batch: int, pixels: int) -> PixelNllAccumulator:
+        return cls(np.full(batch, -np.inf), np.zeros(batch), np.zeros((batch, pixels)))
+
+    def add(self, log_w: np.ndarray, pixel_log_px: np.ndarray) -> None:
+        """log_w (n, B) and per-pixel log p(x_p|z) (n, B, P) of n more samples."""
+        lw = np.asarray(log_w, dtype=np.float64)
+        scale = np.maximum(self.log_scale, lw.max(axis=0))
+        old = np.where(np.isfinite(self.log_scale), np.exp(self.log_scale - scale), 0.0)
+        w = np.exp(lw - scale)  # (n, B)
+        self.weight = self.weight * old + w.sum(axis=0)
+        self.nll = self.nll * old[:, None] - np.einsum("kb,kbp->bp", w, np.asarray(pixel_log_px, dtype=np.float64))
+        self.log_scale = scale
+
+    def expected_nll(self) -> FloatArray:
+        return self.nll / self.weight[:, None]
+
+
 # --- OOD scores -------------------------------------------------------------------------------
 
 SCORE_NAMES = ("nll_bpd", "complexity", "typicality", "combined")
@@ -239,6 +270,47 @@ def calibration_block(nll_bpd: np.ndarray, x: np.ndarray) -> dict[str, Any]:
         for name, values in table.items()
     }
     return {"typicality_center_bpd": center, "standardize": standardize, "compressor": COMPRESSOR, "scores": scores}
+
+
+# --- anomaly maps -----------------------------------------------------------------------------
+
+MAP_UNITS = "std units"
+MAP_DEFINITION = (
+    "(E_q[-log p(x_p|z)] - center_p) / spread_p: pixel p's expected NLL in nats (channels summed) under the "
+    "posterior, self-normalised importance weights of the score's K samples, standardised by that pixel's "
+    "mean and spread (std, floored at SPREAD_FLOOR of the mean std) on the validation images"
+)
+SPREAD_FLOOR = 0.5  # of the mean over pixels of the validation std: a pixel that never varied is not infinitely sure
+MAX_MAP_SAMPLES = 200_000  # validation pixel scores kept to tabulate the map's quantiles
+
+
+def anomaly_maps(expected_nll: np.ndarray, center: np.ndarray, spread: np.ndarray) -> FloatArray:
+    """Anomaly maps (B, P) from each pixel's expected NLL (B, P) in nats and the calibration's center and spread."""
+    return (np.asarray(expected_nll, dtype=np.float64) - center) / spread
+
+
+def map_calibration_block(expected_nll: np.ndarray, k: int, seed: int) -> dict[str, Any]:
+    """The manifest's calibration.anomaly_map: each pixel's center and spread on validation images (N, P), and
+    the quantiles of the standardised pixel scores with their thresholds at CALIBRATION_FPRS (a pixel's
+    false-positive rate: the fraction of normal pixels above the threshold)."""
+    e = np.asarray(expected_nll, dtype=np.float64)
+    center = e.mean(axis=0)
+    std = e.std(axis=0)
+    spread = np.maximum(std, SPREAD_FLOOR * std.mean() + 1e-12)
+    values = anomaly_maps(e, center, spread).ravel()
+    if len(values) > MAX_MAP_SAMPLES:  # quantiles of a seeded subsample: 200,000 values fix them to ~1e-3
+        values = values[np.random.default_rng(seed).choice(len(values), MAX_MAP_SAMPLES, replace=False)]
+    return {
+        "units": MAP_UNITS,
+        "definition": MAP_DEFINITION,
+        "images": int(e.shape[0]),
+        "K": k,
+        "n": int(len(values)),
+        "center": [round(float(v), 6) for v in center],
+        "spread": [round(float(v), 6) for v in spread],
+        "quantiles": quantile_table(values),
+        "thresholds": {str(f): float(np.quantile(values, 1.0 - f)) for f in CALIBRATION_FPRS},
+    }
 
 
 # --- images from per-pixel distributions -------------------------------------------------------

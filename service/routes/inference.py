@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from service.core import DecodeResult, InferenceCore, ScoreResult
 from service.errors import InvalidInput
 from service.http import JsonRoute, request_context
-from service.images import decode_image_bytes, encode_png, parse_image_items
+from service.images import decode_image_bytes, encode_png, overlay_png, parse_image_items
 from service.repository import ModelVersion
 from service.schemas import (
     DecodeMode,
@@ -103,6 +103,7 @@ def images_out(request: Request, result: DecodeResult, scale: int, **extra: Any)
 
 def score_body(r: ScoreResult) -> dict[str, Any]:
     nll = -r.log_likelihood
+    maps = r.maps
     results = [
         {
             "log_likelihood_nats": float(r.log_likelihood[i]),
@@ -114,6 +115,15 @@ def score_body(r: ScoreResult) -> dict[str, Any]:
             "threshold": r.threshold,
             "p_value": None if r.p_value is None else float(r.p_value[i]),
             "is_ood": None if r.is_ood is None else bool(r.is_ood[i]),
+            **(
+                {
+                    "anomaly_map": np.round(maps.maps[i], 4).tolist(),
+                    "anomaly_mask": maps.masks[i].astype(int).tolist(),
+                    "pixel_threshold": maps.threshold,
+                }
+                if maps is not None
+                else {}
+            ),
         }
         for i in range(len(r.log_likelihood))
     ]
@@ -184,13 +194,23 @@ async def reconstruct(req: ReconstructRequest, request: Request, core: CoreDep, 
 @router.post(
     "/score",
     response_model=ScoreResponse,
+    responses=PNG_RESPONSE,
     summary="Importance-sampled likelihood (nats, bits/dim), ELBO, ESS and the OOD flag",
 )
-async def score(req: ScoreRequest, request: Request, core: CoreDep) -> dict[str, Any]:
+async def score(req: ScoreRequest, request: Request, core: CoreDep) -> Any:
     mv = core.model(req.model, req.version)
     x = await images_from_json(core, mv, req.images)
     ctx = request_context(request, req.timeout_s)
-    r = await core.score(mv, x, req.num_samples, req.seed, req.score, req.fpr, ctx)
+    r = await core.score(mv, x, req.num_samples, req.seed, req.score, req.fpr, ctx, anomaly_map=req.anomaly_map)
+    return score_out(request, r, x)
+
+
+def score_out(request: Request, r: ScoreResult, x: np.ndarray) -> Any:
+    """JSON, or with anomaly maps and Accept: image/png each image beside its heat-map overlay."""
+    if r.maps is not None and wants_png(request):
+        mv = r.mv
+        png = overlay_png(x.reshape(-1, *mv.image_shape), mv.levels, r.maps.maps, r.maps.threshold, r.maps.units)
+        return Response(png, media_type="image/png")
     return score_body(r)
 
 
@@ -240,7 +260,12 @@ async def reconstruct_upload(
     return images_out(request, r, scale)
 
 
-@uploads.post("/score/upload", response_model=ScoreResponse, summary="/score for uploaded PNG/JPEG files")
+@uploads.post(
+    "/score/upload",
+    response_model=ScoreResponse,
+    responses=PNG_RESPONSE,
+    summary="/score for uploaded PNG/JPEG files",
+)
 async def score_upload(
     request: Request,
     core: CoreDep,
@@ -251,9 +276,11 @@ async def score_upload(
     seed: Annotated[int, Form(ge=0)] = 0,
     score: Annotated[ScoreName | None, Form()] = None,
     fpr: Annotated[float | None, Form(gt=0, lt=1)] = None,
+    anomaly_map: Annotated[bool, Form()] = False,
     timeout_s: TimeoutField = None,
-) -> dict[str, Any]:
+) -> Any:
     mv = core.model(model, version)
     x = await images_from_uploads(core, mv, request, files)
-    r = await core.score(mv, x, num_samples, seed, score, fpr, request_context(request, timeout_s))
-    return score_body(r)
+    ctx = request_context(request, timeout_s)
+    r = await core.score(mv, x, num_samples, seed, score, fpr, ctx, anomaly_map=anomaly_map)
+    return score_out(request, r, x)
