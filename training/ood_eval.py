@@ -2,7 +2,8 @@
 
 Everything is generated or ships with the dependencies (scikit-learn's digits and sample images);
 nothing is downloaded. Writes ood_report.md and ood_roc.png beside the model and a summary into
-its manifest (and the two files' sha256 into its file list).
+its manifest (and the files' sha256 into its file list); with anomaly maps, also the localisation
+benchmark (training/localisation.py) and its figure localisation.png.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import numpy as np
 from training.config import TrainConfig
 from training.data import digits_labels, prepare, prepare_config
 from training.export import ExportError, load_checkpoint, read_verified
+from training.localisation import figure as localisation_figure
+from training.localisation import localisation_benchmark
+from training.localisation import markdown as localisation_markdown
 from training.ood import nll_bits_per_dim
 from training.pipeline import run
 from vae_contract.formulas import scores_from_nll
@@ -109,7 +113,18 @@ def held_out_class_scores(cfg: TrainConfig, k: int, seed: int, log) -> dict[str,
     return {"in": inside, "out": outside}
 
 
-def evaluate_model(model_dir: Path, k: int = 1000, seed: int = 0, held_out: bool = True, log=print) -> dict[str, Any]:
+LOCALISATION_PNG = "localisation.png"
+
+
+def evaluate_model(
+    model_dir: Path,
+    k: int = 1000,
+    seed: int = 0,
+    held_out: bool = True,
+    log=print,
+    localisation_images: int = 200,
+    localisation_k: int = 100,
+) -> dict[str, Any]:
     manifest = read_verified(model_dir)
     calib = manifest.get("calibration")
     if not calib:
@@ -131,6 +146,17 @@ def evaluate_model(model_dir: Path, k: int = 1000, seed: int = 0, held_out: bool
         ho = held_out_class_scores(cfg, k, seed + 100, log)
         results["held_out_classes"] = {s: roc_metrics(ho["in"][s], ho["out"][s]) for s in ho["in"]}
         curves["held_out_classes"] = (ho["in"], ho["out"])
+    localisation = None
+    if calib.get("anomaly_map") and localisation_images:
+        sub = data.test[np.sort(np.random.default_rng(seed + 3).permutation(len(data.test))[:localisation_images])]
+        pool = data.val[: max(1, min(len(data.val), 1000))]  # pasted patches come from other (validation) images
+        localisation, examples = localisation_benchmark(
+            model, calib, sub, pool, data.levels, localisation_k, seed + 3, log
+        )
+        threshold = localisation["pixel_threshold_at_0.01"]
+        localisation_figure(model_dir / LOCALISATION_PNG, examples, data.levels, threshold)
+    elif localisation_images:
+        log("localisation: skipped, the version has no anomaly-map calibration (re-export it with vae-export)")
     flagged = {}
     for s, block in calib["scores"].items():
         flagged[s] = {fpr: float(np.mean(test_scores[s] > thr)) for fpr, thr in block["thresholds"].items()}
@@ -142,6 +168,7 @@ def evaluate_model(model_dir: Path, k: int = 1000, seed: int = 0, held_out: bool
         "results": results,
         "test_flagged_fraction": flagged,
         "seconds": round(time.monotonic() - t0, 1),
+        **({"localisation": localisation} if localisation else {}),
     }
     write_outputs(model_dir, manifest, summary, curves)
     return summary
@@ -169,7 +196,10 @@ def markdown(summary: dict[str, Any]) -> str:
     ]
     for s, per in summary["test_flagged_fraction"].items():
         lines.append(f"| {s} | " + " | ".join(f"{v:.3%}" for v in per.values()) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if "localisation" in summary:
+        text += "\n" + localisation_markdown(summary["localisation"])
+    return text
 
 
 def write_outputs(model_dir: Path, manifest: dict, summary: dict, curves: dict) -> None:
@@ -202,7 +232,9 @@ def write_outputs(model_dir: Path, manifest: dict, summary: dict, curves: dict) 
     fig.savefig(model_dir / "ood_roc.png", dpi=80, metadata={"Software": None})
     plt.close(fig)
     manifest["ood_eval"] = summary
-    for fname in ("ood_report.md", "ood_roc.png"):
+    for fname in ("ood_report.md", "ood_roc.png", LOCALISATION_PNG):
+        if fname == LOCALISATION_PNG and "localisation" not in summary:
+            continue
         manifest["files"][fname] = sha256_file(model_dir / fname)
     write_manifest(model_dir, manifest)
 
@@ -221,14 +253,31 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the held-out-class model (digits: trains the model's configuration on digits 0-4)",
     )
+    p.add_argument(
+        "--localisation-images",
+        type=int,
+        default=200,
+        help="held-out test images that get each synthetic defect for the localisation benchmark (0: skip it)",
+    )
+    p.add_argument(
+        "--localisation-k", type=int, default=100, help="importance samples K per image of the localisation benchmark"
+    )
     args = p.parse_args(argv)
     try:
-        summary = evaluate_model(args.model_dir, args.k, args.seed, not args.no_held_out)
+        summary = evaluate_model(
+            args.model_dir,
+            args.k,
+            args.seed,
+            not args.no_held_out,
+            localisation_images=args.localisation_images,
+            localisation_k=args.localisation_k,
+        )
     except ExportError as exc:
         print(f"vae-ood-eval: error: {exc}", file=sys.stderr)
         return 2
     print(markdown(summary))
-    print(f"wrote {args.model_dir / 'ood_report.md'} and {args.model_dir / 'ood_roc.png'}")
+    written = ["ood_report.md", "ood_roc.png"] + ([LOCALISATION_PNG] if "localisation" in summary else [])
+    print("wrote " + ", ".join(str(args.model_dir / f) for f in written))
     return 0
 
 
