@@ -191,7 +191,9 @@ def score_rows(
     if not ok:
         return rows
     xs = x[ok]
-    tasks = score_direct(mv.scoring.engine, xs, k, [seed] * len(xs), mv.latent_dim, mv.chunk, mv.score_images_per_call)
+    # images a call, as the service's scheduler packs them: a call's rows budget over the chunk's length
+    per_call = max(1, mv.score_call_rows // min(k, mv.chunk))
+    tasks = score_direct(mv.scoring.engine, xs, k, [seed] * len(xs), mv.latent_dim, mv.chunk, per_call)
     ll = np.array([t.acc.log_likelihood()[0] for t in tasks])
     elbo = np.array([t.acc.elbo()[0] for t in tasks])
     ess = np.array([t.acc.ess()[0] for t in tasks])
