@@ -239,7 +239,26 @@ def _cell(value: Any) -> str:
 # --- output and resumption -----------------------------------------------------------------------
 
 
-def run_header(mv: ModelVersion, source: Source, k: int, seed: int, fpr: float) -> dict[str, Any]:
+def shard_range(n: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """Images [start, stop) of shard i of m: contiguous, sizes differing by at most one, in order."""
+    i, m = shard
+    return i * n // m, (i + 1) * n // m
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """ "I/N" (0 <= I < N) -> (I, N)."""
+    try:
+        i, m = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ScoreError(f"--shard takes I/N (this process's shard I of N, from 0), got {text!r}") from None
+    if not 0 <= i < m:
+        raise ScoreError(f"--shard {text}: needs 0 <= I < N")
+    return i, m
+
+
+def run_header(
+    mv: ModelVersion, source: Source, k: int, seed: int, fpr: float, shard: tuple[int, int] = (0, 1)
+) -> dict[str, Any]:
     """What the rows of an output depend on; a run resumes an output only when they are all the same."""
     calib = mv.manifest.get("calibration") or {}
     return {
@@ -248,6 +267,8 @@ def run_header(mv: ModelVersion, source: Source, k: int, seed: int, fpr: float) 
         "digest": mv.digest,
         "data": source.spec,
         "images": len(source),
+        "shard": f"{shard[0]}/{shard[1]}",
+        "rows": list(shard_range(len(source), shard)),
         "source_levels": source.levels,
         "num_samples": k,
         "seed": seed,
@@ -335,11 +356,13 @@ def score_to_csv(
     levels: int | None = None,
     batch: int = 64,
     overwrite: bool = False,
+    shard: tuple[int, int] = (0, 1),
     settings: Settings | None = None,
     progress: bool = True,
     log: TextIO = sys.stderr,
 ) -> dict[str, Any]:
-    """Score every image of `data` into `out` (CSV), resuming a run that stopped; return the run's header."""
+    """Score every image of `data` (or of its `shard` (i, n): the i-th of n contiguous parts) into `out` (CSV),
+    resuming a run that stopped; return the run's header."""
     settings = settings or Settings(models_dir=version_dir.parent.parent)
     if not 1 <= k <= settings.max_k:
         raise ScoreError(f"--num-samples {k} must lie in [1, {settings.max_k}] (the service's max K)")
@@ -349,9 +372,10 @@ def score_to_csv(
     source = open_source(data, mv.image_format, levels)
     calib = mv.manifest.get("calibration") or {}
     fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
-    header = run_header(mv, source, k, seed, fpr)
+    header = run_header(mv, source, k, seed, fpr, shard)
     done = rows_done(out, header, overwrite)
-    total = len(source)
+    first, last = header["rows"]
+    total = last - first
     if done == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_name(out.name + ".json").write_text(json.dumps(header, indent=1) + "\n")
@@ -359,13 +383,14 @@ def score_to_csv(
             csv.writer(f).writerow(header["columns"])
     print(
         f"vae-score: {mv.key} on {mv.scoring.info.label}, K={k}, seed {seed}, fpr {fpr}: {total} images"
+        + (f" (shard {shard[0]}/{shard[1]}: {first}..{last - 1} of {len(source)})" if shard[1] > 1 else "")
         + (f", {done} already scored in {out}" if done else ""),
         file=log,
     )
     bar = Progress(total, done, log, progress)
     cols = header["columns"]
     with out.open("a", newline="") as f:
-        for start, stop in batches(done, total, batch):
+        for start, stop in batches(first + done, last, batch):
             x, errors = source.read(start, stop)
             rows = score_rows(mv, x, errors, k, seed, fpr)
             text = io.StringIO()
@@ -410,6 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="scoring engine, as the service's VAE_ENGINE (default: auto, the service's choice on this machine)",
     )
     p.add_argument("--threads", type=int, default=None, help="threads of the engine (default: the CPUs available)")
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="I/N",
+        help="score only part I of N (from 0) of the images, contiguous, with their global index: one process of "
+        "several on a machine, or one Kubernetes Indexed Job pod (--shard $(JOB_COMPLETION_INDEX)/N) (default: 0/1)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an output of another run instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress")
     return p
@@ -437,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             levels=args.levels,
             batch=args.batch,
             overwrite=args.overwrite,
+            shard=parse_shard(args.shard),
             settings=settings,
             progress=not args.quiet,
         )

@@ -39,8 +39,13 @@ def images() -> np.ndarray:
     return load_digits().images.astype(np.uint8)[1350:1362]  # 12 test digits, levels 0..16
 
 
-def settings(models: Path) -> Settings:
-    return Settings(models_dir=models, intra_op_threads=1)
+def settings(models: Path, **overrides) -> Settings:
+    return Settings(models_dir=models, intra_op_threads=1, **overrides)
+
+
+def reference(models: Path) -> Settings:
+    """onnxruntime fp32 only: no OpenVINO compile and parity check at every load (the tests that need no fast path)."""
+    return settings(models, engine="onnxruntime")
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -77,7 +82,7 @@ def test_every_field_matches_score_over_http(models, images, tmp_path):
 def test_an_interrupted_run_resumes_to_the_same_file(models, images, tmp_path):
     npz = tmp_path / "d.npz"
     np.savez(npz, images=images, levels=np.array(17))
-    args = dict(k=K, batch=4, settings=settings(models), progress=False)
+    args = dict(k=K, batch=4, settings=reference(models), progress=False)
     whole, part = tmp_path / "whole.csv", tmp_path / "part.csv"
     score_to_csv(models / "digits" / "1", str(npz), whole, **args)
     score_to_csv(models / "digits" / "1", str(npz), part, **args)
@@ -105,7 +110,7 @@ def test_folder_idx_and_array_sources_agree(models, images, tmp_path):
     outs = {}
     for name, spec in (("png", f"folder:{folder}"), ("idx", f"idx:{tmp_path / 'd.idx'}"),
                        ("npy", f"npy:{tmp_path / 'd.npy'}")):  # fmt: skip
-        score_to_csv(models / "digits" / "1", spec, tmp_path / f"{name}.csv", k=K, settings=settings(models),
+        score_to_csv(models / "digits" / "1", spec, tmp_path / f"{name}.csv", k=K, settings=reference(models),
                      progress=False, levels=17 if name == "npy" else None)  # fmt: skip
         outs[name] = read(tmp_path / f"{name}.csv")
     assert [r["source"] for r in outs["png"]] == ["00.png", "01.png", "02.png", "03.png", "99.png"]
@@ -114,7 +119,7 @@ def test_folder_idx_and_array_sources_agree(models, images, tmp_path):
         assert a["log_likelihood_nats"] == b["log_likelihood_nats"] == c["log_likelihood_nats"]
     np.save(tmp_path / "big.npy", np.zeros((2, 9, 9), dtype=np.uint8))
     with pytest.raises(ScoreError, match="images are 9x9"):
-        score_to_csv(models / "digits" / "1", str(tmp_path / "big.npy"), tmp_path / "x.csv", settings=settings(models))
+        score_to_csv(models / "digits" / "1", str(tmp_path / "big.npy"), tmp_path / "x.csv", settings=reference(models))
 
 
 def test_the_command_is_torch_free_and_shows_progress(models, images, tmp_path):
@@ -131,3 +136,19 @@ def test_the_command_is_torch_free_and_shows_progress(models, images, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0 and "torch-free" in done.stdout, done.stderr[-2000:]
     assert "onnxruntime fp32, K=20" in done.stderr and "scoring: 12/12 images (100%)" in done.stderr
+
+
+def test_shards_are_the_whole_run_in_parts(models, images, tmp_path):
+    """--shard I/N: what each of N processes (or Kubernetes Indexed Job pods) scores; the parts' rows, with their
+    global indices, make the single run's file."""
+    np.savez(tmp_path / "d.npz", images=images, levels=np.array(17))
+    args = dict(k=K, batch=4, settings=reference(models), progress=False)
+    score_to_csv(models / "digits" / "1", str(tmp_path / "d.npz"), tmp_path / "whole.csv", **args)
+    parts = []
+    for i in range(5):
+        out = tmp_path / f"part{i}.csv"
+        score_to_csv(models / "digits" / "1", str(tmp_path / "d.npz"), out, shard=(i, 5), **args)
+        parts.append(out.read_bytes().split(b"\n", 1))
+    whole_head, whole_rows = (tmp_path / "whole.csv").read_bytes().split(b"\n", 1)
+    assert all(head == whole_head for head, _ in parts)
+    assert b"".join(rows for _, rows in parts) == whole_rows
