@@ -65,7 +65,7 @@ def tiny_large_model(root: Path) -> Path:
 
 
 def run(model: Path, quick: bool) -> dict[str, Any]:
-    from bench import conv, inprocess, serving, training
+    from bench import conv, inprocess, maps, serving, training
     from training.data import prepare
 
     t_start = time.time()
@@ -201,6 +201,8 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
 
     print("7/7 the conv default on 32x32 colour images: training, scoring, parity", flush=True)
     results["conv"] = conv.measure(threads, quick)
+    print("anomaly maps: their cost on top of a score", flush=True)
+    results["maps"] = [maps.measure(model, test, 1000, threads)]
     results["seconds"] = round(time.time() - t_start, 1)
     return results
 
@@ -322,6 +324,8 @@ def _ratios(ratios: Any) -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    from bench import maps
+
     m = r["machine"]
     lines = [
         f"# vae-serve benchmark ({m.get('cpu', '?')}, {m['cpus']} CPUs, "
@@ -422,6 +426,8 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     if "conv" in r:
         lines += conv_lines(r["conv"])
+    if "maps" in r:
+        lines += maps.lines(r["maps"])
     lines += [f"Total bench time {r['seconds']} s."]
     return "\n".join(lines) + "\n"
 

@@ -384,7 +384,7 @@ class InferenceCore:
         maps = None
         engine = mv.scoring.info.label
         if map_calibration is not None:
-            engine = mv.ref.info.label  # the pixel graph runs on the reference engine
+            engine = mv.pixel_engine.info.label  # the pixel graph's engine (the fast path's where it passed)
             map_fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
             expected = np.concatenate([t.pixels.expected_nll() for t in done if t.pixels is not None])
             center, spread = (np.asarray(map_calibration[key], dtype=np.float64) for key in ("center", "spread"))

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.scoring import score_direct
+from service.scoring import ImageTask, run_call, score_direct
 from service.settings import Settings
+from vae_contract.formulas import PixelNllAccumulator
 
 log = logging.getLogger("vae_serve")
 
@@ -116,17 +117,25 @@ class OpenVinoEngine:
             self.detail = f"{precision} throughout"
         self._local = threading.local()  # an infer request is not thread-safe: one set per worker thread
 
-    def log_weights(self, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    def _outputs(self, x: np.ndarray, eps: np.ndarray) -> list[np.ndarray]:
         reqs = getattr(self._local, "reqs", None)
         if reqs is None:
             reqs = self._local.reqs = [stage.create_infer_request() for stage in self.stages]
         if len(reqs) == 1:
-            return np.array(reqs[0].infer({"x": x, "eps": eps})[0], copy=True)
+            return [np.array(v, copy=True) for v in reqs[0].infer({"x": x, "eps": eps}).values()]
         # The intermediate tensors pass between the stages without copies; each request owns its outputs
         # until its next call, and the three run one after another.
         hidden = reqs[0].infer([x, eps], share_outputs=True)[0]
         features = reqs[1].infer([hidden], share_inputs=True, share_outputs=True)[0]
-        return np.array(reqs[2].infer([x, eps, features], share_inputs=True)[0], copy=True)
+        return [np.array(v, copy=True) for v in reqs[2].infer([x, eps, features], share_inputs=True).values()]
+
+    def log_weights(self, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+        return self._outputs(x, eps)[0]
+
+    def pixel_log_weights(self, x: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For an engine compiled from pixel_log_weights.onnx: log_w (K, B) and pixel_log_px (K, B, H x W)."""
+        log_w, pixel_log_px = self._outputs(x, eps)
+        return log_w, pixel_log_px
 
 
 def _split_at_span(core: Any, graph: Path, span_in: str, span_out: str) -> list[Any]:
@@ -180,6 +189,8 @@ class ScoringChoice:
     reason: str
     parity: dict[str, Any] = field(default_factory=dict)
     fallback: str | None = None  # why the requested or preferred fast path is not used
+    pixel_engine: Any = None  # the engine of anomaly-map requests (pixel_log_weights), None: the reference
+    pixel_parity: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -188,6 +199,7 @@ class ScoringChoice:
             "reason": self.reason,
             "parity": self.parity,
             "fallback": self.fallback,
+            "anomaly_maps": self.pixel_parity or None,
         }
 
 
@@ -263,4 +275,37 @@ def choose_scoring_engine(
         log.warning("%s: %s; scoring on onnxruntime fp32", version_dir.name, reason)
         reference.fallback, reference.parity = reason, parity
         return reference
-    return ScoringChoice(fast, fast.info, f"openvino {fast.detail}: {why}, parity check passed", parity)
+    choice = ScoringChoice(fast, fast.info, f"openvino {fast.detail}: {why}, parity check passed", parity)
+    choice.pixel_engine, choice.pixel_parity = fast_pixel_engine(
+        version_dir, manifest, ref, precision, settings.threads(), chunk, max_images
+    )
+    return choice
+
+
+MAP_PARITY_MAX_NATS = 0.05  # a pixel's expected NLL, fast path against fp32, on the check images
+
+
+def fast_pixel_engine(
+    version_dir: Path, manifest: dict[str, Any], ref: OrtEngine, precision: str, threads: int, chunk: int, images: int
+) -> tuple[Any, dict[str, Any]]:
+    """The pixel_log_weights graph on the fast path, when its expected pixel NLLs stay within
+    MAP_PARITY_MAX_NATS of onnxruntime fp32's on the check images; else (None, why): maps run on the reference."""
+    spec = manifest["graphs"].get("pixel_log_weights")
+    if spec is None:
+        return None, {}
+    try:
+        fast = OpenVinoEngine(version_dir / spec["file"], precision, threads, spec.get("low_precision_span"))
+        x = np.asarray(manifest["check"]["images"], dtype=np.int64)[:images]
+        pixels = int(manifest["image"]["height"]) * int(manifest["image"]["width"])
+        maps = []
+        for engine in (fast, ref):
+            tasks = [ImageTask(row, chunk, 0, chunk, pixels=PixelNllAccumulator.empty(1, pixels)) for row in x]
+            run_call(engine, tasks, int(manifest["latent_dim"]), pixel_engine=engine)
+            maps.append(np.concatenate([t.pixels.expected_nll() for t in tasks if t.pixels is not None]))
+        worst = float(np.abs(maps[0] - maps[1]).max())
+    except Exception as exc:  # noqa: BLE001 - maps then run on the reference engine
+        return None, {"engine": "onnxruntime fp32", "reason": f"{exc.__class__.__name__}: {exc}"}
+    parity = {"images": int(len(x)), "K": chunk, "max_abs_diff_pixel_nll_nats": round(worst, 6)}
+    if not worst <= MAP_PARITY_MAX_NATS:
+        return None, {**parity, "engine": "onnxruntime fp32", "reason": f"over {MAP_PARITY_MAX_NATS} nats"}
+    return fast, {**parity, "engine": fast.info.label}

@@ -73,6 +73,11 @@ class ModelVersion:
         return self.score_images_per_call * self.chunk
 
     @property
+    def pixel_engine(self) -> Any:
+        """The engine of anomaly-map requests: the fast path's pixel graph where it passed its check, else fp32."""
+        return self.scoring.pixel_engine or self.ref
+
+    @property
     def has_anomaly_maps(self) -> bool:
         """Whether the version carries the pixel_log_weights graph and the anomaly-map calibration."""
         return "pixel_log_weights" in self.ref.sessions and bool(

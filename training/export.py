@@ -187,6 +187,7 @@ def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
         },
     )
     span = name_low_precision_span(model, out / GRAPH_FILES["log_weights"])
+    pixel_span = name_low_precision_span(model, out / GRAPH_FILES["pixel_log_weights"])
     pixels = dim // model.decoder.channels
     return {
         "encoder": {
@@ -209,6 +210,7 @@ def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
             "file": GRAPH_FILES["pixel_log_weights"],
             "inputs": {"x": ["batch", dim, "int64"], "eps": ["K", "batch", latent, "float32"]},
             "outputs": {"log_w": ["K", "batch", "float32"], "pixel_log_px": ["K", "batch", pixels, "float32"]},
+            **({"low_precision_span": pixel_span} if pixel_span else {}),
         },
     }
 
