@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"at SIGTERM or SIGINT (default: {DEFAULT_CHECKPOINT_EVERY})",
     )
     run_group.add_argument(
+        "--stream",
+        action="store_true",
+        help="keep npy: and uncompressed idx: sources memory-mapped and read each batch from the file, so memory "
+        "does not grow with the data set (the same model as without it); other sources are read into memory",
+    )
+    run_group.add_argument(
         "--resume",
         action="store_true",
         help="continue the interrupted run of this --out from its checkpoint (same settings; a fresh start when "
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             checkpoint_every=args.checkpoint_every,
             device=args.device,
+            stream=args.stream,
         )
     except TrainingInterrupted as exc:
         hint = "run the same command with --resume to continue" if exc.checkpoint else "nothing was saved"

@@ -15,6 +15,7 @@ the service applies the same to uploaded files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,15 @@ class ImageData:
 
     def flat(self, part: str) -> np.ndarray:
         """One split as (N, D) int64 (D = H W C, channel fastest), the form the networks take."""
-        images = getattr(self, part)
+        images = np.asarray(getattr(self, part)[:])
         return images.reshape(len(images), -1).astype(np.int64)
 
 
 def has_colour(images: np.ndarray) -> bool:
     """Whether (N, H, W[, C]) images hold colour: three channels that are not all equal."""
+    if isinstance(images, LazyRows):  # a block at a time
+        base = images.base
+        return base.ndim == 4 and any(has_colour(base[i : i + STREAM_BLOCK]) for i in range(0, len(base), STREAM_BLOCK))
     return (
         images.ndim == 4
         and images.shape[3] == 3
@@ -115,9 +119,103 @@ def check_levels(images: np.ndarray, levels: int, where: str) -> np.ndarray:
     return images.astype(np.uint8)
 
 
-def seeded_split(images: np.ndarray, fractions: list[float], seed: int, source: str, levels: int) -> ImageData:
-    """A deterministic random train/val/test split of one array of images."""
-    n = len(images)
+class LazyRows:
+    """Images of a memory-mapped array picked by an index, read (and converted) only when sliced: what a
+    streamed source's splits hold instead of arrays. `rows[key]` gives uint8 (B, H, W, C) like an array's."""
+
+    def __init__(
+        self, base: np.ndarray, index: np.ndarray, channels: int | None = None, levels: tuple[int, int] = (0, 0)
+    ):
+        self.base, self.index = base, index
+        self.channels = channels or (base.shape[3] if base.ndim == 4 else 1)
+        self.levels = levels  # (from, to): requantize on read when they differ
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.index), int(self.base.shape[1]), int(self.base.shape[2]), self.channels)
+
+    ndim = 4
+    dtype = np.dtype(np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows = np.asarray(self.index[key])
+        if rows.ndim == 0:
+            return self[np.atleast_1d(key)][0]
+        order = np.argsort(rows, kind="stable")  # read the file in order, hand the rows back in theirs
+        picked = np.empty((len(rows), *self.base.shape[1:]), dtype=self.base.dtype)
+        picked[order] = self.base[rows[order]]
+        out, _ = as_channels(picked, self.channels, "stream")
+        if self.levels[0] != self.levels[1]:
+            out = requantize(out, *self.levels)
+        return out.astype(np.uint8, copy=False)
+
+    def with_channels(self, channels: int) -> LazyRows:
+        return LazyRows(self.base, self.index, channels, self.levels)
+
+    def with_levels(self, levels_in: int, levels_out: int) -> LazyRows:
+        return LazyRows(self.base, self.index, self.channels, (levels_in, levels_out))
+
+
+STREAM_BLOCK = 65536  # images a pass over a streamed source reads at a time
+
+
+class FileArray:
+    """A C-ordered array in a file (a .npy's or an IDX file's data), read with positioned reads: the rows read
+    pass through the page cache, not this process's memory, which a memory map's pages would fill (and
+    count in its RSS) as an epoch touches every image."""
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        self._fd: int | None = None
+
+    @classmethod
+    def of(cls, mapped: np.memmap) -> FileArray:
+        if not mapped.flags.c_contiguous or mapped.filename is None:
+            raise DataError("a streamed source must be a C-ordered array in a file")
+        return cls(str(mapped.filename), int(mapped.offset), mapped.shape, mapped.dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy in another process opens its own descriptor
+        return {**self.__dict__, "_fd": None}
+
+    def _read(self, start: int, count: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        want = count * self.row_bytes
+        raw = os.pread(self._fd, want, self.offset + start * self.row_bytes)
+        if len(raw) != want:
+            raise DataError(f"{self.path}: the file is shorter than its header says")
+        return raw
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            raw = self._read(start, max(0, stop - start))
+            return np.frombuffer(raw, dtype=self.dtype).reshape(-1, *self.shape[1:])
+        rows = np.asarray(key, dtype=np.int64)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        i = 0
+        while i < len(rows):  # one read per run of consecutive rows
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            flat[i:j] = np.frombuffer(self._read(int(rows[i]), j - i), dtype=np.uint8).reshape(j - i, -1)
+            i = j
+        return out
+
+
+def split_index(n: int, fractions: list[float], seed: int, source: str) -> list[np.ndarray]:
+    """The train/val/test rows of a deterministic random split of n images."""
     if n < 3:
         raise DataError(f"{source}: needs at least 3 images to split into train/val/test, got {n}")
     order = np.random.default_rng(seed).permutation(n)
@@ -126,9 +224,29 @@ def seeded_split(images: np.ndarray, fractions: list[float], seed: int, source: 
     n_train = n - n_val - n_test
     if n_train < 1:
         raise DataError(f"{source}: too few images ({n}) for a train/val/test split")
-    parts = np.split(images[order], [n_train, n_train + n_val])
+    return np.split(order, [n_train, n_train + n_val])
+
+
+def seeded_split(images: np.ndarray, fractions: list[float], seed: int, source: str, levels: int) -> ImageData:
+    """A deterministic random train/val/test split of one array of images."""
+    parts = [images[rows] for rows in split_index(len(images), fractions, seed, source)]
     split = {"kind": "seeded", "seed": seed, "fractions": list(fractions), "sizes": [len(p) for p in parts]}
     return ImageData(parts[0], parts[1], parts[2], levels, source, split)
+
+
+def streamed_split(base: np.ndarray, fractions: list[float], seed: int, source: str, levels: int) -> ImageData:
+    """`seeded_split` of a memory-mapped array without reading it into memory: the same images in the same
+    order, as LazyRows. The levels are checked in one pass, a block at a time."""
+    if base.ndim not in (3, 4) or not np.issubdtype(base.dtype, np.integer):
+        check_levels(base[:1], levels, source)  # the same refusal as an array source's
+    if base.ndim == 4 and base.shape[3] not in (1, 3):
+        as_channels(base[:1], 1, source)  # refuses C other than 1 or 3
+    file = FileArray.of(base) if isinstance(base, np.memmap) else base
+    for i in range(0, len(file), STREAM_BLOCK):
+        check_levels(file[i : i + STREAM_BLOCK], levels, f"{source} [images {i}..]")
+    parts = [LazyRows(file, rows) for rows in split_index(len(file), fractions, seed, source)]
+    split = {"kind": "seeded", "seed": seed, "fractions": list(fractions), "sizes": [len(p) for p in parts]}
+    return ImageData(parts[0], parts[1], parts[2], levels, source, split)  # type: ignore[arg-type]
 
 
 # --- readers -------------------------------------------------------------------------------
@@ -225,16 +343,22 @@ def load_source(
     classes: list[int] | None = None,
     split_seed: int = 0,
     split_fractions: list[float] | None = None,
+    stream: bool = False,
 ) -> ImageData:
-    """Load a data source by its spec string (see the module docstring), with the channels asked for."""
-    data = _load(spec, image_size, classes, split_seed, split_fractions or [0.8, 0.1, 0.1])
+    """Load a data source by its spec string (see the module docstring), with the channels asked for; with
+    `stream`, .npy and uncompressed IDX files stay memory-mapped and their splits are LazyRows."""
+    data = _load(spec, image_size, classes, split_seed, split_fractions or [0.8, 0.1, 0.1], stream)
     if str(channels) not in CHANNELS:
         raise DataError(f"channels must be one of {', '.join(CHANNELS)}, got {channels!r}")
     parts = [getattr(data, name) for name in ("train", "val", "test")]
     want = (3 if any(has_colour(p) for p in parts) else 1) if str(channels) == "auto" else int(channels)
     converted = None
     for name, images in zip(("train", "val", "test"), parts):
-        out, converted = as_channels(images, want, f"{spec} [{name}]")
+        if isinstance(images, LazyRows):
+            have = images.channels
+            out, converted = images.with_channels(want), (None if have == want else "L" if want == 1 else "RGB")
+        else:
+            out, converted = as_channels(images, want, f"{spec} [{name}]")
         setattr(data, name, out)
     data.preprocessing.update(channels=want, convert=converted)
     return data
@@ -246,6 +370,7 @@ def _load(
     classes: list[int] | None,
     split_seed: int,
     fractions: list[float],
+    stream: bool = False,
 ) -> ImageData:
     if spec == "digits":
         return load_digits(classes)
@@ -257,6 +382,14 @@ def _load(
     path = Path(target).expanduser()
     if kind != "folder" and not path.is_file():
         raise DataError(f"{path}: no such file")
+    if kind == "idx" and stream:
+        base = _mapped(path, lambda: sources.read_idx(path, mmap=True))
+        if isinstance(base, np.memmap):  # a gzipped file cannot be mapped: read below
+            return streamed_split(base, fractions, split_seed, spec, 256)
+    if kind == "npy" and stream:
+        base = _mapped(path, lambda: sources.load_array_file(path, mmap=True))
+        if isinstance(base, np.ndarray):
+            return streamed_split(base, fractions, split_seed, spec, 256)
     if kind == "idx":
         images = check_levels(read_idx(path), 256, str(path))
         return seeded_split(images, fractions, split_seed, spec, 256)
@@ -295,6 +428,13 @@ def _load(
     raise DataError(f"unknown data source kind {kind!r} in {spec!r}; use idx, folder, npy or npz")
 
 
+def _mapped(path: Path, read: Any) -> Any:
+    try:
+        return read()
+    except sources.SourceError as exc:
+        raise DataError(str(exc)) from exc
+
+
 def prepare(
     spec: str,
     *,
@@ -304,6 +444,7 @@ def prepare(
     classes: list[int] | None = None,
     split_seed: int = 0,
     split_fractions: list[float] | None = None,
+    stream: bool = False,
 ) -> ImageData:
     """Load a source with the channels asked for (auto, 1, 3) and requantize it to `levels` if asked."""
     data = load_source(
@@ -313,6 +454,7 @@ def prepare(
         classes=classes,
         split_seed=split_seed,
         split_fractions=split_fractions,
+        stream=stream,
     )
     for name in ("train", "val", "test"):
         if len(getattr(data, name)) == 0:
@@ -321,13 +463,17 @@ def prepare(
         if levels > data.levels:
             raise DataError(f"cannot requantize {data.levels} grey levels up to {levels}")
         for name in ("train", "val", "test"):
-            setattr(data, name, requantize(getattr(data, name), data.levels, levels))
+            part = getattr(data, name)
+            lazy = isinstance(part, LazyRows)
+            setattr(
+                data, name, part.with_levels(data.levels, levels) if lazy else requantize(part, data.levels, levels)
+            )
         data.split["requantized_from"] = data.levels
         data.levels = levels
     return data
 
 
-def prepare_config(cfg: Any) -> ImageData:
+def prepare_config(cfg: Any, stream: bool = False) -> ImageData:
     """The data a TrainConfig names (its dataset, levels, channels, image size, classes and split)."""
     return prepare(
         cfg.dataset,
@@ -337,4 +483,5 @@ def prepare_config(cfg: Any) -> ImageData:
         classes=cfg.classes,
         split_seed=cfg.split_seed,
         split_fractions=cfg.split_fractions,
+        stream=stream,
     )

@@ -45,6 +45,16 @@ def subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     return x[np.sort(np.random.default_rng(seed).permutation(len(x))[:n])]
 
 
+def subsample_rows(images: Any, n: int, seed: int) -> np.ndarray:
+    """`subsample` of a split's images (an array or a streamed source's LazyRows) as (n, D) int64 rows, reading
+    only the rows it picks."""
+    if n == 0 or len(images) <= n:
+        picked = np.asarray(images[:])
+    else:
+        picked = images[np.sort(np.random.default_rng(seed).permutation(len(images))[:n])]
+    return picked.reshape(len(picked), -1).astype(np.int64)
+
+
 def check_model_size(
     cfg: TrainConfig, dim: int, levels: int, shape: tuple[int, int] | None = None
 ) -> tuple[int, float]:
@@ -82,6 +92,7 @@ def run(
     resume: bool = False,
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     device: str = "cpu",
+    stream: bool = False,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate, calibrate and export one model version; return its manifest.
@@ -108,7 +119,7 @@ def run(
         if procs.main:
             shutil.rmtree(work)
     dev = procs.init(dev)
-    data = prepare_config(cfg)
+    data = prepare_config(cfg, stream=stream)
     resolved = cfg.resolve(data.levels, len(data.train), data.shape)
     params, mb = check_model_size(resolved, data.dim, data.levels, data.shape)
     log(
@@ -153,14 +164,14 @@ def run(
             f"{result.best_epoch} ({result.weights} weights)"
         )
         t0 = time.monotonic()
-        x_test = subsample(data.flat("test"), resolved.eval_images or 0, cfg.seed)
+        x_test = subsample_rows(data.test, resolved.eval_images or 0, cfg.seed)
         metrics = evaluate(
             result.model, torch.from_numpy(x_test), k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed, progress=progress
         )
         metrics["of_images"] = len(data.test)
         eval_seconds = time.monotonic() - t0
         t0 = time.monotonic()
-        x_cal = subsample(data.flat("val"), resolved.calibration_images or 0, cfg.seed + 2)
+        x_cal = subsample_rows(data.val, resolved.calibration_images or 0, cfg.seed + 2)
         calibration = calibrate(
             result.model, x_cal, k=cfg.eval_k, seed=cfg.seed + 2, default_score=cfg.ood_score, progress=progress
         )
@@ -202,7 +213,7 @@ def run(
         manifest = write_version(
             result.model,
             out,
-            verify_images=data.flat("test")[:256],
+            verify_images=subsample_rows(data.test[:256], 0, 0),
             metrics=metrics,
             training=training,
             data_info=data_info,

@@ -41,7 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.config import ConfigError, TrainConfig
-from training.data import ImageData
+from training.data import ImageData, LazyRows
 from training.model import VAE
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -278,17 +278,18 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, data: ImageData, wo
 
 
 class Rows:
-    """Images (N, H, W, C) of uint8 levels as the networks' rows (N, D) int64, one batch at a time."""
+    """Images (N, H, W, C) of uint8 levels (an array, or a streamed source's LazyRows) as the networks' rows
+    (N, D) int64, one batch at a time."""
 
-    def __init__(self, images: np.ndarray):
-        self.rows = images.reshape(len(images), -1)  # a view where the array allows it
+    def __init__(self, images: np.ndarray | LazyRows):
+        self.images = images
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.images)
 
     def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
-        picked = self.rows[index.numpy()] if isinstance(index, torch.Tensor) else self.rows[index]
-        return torch.from_numpy(picked.astype(np.int64))
+        picked = self.images[index.numpy() if isinstance(index, torch.Tensor) else index]
+        return torch.from_numpy(picked.reshape(len(picked), -1).astype(np.int64))
 
 
 @torch.no_grad()
