@@ -88,8 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument(
         "--stream",
         action="store_true",
-        help="keep npy: and uncompressed idx: sources memory-mapped and read each batch from the file, so memory "
-        "does not grow with the data set (the same model as without it); other sources are read into memory",
+        help="read npy:, uncompressed idx: and folder: sources a batch at a time from their files (folder images "
+        "decoded when a batch needs them), so memory does not grow with the data set; the same model as without it",
+    )
+    run_group.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="DataLoader worker processes reading (and decoding) the next batches while a step runs; 0: the "
+        "training process reads them (default: 0)",
     )
     run_group.add_argument(
         "--resume",
@@ -128,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         out = args.out or default_out(cfg.dataset)
+        if args.data_workers < 0:
+            raise ConfigError(f"--data-workers must be 0 or more, got {args.data_workers}")
         if args.checkpoint_every < 1:
             raise ConfigError(f"--checkpoint-every must be a positive number of steps, got {args.checkpoint_every}")
         run(
@@ -140,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_every=args.checkpoint_every,
             device=args.device,
             stream=args.stream,
+            data_workers=args.data_workers,
         )
     except TrainingInterrupted as exc:
         hint = "run the same command with --resume to continue" if exc.checkpoint else "nothing was saved"

@@ -76,9 +76,12 @@ class ImageData:
 
 def has_colour(images: np.ndarray) -> bool:
     """Whether (N, H, W[, C]) images hold colour: three channels that are not all equal."""
-    if isinstance(images, LazyRows):  # a block at a time
+    if isinstance(images, LazyRows):  # a block at a time, once per source
         base = images.base
-        return base.ndim == 4 and any(has_colour(base[i : i + STREAM_BLOCK]) for i in range(0, len(base), STREAM_BLOCK))
+        if getattr(base, "colour", None) is None:
+            block = stream_block(base)
+            base.colour = base.ndim == 4 and any(has_colour(base[i : i + block]) for i in range(0, len(base), block))
+        return bool(base.colour)
     return (
         images.ndim == 4
         and images.shape[3] == 3
@@ -159,7 +162,12 @@ class LazyRows:
         return LazyRows(self.base, self.index, self.channels, (levels_in, levels_out))
 
 
-STREAM_BLOCK = 65536  # images a pass over a streamed source reads at a time
+STREAM_BLOCK_BYTES = 64 * 2**20  # a pass over a streamed source reads this much at a time
+
+
+def stream_block(base: Any) -> int:
+    """Images a pass over a streamed source reads at a time."""
+    return max(1, STREAM_BLOCK_BYTES // int(np.prod(base.shape[1:])))
 
 
 class FileArray:
@@ -170,6 +178,7 @@ class FileArray:
     def __init__(self, path: str, offset: int, shape: tuple[int, ...], dtype: np.dtype):
         self.path, self.offset, self.shape, self.dtype = path, offset, tuple(shape), np.dtype(dtype)
         self.ndim = len(self.shape)
+        self.colour: bool | None = None
         self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
         self._fd: int | None = None
 
@@ -234,7 +243,7 @@ def seeded_split(images: np.ndarray, fractions: list[float], seed: int, source: 
     return ImageData(parts[0], parts[1], parts[2], levels, source, split)
 
 
-def streamed_split(base: np.ndarray, fractions: list[float], seed: int, source: str, levels: int) -> ImageData:
+def streamed_split(base: Any, fractions: list[float], seed: int, source: str, levels: int) -> ImageData:
     """`seeded_split` of a memory-mapped array without reading it into memory: the same images in the same
     order, as LazyRows. The levels are checked in one pass, a block at a time."""
     if base.ndim not in (3, 4) or not np.issubdtype(base.dtype, np.integer):
@@ -242,8 +251,11 @@ def streamed_split(base: np.ndarray, fractions: list[float], seed: int, source: 
     if base.ndim == 4 and base.shape[3] not in (1, 3):
         as_channels(base[:1], 1, source)  # refuses C other than 1 or 3
     file = FileArray.of(base) if isinstance(base, np.memmap) else base
-    for i in range(0, len(file), STREAM_BLOCK):
-        check_levels(file[i : i + STREAM_BLOCK], levels, f"{source} [images {i}..]")
+    block, colour = stream_block(file), False
+    for i in range(0, len(file), block):
+        images = check_levels(file[i : i + block], levels, f"{source} [images {i}..]")
+        colour = colour or has_colour(images)
+    file.colour = colour  # what `has_colour` of its splits says, without another pass
     parts = [LazyRows(file, rows) for rows in split_index(len(file), fractions, seed, source)]
     split = {"kind": "seeded", "seed": seed, "fractions": list(fractions), "sizes": [len(p) for p in parts]}
     return ImageData(parts[0], parts[1], parts[2], levels, source, split)  # type: ignore[arg-type]
@@ -290,42 +302,84 @@ def read_idx(path: Path) -> np.ndarray:
         raise DataError(str(exc)) from exc
 
 
-def read_folder(path: Path, image_size: list[int] | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Every PNG/JPEG under a folder (sorted by name) as 8-bit RGB (N, H, W, 3), resized to image_size
-    [H, W] if given, and what was done to them (modes found, resize)."""
-    from PIL import Image, UnidentifiedImageError
-
+def folder_files(path: Path) -> list[Path]:
+    """The PNG/JPEG files under a folder, sorted by name."""
     if not path.is_dir():
         raise DataError(f"{path}: not a folder")
     files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"{path}: holds no PNG or JPEG files")
-    images: list[np.ndarray] = []
-    modes: set[str] = set()
-    first_shape: tuple[int, ...] | None = None
-    for file in files:
-        try:
-            with Image.open(file) as img:
+    return files
+
+
+def decode_file(file: Path, image_size: list[int] | None, modes: set[str] | None = None) -> np.ndarray:
+    """One PNG/JPEG file as 8-bit RGB (H, W, 3), resized to image_size [H, W] if given; its mode into `modes`."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as img:
+            if modes is not None:
                 modes.add(img.mode)
-                # 16-bit grey (I;16) keeps its top 8 bits: Pillow's convert would clip it at 255
-                rgb = img.point(lambda v: v / 256).convert("RGB") if img.mode.startswith("I") else img.convert("RGB")
-                if image_size is not None:
-                    rgb = rgb.resize((image_size[1], image_size[0]), Image.Resampling.LANCZOS)
-                array = np.asarray(rgb, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{file}: cannot decode image: {exc}") from exc
-        if first_shape is None:
-            first_shape = array.shape
-        elif array.shape != first_shape:
-            raise DataError(
-                f"{file}: size {array.shape[1]}x{array.shape[0]} differs from {files[0].name}'s "
-                f"{first_shape[1]}x{first_shape[0]}; pass --image-size H W to resize all images"
-            )
-        images.append(array)
+            # 16-bit grey (I;16) keeps its top 8 bits: Pillow's convert would clip it at 255
+            rgb = img.point(lambda v: v / 256).convert("RGB") if img.mode.startswith("I") else img.convert("RGB")
+            if image_size is not None:
+                rgb = rgb.resize((image_size[1], image_size[0]), Image.Resampling.LANCZOS)
+            return np.asarray(rgb, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{file}: cannot decode image: {exc}") from exc
+
+
+def _same_size(file: Path, array: np.ndarray, first: Path, first_shape: tuple[int, ...]) -> None:
+    if array.shape != first_shape:
+        raise DataError(
+            f"{file}: size {array.shape[1]}x{array.shape[0]} differs from {first.name}'s "
+            f"{first_shape[1]}x{first_shape[0]}; pass --image-size H W to resize all images"
+        )
+
+
+def folder_preprocessing(modes: set[str], image_size: list[int] | None) -> dict[str, Any]:
     done: dict[str, Any] = {"source_modes": sorted(modes)}
     if image_size is not None:
         done.update(resize=[int(image_size[0]), int(image_size[1])], resample=RESAMPLE)
-    return np.stack(images), done
+    return done
+
+
+def read_folder(path: Path, image_size: list[int] | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Every PNG/JPEG under a folder (sorted by name) as 8-bit RGB (N, H, W, 3), resized to image_size
+    [H, W] if given, and what was done to them (modes found, resize)."""
+    files = folder_files(path)
+    images: list[np.ndarray] = []
+    modes: set[str] = set()
+    for file in files:
+        array = decode_file(file, image_size, modes)
+        if images:
+            _same_size(file, array, files[0], images[0].shape)
+        images.append(array)
+    return np.stack(images), folder_preprocessing(modes, image_size)
+
+
+class FolderArray:
+    """A folder's images as an array (N, H, W, 3) of 8-bit RGB decoded when read: a streamed folder source."""
+
+    def __init__(self, files: list[Path], image_size: list[int] | None):
+        self.files, self.image_size = files, image_size
+        first = decode_file(files[0], image_size)
+        self.shape = (len(files), *first.shape)
+        self.first_shape = first.shape
+        self.ndim, self.dtype = 4, np.dtype(np.uint8)
+        self.modes: set[str] = set()
+        self.colour: bool | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows = range(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        out = np.empty((len(rows), *self.first_shape), dtype=np.uint8)
+        for j, i in enumerate(rows):
+            out[j] = array = decode_file(self.files[int(i)], self.image_size, self.modes)
+            _same_size(self.files[int(i)], array, self.files[0], self.first_shape)
+        return out
 
 
 def _load_array_file(path: Path) -> Any:
@@ -395,6 +449,11 @@ def _load(
         return seeded_split(images, fractions, split_seed, spec, 256)
     if image_size is not None and kind != "folder":
         raise DataError("--image-size resizes folder images only; resize arrays before saving them")
+    if kind == "folder" and stream:
+        folder = FolderArray(folder_files(path), image_size)
+        data = streamed_split(folder, fractions, split_seed, spec, 256)  # decodes every file once
+        data.preprocessing = folder_preprocessing(folder.modes, image_size)
+        return data
     if kind == "folder":
         pixels, done = read_folder(path, image_size)
         data = seeded_split(check_levels(pixels, 256, str(path)), fractions, split_seed, spec, 256)

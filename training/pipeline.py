@@ -93,6 +93,7 @@ def run(
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
     device: str = "cpu",
     stream: bool = False,
+    data_workers: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate, calibrate and export one model version; return its manifest.
@@ -148,6 +149,7 @@ def run(
             resume=resume,
             device=dev,
             procs=procs,
+            data_workers=data_workers,
             on_step=on_step,
         )
     except TrainingDiverged:

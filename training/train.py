@@ -277,6 +277,36 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, data: ImageData, wo
 # --- the loop ------------------------------------------------------------------------------------
 
 
+class _Batches(torch.utils.data.Dataset):
+    """The batches left in an epoch, as DataLoader workers read them: batch j is the rows perm[start + j bs:]
+    (this process's slice of them), the same rows the main process would read."""
+
+    def __init__(self, rows: Rows, perm: torch.Tensor, start: int, bs: int, procs: Distributed):
+        self.rows, self.perm, self.start, self.bs, self.procs = rows, perm, start, bs, procs
+
+    def __len__(self) -> int:
+        return max(0, math.ceil((len(self.perm) - self.start) / self.bs))
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        i = self.start + j * self.bs
+        return self.rows[self.procs.shard(self.perm[i : i + self.bs])]
+
+
+def epoch_batches(
+    rows: Rows, perm: torch.Tensor, start: int, bs: int, procs: Distributed, workers: int
+) -> Iterator[torch.Tensor]:
+    """The epoch's batches from `start` on: read in this process, or by `workers` DataLoader processes ahead
+    of the step that needs them (decoding a streamed folder's images while the step runs)."""
+    batches = _Batches(rows, perm, start, bs, procs)
+    if workers == 0:
+        return (batches[j] for j in range(len(batches)))
+    # its own generator: a DataLoader seeds its workers from the global one, which the dropout masks draw from
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, num_workers=workers, prefetch_factor=2, generator=torch.Generator().manual_seed(0)
+    )
+    return iter(loader)
+
+
 class Rows:
     """Images (N, H, W, C) of uint8 levels (an array, or a streamed source's LazyRows) as the networks' rows
     (N, D) int64, one batch at a time."""
@@ -370,6 +400,7 @@ def train(
     resume: bool = False,
     device: str | torch.device = "cpu",
     procs: Distributed | None = None,
+    data_workers: int = 0,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train a VAE on `data` with a resolved `cfg`; return the best state by validation loss (on the CPU).
@@ -492,10 +523,11 @@ def train(
                 if perm is None:
                     perm = torch.randperm(n, generator=gen)
                     next_index, epoch_total = 0, torch.zeros((), device=dev)
+                batches = epoch_batches(x_train, perm, next_index, bs, procs, data_workers)
                 while next_index < n:
                     rows = perm[next_index : next_index + bs]
                     eps = torch.randn(cfg.iw_train, len(rows), model.latent_dim, generator=gen)
-                    xb, eps_b = x_train[procs.shard(rows)].to(dev), procs.shard(eps, dim=1).to(dev)
+                    xb, eps_b = next(batches).to(dev), procs.shard(eps, dim=1).to(dev)
                     amp = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
                     with amp:
                         log_w = net(xb, eps_b, beta)

@@ -56,3 +56,23 @@ def test_a_streamed_run_trains_the_same_model(pixels, tmp_path):
     run(cfg, outs[1], plots=False, progress=False, log=lambda *_: None, stream=True)
     for name in COMPARED:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_a_streamed_folder_decoded_by_dataloader_workers_trains_the_same_model(pixels, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(pixels[:600]):
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
+    cfg = TrainConfig(dataset=f"folder:{folder}", levels=17, hidden=32, latent_dim=4, components=3,
+                      epochs=2, iw_train=2, dropout=0.1, eval_k=10)  # fmt: skip
+    streamed = prepare(cfg.dataset, levels=17, stream=True)
+    assert (
+        isinstance(streamed.train, LazyRows) and streamed.preprocessing == prepare(cfg.dataset, levels=17).preprocessing
+    )
+    outs = [tmp_path / "m" / str(i) for i in (1, 2)]
+    run(cfg, outs[0], plots=False, progress=False, log=lambda *_: None)
+    run(cfg, outs[1], plots=False, progress=False, log=lambda *_: None, stream=True, data_workers=2)
+    for name in COMPARED:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
