@@ -82,7 +82,7 @@ class DecodeResult:
 class MapResult:
     """Anomaly maps of the scored images (models/README.md, calibration.anomaly_map)."""
 
-    maps: np.ndarray  # (B, H, W), std units, higher = more anomalous
+    maps: np.ndarray  # (B, H, W), nats (each pixel's expected NLL), higher = more anomalous
     threshold: float  # a pixel above it is flagged: the validation pixels' 1 - fpr quantile
     fpr: float
     units: str
@@ -387,8 +387,7 @@ class InferenceCore:
             engine = mv.pixel_engine.info.label  # the pixel graph's engine (the fast path's where it passed)
             map_fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
             expected = np.concatenate([t.pixels.expected_nll() for t in done if t.pixels is not None])
-            center, spread = (np.asarray(map_calibration[key], dtype=np.float64) for key in ("center", "spread"))
-            values_map = anomaly_maps(expected, center, spread).reshape(len(x), mv.height, mv.width)
+            values_map = anomaly_maps(expected).reshape(len(x), mv.height, mv.width)
             cut_map = ScoreCalibration.from_block("anomaly_map", map_calibration).threshold(map_fpr)
             maps = MapResult(values_map, cut_map, map_fpr, str(map_calibration["units"]))
         return ScoreResult(

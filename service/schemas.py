@@ -154,13 +154,15 @@ class ImageScore(BaseModel):
     p_value: float | None = Field(None, description="(1 + #calibration scores >= score) / (n + 1)")
     is_ood: bool | None = Field(None, description="score > threshold; null when the model is not calibrated")
     anomaly_map: list[list[float]] | None = Field(
-        None, description="with anomaly_map: H x W per-pixel anomaly scores in std units, higher = more anomalous"
+        None,
+        description="with anomaly_map: H x W, each pixel's expected NLL in nats under the posterior (channels "
+        "summed), higher = more anomalous",
     )
     anomaly_mask: list[list[int]] | None = Field(
         None, description="with anomaly_map: H x W of 1 where the map exceeds pixel_threshold, else 0"
     )
     pixel_threshold: float | None = Field(
-        None, description="with anomaly_map: the validation pixels' 1 - fpr quantile of the map (std units)"
+        None, description="with anomaly_map: the validation pixels' 1 - fpr quantile of the map (nats)"
     )
 
 

@@ -1,8 +1,8 @@
 """The localisation benchmark of `vae-ood-eval`: synthetic defects with known masks on held-out normal images,
 scored by the version's anomaly maps (pixel AUROC, AUPRO) and its default score (image AUROC), per defect kind.
 
-The maps are computed as the service computes them (vae_contract.formulas: the posterior-weighted pixel NLL,
-standardised by the manifest's calibration.anomaly_map), on torch; writes localisation.png beside the model.
+The maps are computed as the service computes them (vae_contract.formulas.anomaly_maps: each pixel's
+posterior-weighted NLL), on torch; writes localisation.png beside the model.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ def maps_and_scores(
     n, h, w, _ = images.shape
     x = images.reshape(n, -1).astype(np.int64)
     ll, expected = pixel_nll(model, torch.from_numpy(x), k, seed=seed)
-    block = calib["anomaly_map"]
-    maps = anomaly_maps(expected, np.asarray(block["center"]), np.asarray(block["spread"])).reshape(n, h, w)
+    maps = anomaly_maps(expected).reshape(n, h, w)
     scores = scores_from_nll(bits_per_dim(-ll, x.shape[1]), x, calib["typicality_center_bpd"], calib["standardize"])
     return maps, scores
 
@@ -120,6 +119,6 @@ def figure(path: Path, examples: dict[str, Any], levels: int, threshold: float) 
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("defect (true mask: green) | anomaly map (flagged at fpr 0.01: cyan)", fontsize=9)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="anomaly map (std units)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="anomaly map (expected pixel NLL, nats)")
     fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)

@@ -148,26 +148,15 @@ class ScoreBlock(_Strict):
 
 
 class MapCalibration(_Strict):
-    """calibration.anomaly_map: per pixel (H x W, row-major) the center and spread that standardise its expected
-    NLL, and the standardised pixel scores' quantiles on the validation images."""
+    """calibration.anomaly_map: the quantiles of every validation pixel's map value, and thresholds."""
 
     units: str
     definition: str
     images: int = Field(ge=2)
     K: int = Field(ge=1)
-    n: int = Field(ge=2)  # standardised validation pixel scores the quantiles were taken from
-    center: list[float] = Field(min_length=1)
-    spread: list[float] = Field(min_length=1)
+    n: int = Field(ge=2)  # validation pixel values the quantiles were taken from
     quantiles: QuantileTable
     thresholds: dict[str, float] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _spread(self) -> MapCalibration:
-        if len(self.center) != len(self.spread):
-            raise ValueError("center and spread differ in length")
-        if not all(v > 0 for v in self.spread):
-            raise ValueError("every spread must be positive")
-        return self
 
 
 class Calibration(_Strict):
@@ -274,9 +263,6 @@ class Manifest(_Strict):
         if any(len(row) != latent for row in p.means + p.log_vars):
             raise ValueError(f"prior: means and log_vars rows must have latent_dim = {latent} values")
         maps = self.calibration.anomaly_map if self.calibration else None
-        pixels = self.image.height * self.image.width
-        if maps is not None and len(maps.center) != pixels:
-            raise ValueError(f"calibration.anomaly_map must hold one center and spread per pixel ({pixels})")
         if maps is not None and "pixel_log_weights" not in self.graphs:
             raise ValueError("calibration.anomaly_map needs the pixel_log_weights graph")
         dim, levels = self.image.dim, self.image.levels
