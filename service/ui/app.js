@@ -209,8 +209,9 @@ function legend(hi, threshold) {
   const lo = document.createElement("span");
   lo.textContent = "0";
   const top = document.createElement("span");
-  top.textContent = hi.toFixed(2) + (Number.isFinite(threshold) ? ` (pixel threshold ${threshold.toFixed(2)}: mid-scale)` : "");
-  box.append("map", lo, bar, top);
+  top.textContent = `${hi.toFixed(1)} nats` + (Number.isFinite(threshold) ? `; threshold ${threshold.toFixed(1)}` : "");
+  box.title = "each pixel's expected NLL (nats); the colour saturates at twice the pixel threshold";
+  box.append("pixel NLL", lo, bar, top);
   return box;
 }
 
