@@ -540,6 +540,13 @@ def train(
         file=sys.stderr,
         dynamic_ncols=True,
     )
+    # DataLoader workers leave torch's SIGCHLD handler installed, which crashed (SIGSEGV) this process when a
+    # later child process exited (seen in pytest: a subprocess after a run with --data-workers); put it back
+    sigchld = (
+        signal.getsignal(signal.SIGCHLD)
+        if data_workers and threading.current_thread() is threading.main_thread()
+        else None
+    )
     with _metrics_log(out_dir if writes else None, metrics_bytes) as log_file, StopSignals() as signals:
         try:
             for epoch in range(first_epoch, cfg.epochs + 1) if not finished else ():
@@ -580,6 +587,8 @@ def train(
                     if stop:
                         signum = signals.signum or signal.SIGTERM  # another process's signal
                         raise TrainingInterrupted(signum, steps, ckpt_path)  # rank 0 wrote it
+                for _ in batches:  # (none left) the end a DataLoader's iterator needs to shut its workers down
+                    pass
                 train_loss = procs.sum(epoch_total).item() / n  # one sync per epoch
                 if not math.isfinite(train_loss):
                     raise TrainingDiverged(
@@ -623,6 +632,8 @@ def train(
                 checkpoint(True)  # evaluation or export may still fail: resuming then skips training
         finally:
             bar.close()
+            if sigchld is not None:
+                signal.signal(signal.SIGCHLD, sigchld)
     if time_limited and log is not None:
         log(
             f"WARNING: --max-minutes {cfg.max_minutes} stopped training after {epoch} of {cfg.epochs} epochs: "
