@@ -106,6 +106,8 @@ def test_arch_auto_picks_conv_from_16_pixels_up():
     assert TrainConfig().resolve(17, 1000, (8, 8, 1)).arch == "mlp"
     assert TrainConfig().resolve(17, 1000).arch == "mlp"  # no shape given: the mlp, as before the conv networks
     assert TrainConfig().resolve(256, 1000, (15, 64, 3)).arch == "mlp"
+    assert TrainConfig().resolve(2, 48000, (28, 28)).arch == "mlp"  # binary images keep the mlp (72.03 nats)
+    assert TrainConfig(arch="conv").resolve(2, 48000, (28, 28)).arch == "conv"  # unless asked
     conv = TrainConfig().resolve(256, 1000, (16, 16))
     assert (conv.arch, conv.conv_widths, conv.conv_blocks, conv.latent_dim) == ("conv", [16, 32, 64], 1, 16)
     colour = TrainConfig().resolve(256, 1000, (32, 32, 3))
