@@ -877,7 +877,9 @@ class VAE(nn.Module):
         summed (K, B, H*W): the numbers an anomaly map is made of; the pixels sum to log p(x|z)."""
         z, log_prior_ratio = self.latent_terms(x, eps)
         per_value = self.decoder.pixel_log_probs(x, z)  # (K, B, D), channel fastest
-        pixels = per_value.reshape(per_value.shape[:-1] + (-1, self.decoder.channels)).sum(-1)
+        c = self.decoder.channels
+        # unflatten, not reshape(shape[:-1] + ...): the traced graph would keep the example's K and batch
+        pixels = per_value.unflatten(-1, (-1, c)).sum(-1) if c > 1 else per_value
         return pixels.sum(-1) + log_prior_ratio, pixels
 
     def loss(self, x: torch.Tensor, k: int, beta: float, generator: torch.Generator | None = None) -> torch.Tensor:
