@@ -366,7 +366,7 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
     lw_onnx = np.concatenate(
         [sess["log_weights"].run(None, {"x": x[s], "eps": np.ascontiguousarray(eps[:, s])})[0] for s in parts], axis=1
     ).astype(np.float64)
-    pixel_err = _pixel_graph_error(model, sess["pixel_log_weights"], x, eps, parts)
+    pixel_err, pixel_ratio = _pixel_graph_error(model, sess["pixel_log_weights"], x, eps, parts)
     mu_o, lv_o = sess["encoder"].run(None, {"x": x})
     probs_o = np.concatenate([sess["decoder"].run(None, {"z": mu_t[s]})[0] for s in parts_probs])
     ll_torch = _logmeanexp(lw_torch)
@@ -391,21 +391,26 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
             f"{ll_diff.max():.3g} nats (image {worst}: {ll_diff[worst]:.3g} against a tolerance of "
             f"{tolerance[worst]:.3g} nats); nothing written"
         )
-    if report["max_abs_diff_encoder"] > 1e-3 or not decoder_ok or not pixel_err <= PIXEL_NLL_TOLERANCE:
+    if report["max_abs_diff_encoder"] > 1e-3 or not decoder_ok or not pixel_ratio <= 1.0:
         raise ExportError(
             f"export parity failed for the encoder, decoder or pixel_log_weights graph: {report}; nothing written"
         )
     return report
 
 
-PIXEL_NLL_TOLERANCE = 1e-3  # nats: one pixel's expected NLL, torch against the pixel_log_weights graph
+PIXEL_NLL_FLOOR = 1e-3  # nats: one pixel's expected NLL, torch against the pixel_log_weights graph, at least
 
 
-def _pixel_graph_error(model: VAE, session: Any, x: np.ndarray, eps: np.ndarray, parts: list[slice]) -> float:
-    """The largest difference, in nats, between torch's and the pixel_log_weights graph's expected per-pixel NLL
-    (the anomaly map's input, `PixelNllAccumulator`), and between their per-image sums and log_w's (inf on a
-    NaN)."""
-    worst = 0.0
+def _pixel_graph_error(
+    model: VAE, session: Any, x: np.ndarray, eps: np.ndarray, parts: list[slice]
+) -> tuple[float, float]:
+    """(the largest |difference| of a pixel's expected NLL, torch against the pixel_log_weights graph, in nats;
+    the largest of those differences over its bound): the anomaly map's input (`PixelNllAccumulator`). An
+    image's bound is PIXEL_NLL_FLOOR plus its log-likelihood's fp32 parity tolerance: the pixels are averaged
+    with the same importance weights, and log weights that differ within that tolerance move the average
+    by up to as much (an 8-bit colour image's pixels moved 2.5e-3 nats with its log-likelihood within 0.029).
+    NaN or inf give inf."""
+    worst, worst_ratio = 0.0, 0.0
     for s in parts:
         e = np.ascontiguousarray(eps[:, s])
         with torch.no_grad():
@@ -416,9 +421,12 @@ def _pixel_graph_error(model: VAE, session: Any, x: np.ndarray, eps: np.ndarray,
             acc = PixelNllAccumulator.empty(lw.shape[1], px.shape[2])
             acc.add(lw, px)
             maps.append(acc.expected_nll())
-        diff = np.abs(maps[0] - maps[1]).max()
-        worst = max(worst, float(diff) if np.isfinite(diff) else math.inf)
-    return worst
+        diff = np.abs(maps[0] - maps[1]).max(axis=1)  # per image
+        bound = PIXEL_NLL_FLOOR + fp32_parity_tolerance(_logmeanexp(lw_t))
+        if not np.all(np.isfinite(diff)):
+            return math.inf, math.inf
+        worst, worst_ratio = max(worst, float(diff.max())), max(worst_ratio, float((diff / bound).max()))
+    return worst, worst_ratio
 
 
 def reference_scores(out: Path, x: np.ndarray, latent_dim: int, k: int, seed: int) -> list[float]:

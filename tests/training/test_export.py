@@ -267,3 +267,22 @@ def test_a_version_written_before_the_rows_context_still_loads(tmp_path):
     assert model.cfg.context == "none" and not model.decoder.context
     reference = load_checkpoint(shipped)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_a_pixel_graph_that_differs_from_the_model_is_refused(tmp_path, monkeypatch):
+    """The pixel graph is held to the torch model's per-pixel NLLs on their own: a graph whose pixels are
+    shuffled among themselves keeps every log weight (the sum) and still fails."""
+    frozen = export_ready(small_model(256))
+    export_graphs(frozen, tmp_path)
+    x = np.random.default_rng(0).integers(0, 256, (8, 64))
+    report = verify(frozen, tmp_path, x)
+    assert 0 <= report["max_abs_diff_pixel_nll_nats"] < 1e-3
+    original = frozen.pixel_terms
+
+    def shuffled(xb, eps):
+        log_w, pixels = original(xb, eps)
+        return log_w, pixels.flip(-1)  # the same sum, the pixels in the wrong places
+
+    monkeypatch.setattr(frozen, "pixel_terms", shuffled)
+    with pytest.raises(ExportError, match="pixel_log_weights"):
+        verify(frozen, tmp_path, x)
