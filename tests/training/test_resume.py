@@ -40,6 +40,21 @@ def interrupt_at(step: int, signum: int):
     return hook
 
 
+def in_a_fresh_process(request: pytest.FixtureRequest) -> bool:
+    """Run the calling test again in a new interpreter when this one has loaded OpenVINO (the service tests
+    do); True when it did (the caller then returns). In such a process the interrupted-and-resumed run died
+    of SIGSEGV (reproduced: tests/service/test_batch_score.py's first test, then this file's first test;
+    not with onnxruntime alone, nor in vae-train's own process, which never loads OpenVINO). Not understood
+    yet; the test still runs in full, as vae-train runs, in a process of its own."""
+    if "openvino" not in sys.modules or os.environ.get("VAE_TEST_FRESH_PROCESS"):
+        return False
+    env = {**os.environ, "VAE_TEST_FRESH_PROCESS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{request.node.name}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return True
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("plain") / "d" / "1"
@@ -52,9 +67,12 @@ def assert_same_model(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
-def test_interrupted_twice_and_resumed_is_byte_identical(uninterrupted, tmp_path):
+def test_interrupted_twice_and_resumed_is_byte_identical(request, tmp_path_factory, tmp_path):
     """SIGINT mid-epoch, resume, SIGTERM at an epoch's last step, resume: the same weights, graphs and log
     (the interrupted run also wrote periodic checkpoints every 7 steps, the uninterrupted one none)."""
+    if in_a_fresh_process(request):
+        return
+    uninterrupted = request.getfixturevalue("uninterrupted")
     cfg = TrainConfig(**SMALL)
     out = tmp_path / "d" / "1"
     ckpt = work_dir(out) / CHECKPOINT_FILE
