@@ -40,7 +40,15 @@ from service.images import ImageFormat, decode_image_bytes
 from service.repository import ModelLoadError, ModelVersion, load_version
 from service.scoring import score_direct
 from service.settings import Settings
-from vae_contract.formulas import bits_per_dim, raw_scores, requantize, rgb_to_grey, scores_from_nll
+from vae_contract.formulas import (
+    ScoreCalibration,
+    anomaly_maps,
+    bits_per_dim,
+    raw_scores,
+    requantize,
+    rgb_to_grey,
+    scores_from_nll,
+)
 from vae_contract.manifest import parse_version
 from vae_contract.sources import SourceError, load_array_file, read_idx
 
@@ -182,10 +190,23 @@ def columns(mv: ModelVersion) -> list[str]:
     return BASE_COLUMNS + DEFAULT_COLUMNS + per_score
 
 
+MAP_COLUMNS = ["anomaly_map_file", "anomaly_pixels", "anomaly_map_max", "pixel_threshold"]
+
+
 def score_rows(
-    mv: ModelVersion, x: np.ndarray, errors: list[str | None], k: int, seed: int, fpr: float
+    mv: ModelVersion,
+    x: np.ndarray,
+    errors: list[str | None],
+    k: int,
+    seed: int,
+    fpr: float,
+    maps_dir: Path | None = None,
+    first_index: int = 0,
 ) -> list[dict[str, Any]]:
-    """One row of numbers per image, as /score computes them (and every calibrated score besides)."""
+    """One row of numbers per image, as /score computes them (and every calibrated score besides). With
+    `maps_dir`, each image's anomaly map as /score's `anomaly_map` gives it (nats, from the same samples)
+    goes to maps_dir/<index>.npy (float32, H x W), and the row gets its file, its pixels above the
+    calibrated pixel threshold at `fpr`, its maximum and the threshold."""
     ok = [i for i, e in enumerate(errors) if e is None]
     rows: list[dict[str, Any]] = [{"error": e or ""} for e in errors]
     if not ok:
@@ -193,7 +214,12 @@ def score_rows(
     xs = x[ok]
     # images a call, as the service's scheduler packs them: a call's rows budget over the chunk's length
     per_call = max(1, mv.score_call_rows // min(k, mv.chunk))
-    tasks = score_direct(mv.scoring.engine, xs, k, [seed] * len(xs), mv.latent_dim, mv.chunk, per_call)
+    if maps_dir is not None:
+        engine, pixel_engine = mv.pixel_engine, mv.pixel_engine  # one pass, as /score with anomaly_map runs it
+    else:
+        engine, pixel_engine = mv.scoring.engine, None
+    pixels = mv.height * mv.width
+    tasks = score_direct(engine, xs, k, [seed] * len(xs), mv.latent_dim, mv.chunk, per_call, pixel_engine, pixels)
     ll = np.array([t.acc.log_likelihood()[0] for t in tasks])
     elbo = np.array([t.acc.elbo()[0] for t in tasks])
     ess = np.array([t.acc.ess()[0] for t in tasks])
@@ -223,6 +249,19 @@ def score_rows(
     if cal is not None:
         table["threshold"] = np.full(len(xs), cal.threshold(fpr))
         table["p_value"], table["is_ood"] = table[f"{default}_p_value"], table[f"{default}_is_ood"]
+    if maps_dir is not None:
+        cut = ScoreCalibration.from_block("anomaly_map", calib["anomaly_map"]).threshold(fpr)
+        expected = np.concatenate([t.pixels.expected_nll() for t in tasks if t.pixels is not None])
+        maps = anomaly_maps(expected).reshape(len(xs), mv.height, mv.width)
+        names = []
+        for j, i in enumerate(ok):
+            name = f"{first_index + i}.npy"
+            np.save(maps_dir / name, maps[j].astype(np.float32))
+            names.append(name)
+        table["anomaly_map_file"] = names
+        table["anomaly_pixels"] = (maps > cut).sum(axis=(1, 2))
+        table["anomaly_map_max"] = maps.max(axis=(1, 2))
+        table["pixel_threshold"] = np.full(len(xs), cut)
     for j, i in enumerate(ok):
         rows[i].update({key: column[j] for key, column in table.items()})
     return rows
@@ -257,10 +296,17 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def run_header(
-    mv: ModelVersion, source: Source, k: int, seed: int, fpr: float, shard: tuple[int, int] = (0, 1)
+    mv: ModelVersion,
+    source: Source,
+    k: int,
+    seed: int,
+    fpr: float,
+    shard: tuple[int, int] = (0, 1),
+    maps_dir: Path | None = None,
 ) -> dict[str, Any]:
     """What the rows of an output depend on; a run resumes an output only when they are all the same."""
     calib = mv.manifest.get("calibration") or {}
+    maps = {"anomaly_maps": str(maps_dir), "anomaly_map_units": "nats"} if maps_dir is not None else {}
     return {
         "model": mv.name,
         "version": mv.version,
@@ -273,8 +319,9 @@ def run_header(
         "num_samples": k,
         "seed": seed,
         "fpr": fpr,
-        "engine": mv.scoring.info.label,
+        "engine": (mv.pixel_engine if maps_dir is not None else mv.scoring.engine).info.label,
         "chunk": mv.chunk,
+        **maps,
         "default_score": calib.get("default_score", "nll_bpd"),
         "score_units": {
             "nll": "nats and bits/dim",
@@ -283,7 +330,7 @@ def run_header(
             "typicality": "bits/dim",
             "combined": "std units",
         },  # fmt: skip
-        "columns": columns(mv),
+        "columns": columns(mv) + (MAP_COLUMNS if maps_dir is not None else []),
     }
 
 
@@ -360,6 +407,7 @@ def score_to_csv(
     settings: Settings | None = None,
     progress: bool = True,
     log: TextIO = sys.stderr,
+    maps_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score every image of `data` (or of its `shard` (i, n): the i-th of n contiguous parts) into `out` (CSV),
     resuming a run that stopped; return the run's header."""
@@ -372,7 +420,11 @@ def score_to_csv(
     source = open_source(data, mv.image_format, levels)
     calib = mv.manifest.get("calibration") or {}
     fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
-    header = run_header(mv, source, k, seed, fpr, shard)
+    if maps_dir is not None:
+        if not mv.has_anomaly_maps:
+            raise ScoreError(f"{mv.key} has no anomaly maps (exported before them): re-export it with vae-export")
+        maps_dir.mkdir(parents=True, exist_ok=True)
+    header = run_header(mv, source, k, seed, fpr, shard, maps_dir)
     done = rows_done(out, header, overwrite)
     first, last = header["rows"]
     total = last - first
@@ -392,7 +444,7 @@ def score_to_csv(
     with out.open("a", newline="") as f:
         for start, stop in batches(first + done, last, batch):
             x, errors = source.read(start, stop)
-            rows = score_rows(mv, x, errors, k, seed, fpr)
+            rows = score_rows(mv, x, errors, k, seed, fpr, maps_dir, start)
             text = io.StringIO()
             writer = csv.writer(text)
             for j, row in enumerate(rows):
@@ -442,6 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only part I of N (from 0) of the images, contiguous, with their global index: one process of "
         "several on a machine, or one Kubernetes Indexed Job pod (--shard $(JOB_COMPLETION_INDEX)/N) (default: 0/1)",
     )
+    p.add_argument(
+        "--maps",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write each image's anomaly map (as /score's anomaly_map: nats, H x W, float32) to DIR/<index>.npy, "
+        "with its flagged pixels, maximum and pixel threshold in the CSV",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an output of another run instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress")
     return p
@@ -472,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             shard=parse_shard(args.shard),
             settings=settings,
             progress=not args.quiet,
+            maps_dir=args.maps,
         )
     except ScoreError as exc:
         print(f"vae-score: error: {exc}", file=sys.stderr)

@@ -93,10 +93,23 @@ def pick_group(tasks: list[ImageTask], max_images: int) -> list[ImageTask]:
 
 
 def score_direct(
-    engine: LogWeightsEngine, x: np.ndarray, k: int, seeds: list[int], latent_dim: int, chunk: int, max_images: int
+    engine: LogWeightsEngine,
+    x: np.ndarray,
+    k: int,
+    seeds: list[int],
+    latent_dim: int,
+    chunk: int,
+    max_images: int,
+    pixel_engine: PixelLogWeightsEngine | None = None,
+    pixels: int = 0,
 ) -> list[ImageTask]:
-    """Score images x (B, D) to completion on one engine, outside the scheduler (load-time checks, benchmarks)."""
-    tasks = [ImageTask(row, k, seed, chunk) for row, seed in zip(x, seeds)]
+    """Score images x (B, D) to completion on one engine, outside the scheduler (load-time checks, benchmarks,
+    vae-score); with `pixel_engine` and the image's `pixels` (H x W), each task's anomaly map too."""
+    maps = pixel_engine is not None
+    tasks = [
+        ImageTask(row, k, seed, chunk, pixels=PixelNllAccumulator.empty(1, pixels) if maps else None)
+        for row, seed in zip(x, seeds)
+    ]
     while group := pick_group(tasks, max_images):
-        run_call(engine, group, latent_dim)
+        run_call(engine, group, latent_dim, pixel_engine=pixel_engine)
     return tasks

@@ -152,3 +152,34 @@ def test_shards_are_the_whole_run_in_parts(models, images, tmp_path):
     whole_head, whole_rows = (tmp_path / "whole.csv").read_bytes().split(b"\n", 1)
     assert all(head == whole_head for head, _ in parts)
     assert b"".join(rows for _, rows in parts) == whole_rows
+
+
+def test_anomaly_maps_are_score_s_maps_and_resume(models, images, tmp_path):
+    """--maps DIR: each image's map as /score's anomaly_map (same K, seed, engine), its flagged pixels in the CSV,
+    and an interrupted run resumes to the same files."""
+    npz = tmp_path / "d.npz"
+    np.savez(npz, images=images, levels=np.array(17))
+    out, maps = tmp_path / "s.csv", tmp_path / "maps"
+    header = score_to_csv(models / "digits" / "1", f"npz:{npz}", out, k=K, seed=3, batch=5,
+                          settings=reference(models), progress=False, maps_dir=maps)  # fmt: skip
+    rows = read(out)
+    assert header["anomaly_map_units"] == "nats" and "anomaly_pixels" in header["columns"]
+    with TestClient(create_app(reference(models))) as client:
+        body = client.post(
+            "/score", json={"images": images.tolist(), "num_samples": K, "seed": 3, "anomaly_map": True}
+        ).json()
+    for i, (row, res) in enumerate(zip(rows, body["results"], strict=True)):
+        amap = np.load(maps / row["anomaly_map_file"])
+        assert row["anomaly_map_file"] == f"{i}.npy" and amap.shape == (8, 8) and amap.dtype == np.float32
+        np.testing.assert_allclose(amap, np.array(res["anomaly_map"]), atol=1e-4)  # /score rounds to 4 decimals
+        assert float(row["pixel_threshold"]) == pytest.approx(res["pixel_threshold"], rel=1e-12)
+        assert int(row["anomaly_pixels"]) == int(np.sum(res["anomaly_mask"]))
+        assert float(row["log_likelihood_nats"]) == pytest.approx(res["log_likelihood_nats"], rel=1e-12)
+    # resumed from its first 5 rows: the same CSV and maps
+    lines = out.read_text().splitlines(keepends=True)
+    first = {f.name: f.read_bytes() for f in maps.iterdir()}
+    out.write_text("".join(lines[:6]))
+    score_to_csv(models / "digits" / "1", f"npz:{npz}", out, k=K, seed=3, batch=5, settings=reference(models),
+                 progress=False, maps_dir=maps)  # fmt: skip
+    assert out.read_text().splitlines(keepends=True) == lines
+    assert {f.name: f.read_bytes() for f in maps.iterdir()} == first
