@@ -19,8 +19,7 @@ from bench.inprocess import interleaved_rates, load
 
 def measure(version_dir: Path, x: np.ndarray, k: int, threads: int, images: int = 8) -> dict[str, Any]:
     from service.repository import images_per_call
-    from service.scoring import ImageTask, pick_group, run_call
-    from vae_contract.formulas import PixelNllAccumulator
+    from service.scoring import score_direct
 
     mv = load(version_dir, threads)
     xb = np.asarray(x[:images]).reshape(images, -1).astype(np.int64)
@@ -30,12 +29,7 @@ def measure(version_dir: Path, x: np.ndarray, k: int, threads: int, images: int 
         per_call = images_per_call(engine, mv.score_rows, mv.chunk)
 
         def run() -> None:
-            tasks = [
-                ImageTask(row, k, 0, mv.chunk, pixels=PixelNllAccumulator.empty(1, pixels) if pixel_engine else None)
-                for row in xb
-            ]
-            while group := pick_group(tasks, per_call):
-                run_call(engine, group, mv.latent_dim, pixel_engine=pixel_engine)
+            score_direct(engine, xb, k, [0] * images, mv.latent_dim, mv.chunk, per_call, pixel_engine, pixels)
 
         return run, float(images)
 

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.scoring import ImageTask, run_call, score_direct
+from service.scoring import score_direct
 from service.settings import Settings
-from vae_contract.formulas import PixelNllAccumulator
 
 log = logging.getLogger("vae_serve")
 
@@ -297,10 +296,9 @@ def fast_pixel_engine(
         fast = OpenVinoEngine(version_dir / spec["file"], precision, threads, spec.get("low_precision_span"))
         x = np.asarray(manifest["check"]["images"], dtype=np.int64)[:images]
         pixels = int(manifest["image"]["height"]) * int(manifest["image"]["width"])
-        maps = []
+        latent, maps = int(manifest["latent_dim"]), []
         for engine in (fast, ref):
-            tasks = [ImageTask(row, chunk, 0, chunk, pixels=PixelNllAccumulator.empty(1, pixels)) for row in x]
-            run_call(engine, tasks, int(manifest["latent_dim"]), pixel_engine=engine)
+            tasks = score_direct(engine, x, chunk, [0] * len(x), latent, chunk, images, engine, pixels)
             maps.append(np.concatenate([t.pixels.expected_nll() for t in tasks if t.pixels is not None]))
         worst = float(np.abs(maps[0] - maps[1]).max())
     except Exception as exc:  # noqa: BLE001 - maps then run on the reference engine
