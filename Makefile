@@ -13,7 +13,7 @@ PERF := .venv-perf/bin/perf_analyzer
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[train,serve,dev]"
+	$(BIN)/pip install --quiet -e ".[train,serve,parquet,dev]"
 	touch $(STAMP)
 
 $(MODEL)/manifest.json: | $(STAMP)  # shipped in the repository; trained only if someone removed it

@@ -1,4 +1,4 @@
-"""`vae-score MODEL_VERSION_DIR DATA --out scores.csv`: score an archive of images offline, torch-free.
+"""`vae-score MODEL_VERSION_DIR DATA --out scores.csv|scores.parquet`: score an archive of images offline, torch-free.
 
 The numbers are /score's: the version is loaded and checked as the service loads it (manifest digest, file
 hashes, warm-up, the export's check scores), scored on the engine the service would choose on this machine
@@ -16,6 +16,11 @@ it (.npy, uncompressed IDX) and read a batch at a time.
 
 Resumable: rows are appended and flushed a batch at a time; a run that finds its output already holding
 rows for the same model, data and settings (`<out>.json` says which) skips them and goes on.
+
+The output is CSV, or Parquet where --out ends in .parquet (pyarrow, the 'parquet' extra: not in the serving
+image), with the same columns, values and types (`columns`). A Parquet file cannot be appended to, so there the
+flushed batches are part files of a folder beside it, combined into the file when every row is written
+(`ParquetRows` says why that design).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -53,8 +60,28 @@ from vae_contract.manifest import parse_version
 from vae_contract.sources import SourceError, load_array_file, read_idx
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}  # as vae-train's folder source
-BASE_COLUMNS = ["index", "source", "error", "log_likelihood_nats", "nll_nats", "nll_bits_per_dim", "elbo_nats", "ess"]
-DEFAULT_COLUMNS = ["score", "threshold", "p_value", "is_ood"]  # the default score at the fpr, as /score answers
+# The output's columns in order, each with its type (an Arrow type name): the one definition of the CSV's header
+# line and of the Parquet schema. A value a row lacks (an image that did not decode) is an empty CSV cell and a
+# Parquet null.
+BASE_COLUMNS = {
+    "index": "int64",
+    "source": "string",
+    "error": "string",  # empty when the image decoded
+    "log_likelihood_nats": "float64",
+    "nll_nats": "float64",
+    "nll_bits_per_dim": "float64",
+    "elbo_nats": "float64",
+    "ess": "float64",
+}
+DEFAULT_COLUMNS = {"score": "float64", "threshold": "float64", "p_value": "float64", "is_ood": "bool"}  # as /score
+SCORE_COLUMNS = {"": "float64", "_p_value": "float64", "_is_ood": "bool"}  # each calibrated score's, after its name
+MAP_COLUMNS = {
+    "anomaly_map_file": "string",
+    "anomaly_pixels": "int64",
+    "anomaly_map_max": "float64",
+    "pixel_threshold": "float64",
+}
+PARQUET_ROW_GROUP = 65536  # rows a row group of the combined Parquet file
 
 
 class ScoreError(RuntimeError):
@@ -185,12 +212,10 @@ def score_names(mv: ModelVersion) -> list[str]:
     return names
 
 
-def columns(mv: ModelVersion) -> list[str]:
-    per_score = [f"{name}{suffix}" for name in score_names(mv) for suffix in ("", "_p_value", "_is_ood")]
-    return BASE_COLUMNS + DEFAULT_COLUMNS + per_score
-
-
-MAP_COLUMNS = ["anomaly_map_file", "anomaly_pixels", "anomaly_map_max", "pixel_threshold"]
+def columns(mv: ModelVersion, maps: bool = False) -> dict[str, str]:
+    """The output's columns, in order, each with its Arrow type name (the anomaly map's with `maps`)."""
+    per_score = {f"{name}{suffix}": kind for name in score_names(mv) for suffix, kind in SCORE_COLUMNS.items()}
+    return {**BASE_COLUMNS, **DEFAULT_COLUMNS, **per_score, **(MAP_COLUMNS if maps else {})}
 
 
 def score_rows(
@@ -330,17 +355,14 @@ def run_header(
             "typicality": "bits/dim",
             "combined": "std units",
         },  # fmt: skip
-        "columns": columns(mv) + (MAP_COLUMNS if maps_dir is not None else []),
+        "columns": list(columns(mv, maps_dir is not None)),
     }
 
 
-def rows_done(out: Path, header: dict[str, Any], overwrite: bool) -> int:
-    """Complete rows already in `out` for this very run (a partly written last line is cut off)."""
-    meta = out.with_name(out.name + ".json")
-    if overwrite or not out.exists():
-        return 0
+def check_same_run(out: Path, header: dict[str, Any]) -> None:
+    """Refuse to go on with an output that `<out>.json` says another run (or no run of vae-score) wrote."""
     try:
-        before = json.loads(meta.read_text())
+        before = json.loads(out.with_name(out.name + ".json").read_text())
     except (OSError, json.JSONDecodeError):
         before = None
     if before != header:
@@ -351,13 +373,146 @@ def rows_done(out: Path, header: dict[str, Any], overwrite: bool) -> int:
             f"{out} holds the scores of another run (differs in: {', '.join(changed)}); pass --overwrite to "
             "replace it, or another --out"
         )
-    raw = out.read_bytes()
-    keep = raw.rfind(b"\n") + 1  # a row cut short by an interruption is dropped and scored again
-    if keep < len(raw):
-        with out.open("r+b") as f:
-            f.truncate(keep)
-    lines = raw[:keep].count(b"\n")
-    return max(0, lines - 1)  # the header line
+
+
+class CsvRows:
+    """The CSV output: a header line, then each batch's rows appended in one write and flushed. Resuming counts
+    the complete lines (a line cut short by an interruption is cut off and its image scored again)."""
+
+    def __init__(self, out: Path, types: dict[str, str]):
+        self.out, self.cols = out, list(types)
+        self.file: TextIO | None = None
+
+    def exists(self) -> bool:
+        return self.out.exists()
+
+    def rows_done(self, first: int) -> int:
+        raw = self.out.read_bytes()
+        keep = raw.rfind(b"\n") + 1  # a row cut short by an interruption is dropped and scored again
+        if keep < len(raw):
+            with self.out.open("r+b") as f:
+                f.truncate(keep)
+        return max(0, raw[:keep].count(b"\n") - 1)  # the header line
+
+    def start(self) -> None:
+        with self.out.open("w", newline="") as f:
+            csv.writer(f).writerow(self.cols)
+
+    def write(self, start: int, rows: list[dict[str, Any]]) -> None:
+        if self.file is None:
+            self.file = self.out.open("a", newline="")
+        text = io.StringIO()
+        writer = csv.writer(text)
+        for row in rows:
+            writer.writerow([_cell(row[c]) if c in row else "" for c in self.cols])
+        self.file.write(text.getvalue())  # one write a batch: an interruption leaves whole batches (and a cut line)
+        self.file.flush()
+
+    def finish(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def pending(self) -> Path:
+        return self.out
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    """pyarrow and pyarrow.parquet, or a ScoreError that says what to install."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ScoreError(
+            f"a .parquet --out needs pyarrow, which is not installed ({exc}): pip install pyarrow (or the project's "
+            "'parquet' extra: pip install 'vae-serve[parquet]'), or write a .csv"
+        ) from None
+    return pa, pq
+
+
+def _value(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class ParquetRows:
+    """The Parquet output. A Parquet file cannot be appended to (its footer, which locates the row groups, comes
+    last), so each batch's rows go to a part file of their own, `<out>.parts/<first row's index>.parquet`, written
+    under a temporary name and renamed: a part is whole or absent, whatever interrupts the run. Resuming counts the
+    rows of the parts that follow on from the run's first row (the part files' footers; a stray temporary file or a
+    part after a gap goes). When every row is written the parts are combined, in order and in row groups of
+    PARQUET_ROW_GROUP rows, into `<out>` (again under a temporary name, then renamed) and the parts go; an
+    existing `<out>` is therefore always complete. Chosen over one open ParquetWriter (an interrupted run leaves a
+    file without a footer, none of its rows readable) and over rewriting the whole file at every batch (quadratic):
+    the parts are the CSV's flushed batches, and the columns and their types are the CSV's (`columns`)."""
+
+    def __init__(self, out: Path, types: dict[str, str]):
+        self.pa, self.pq = _pyarrow()
+        self.out = out
+        self.parts = out.with_name(out.name + ".parts")
+        self.schema = self.pa.schema([(name, self.pa.type_for_alias(kind)) for name, kind in types.items()])
+
+    def exists(self) -> bool:
+        return self.out.exists() or self.parts.exists()
+
+    def rows_done(self, first: int) -> int:
+        if self.out.exists():  # combined: every row is there (a leftover parts folder is from after the rename)
+            shutil.rmtree(self.parts, ignore_errors=True)
+            return int(self.pq.read_metadata(self.out).num_rows)
+        if not self.parts.is_dir():
+            return 0
+        done = 0
+        for path in sorted(self.parts.iterdir()):
+            try:
+                whole = path.suffix == ".parquet" and int(path.stem) == first + done
+                rows = int(self.pq.read_metadata(path).num_rows) if whole else 0
+            except (ValueError, OSError, self.pa.ArrowException):
+                whole = False
+            if whole:
+                done += rows
+            else:  # a temporary file an interruption left, or parts that no longer follow on: scored again
+                path.unlink()
+        return done
+
+    def start(self) -> None:
+        self.out.unlink(missing_ok=True)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        self.parts.mkdir(parents=True)
+
+    def write(self, start: int, rows: list[dict[str, Any]]) -> None:
+        table = self.pa.table(
+            [self.pa.array([_value(row.get(f.name)) for row in rows], type=f.type) for f in self.schema],
+            schema=self.schema,
+        )
+        part = self.parts / f"{start:012d}.parquet"
+        tmp = part.with_suffix(".tmp")
+        self.pq.write_table(table, tmp)
+        os.replace(tmp, part)
+
+    def finish(self) -> None:
+        if not self.parts.is_dir():
+            return  # combined by the run that wrote the rows
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        with self.pq.ParquetWriter(tmp, self.schema) as writer:
+            tables, rows, wrote = [], 0, False
+            for path in sorted(self.parts.glob("*.parquet")):
+                tables.append(self.pq.read_table(path))
+                rows += tables[-1].num_rows
+                if rows >= PARQUET_ROW_GROUP:
+                    writer.write_table(self.pa.concat_tables(tables).combine_chunks(), PARQUET_ROW_GROUP)
+                    tables, rows, wrote = [], 0, True
+            if tables or not wrote:  # an empty shard still gets a file, with the columns
+                writer.write_table(self.pa.concat_tables(tables or [self.schema.empty_table()]).combine_chunks())
+        os.replace(tmp, self.out)
+        shutil.rmtree(self.parts)
+
+    def close(self) -> None:
+        pass
+
+    def pending(self) -> Path:
+        return self.out if self.out.exists() else self.parts
 
 
 class Progress:
@@ -409,8 +564,11 @@ def score_to_csv(
     log: TextIO = sys.stderr,
     maps_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Score every image of `data` (or of its `shard` (i, n): the i-th of n contiguous parts) into `out` (CSV),
-    resuming a run that stopped; return the run's header."""
+    """Score every image of `data` (or of its `shard` (i, n): the i-th of n contiguous parts) into `out` (CSV, or
+    Parquet where its name ends in .parquet), resuming a run that stopped; return the run's header."""
+    parquet = out.suffix.lower() == ".parquet"
+    if parquet:
+        _pyarrow()  # before anything is loaded or scored
     settings = settings or Settings(models_dir=version_dir.parent.parent)
     if not 1 <= k <= settings.max_k:
         raise ScoreError(f"--num-samples {k} must lie in [1, {settings.max_k}] (the service's max K)")
@@ -425,34 +583,35 @@ def score_to_csv(
             raise ScoreError(f"{mv.key} has no anomaly maps (exported before them): re-export it with vae-export")
         maps_dir.mkdir(parents=True, exist_ok=True)
     header = run_header(mv, source, k, seed, fpr, shard, maps_dir)
-    done = rows_done(out, header, overwrite)
+    sink = (ParquetRows if parquet else CsvRows)(out, columns(mv, maps_dir is not None))
     first, last = header["rows"]
+    done = 0
+    if sink.exists() and not overwrite:
+        check_same_run(out, header)
+        done = sink.rows_done(first)
     total = last - first
     if done == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_name(out.name + ".json").write_text(json.dumps(header, indent=1) + "\n")
-        with out.open("w", newline="") as f:
-            csv.writer(f).writerow(header["columns"])
+        sink.start()
     print(
         f"vae-score: {mv.key} on {mv.scoring.info.label}, K={k}, seed {seed}, fpr {fpr}: {total} images"
         + (f" (shard {shard[0]}/{shard[1]}: {first}..{last - 1} of {len(source)})" if shard[1] > 1 else "")
-        + (f", {done} already scored in {out}" if done else ""),
+        + (f", {done} already scored in {sink.pending()}" if done else ""),
         file=log,
     )
     bar = Progress(total, done, log, progress)
-    cols = header["columns"]
-    with out.open("a", newline="") as f:
+    try:
         for start, stop in batches(first + done, last, batch):
             x, errors = source.read(start, stop)
             rows = score_rows(mv, x, errors, k, seed, fpr, maps_dir, start)
-            text = io.StringIO()
-            writer = csv.writer(text)
             for j, row in enumerate(rows):
                 row.update(index=start + j, source=source.name(start + j))
-                writer.writerow([_cell(row[c]) if c in row else "" for c in cols])
-            f.write(text.getvalue())  # one write a batch: an interruption leaves whole batches (and at most a cut line)
-            f.flush()
+            sink.write(start, rows)
             bar.update(stop - start)
+        sink.finish()
+    finally:
+        sink.close()
     return header
 
 
@@ -461,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vae-score",
         description="Score a folder or array of images with a model version, offline and torch-free, on the "
         "service's own engines: /score's numbers for every image (log-likelihood in nats, NLL in nats and "
-        "bits/dim, ELBO, ESS, every calibrated OOD score with its p-value and flag), one CSV row each. Resumes "
-        "an output that a stopped run left.",
+        "bits/dim, ELBO, ESS, every calibrated OOD score with its p-value and flag), one CSV (or Parquet) row "
+        "each. Resumes an output that a stopped run left.",
     )
     p.add_argument("model", type=Path, help="model version directory, e.g. models/digits/1")
     p.add_argument(
@@ -470,7 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="idx:PATH, npy:PATH, npz:PATH (array 'images', else 'test'), folder:PATH (PNG/JPEG, decoded as "
         "uploads are), or a bare path",
     )
-    p.add_argument("--out", type=Path, required=True, help="CSV file of scores (its run header goes to OUT.json)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="file of scores: CSV, or Parquet where it ends in .parquet (needs pyarrow); the run's header goes to "
+        "OUT.json",
+    )
     p.add_argument("--num-samples", "-k", type=int, default=1000, help="importance samples K (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the importance samples, as /score's (default: 0)")
     p.add_argument(
@@ -500,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="also write each image's anomaly map (as /score's anomaly_map: nats, H x W, float32) to DIR/<index>.npy, "
-        "with its flagged pixels, maximum and pixel threshold in the CSV",
+        "with its flagged pixels, maximum and pixel threshold in the output",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an output of another run instead of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress")
@@ -538,9 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vae-score: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            f"vae-score: interrupted; the rows written so far stay in {args.out}: run again to go on", file=sys.stderr
-        )
+        kept = args.out.with_name(args.out.name + ".parts") if args.out.suffix.lower() == ".parquet" else args.out
+        print(f"vae-score: interrupted; the rows written so far stay in {kept}: run again to go on", file=sys.stderr)
         return 130
     print(f"vae-score: wrote {args.out}", file=sys.stderr)
     return 0

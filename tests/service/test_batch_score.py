@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service import batch_score
 from service.batch_score import ScoreError, score_to_csv
 from service.main import create_app
 from service.settings import Settings
@@ -183,3 +184,104 @@ def test_anomaly_maps_are_score_s_maps_and_resume(models, images, tmp_path):
                  progress=False, maps_dir=maps)  # fmt: skip
     assert out.read_text().splitlines(keepends=True) == lines
     assert {f.name: f.read_bytes() for f in maps.iterdir()} == first
+
+
+def _typed(cell: str, arrow_type: str):
+    """A CSV cell as the Parquet column of `arrow_type` holds it (an empty cell: a value the row lacks)."""
+    if arrow_type == "string":
+        return cell
+    if cell == "":
+        return None
+    return {"int64": int, "double": float, "bool": {"true": True, "false": False}.get}[arrow_type](cell)
+
+
+def test_parquet_holds_the_csv_s_values_with_their_types(models, images, tmp_path):
+    """--out *.parquet: the CSV's columns, in order, typed (int64 index and pixel counts, float64 numbers, bool
+    flags, strings), value for value the CSV's, an undecodable file's numbers null."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(levels_to_pixels(images, 17)[:4]):
+        Image.fromarray(img).save(folder / f"{i:02d}.png")
+    (folder / "99.png").write_bytes(b"not a png")
+    args = dict(k=K, seed=3, batch=3, settings=reference(models), progress=False)
+    header = score_to_csv(models / "digits" / "1", f"folder:{folder}", tmp_path / "s.csv", maps_dir=tmp_path / "m1",
+                          **args)  # fmt: skip
+    score_to_csv(models / "digits" / "1", f"folder:{folder}", tmp_path / "s.parquet", maps_dir=tmp_path / "m2", **args)
+    table = pq.read_table(tmp_path / "s.parquet")
+    types = {field.name: str(field.type) for field in table.schema}
+    assert list(types) == header["columns"] and "anomaly_pixels" in types
+    assert (types["index"], types["source"], types["nll_nats"], types["is_ood"], types["anomaly_pixels"]) == (
+        "int64", "string", "double", "bool", "int64")  # fmt: skip
+    assert set(types.values()) == {"int64", "string", "double", "bool"}
+    csv_rows, parquet_rows = read(tmp_path / "s.csv"), table.to_pylist()
+    assert len(parquet_rows) == len(csv_rows) == 5 and "cannot decode" in parquet_rows[4]["error"]
+    assert parquet_rows[4]["log_likelihood_nats"] is None and parquet_rows[4]["anomaly_map_file"] is None
+    for row, cells in zip(parquet_rows, csv_rows, strict=True):
+        for name, cell in cells.items():
+            value = row[name] if types[name] != "string" else (row[name] or "")
+            assert value == _typed(cell, types[name]), (name, cell, row[name])
+
+
+def test_an_interrupted_parquet_run_resumes_to_the_same_file(models, images, tmp_path, monkeypatch):
+    """Each flushed batch is a part file beside the output; an interrupted run's parts are kept (a half-written
+    one is not), the run goes on from the first row they lack, and the parts are combined into the same file as
+    an uninterrupted run's. Shards' files, concatenated, are the whole run's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    npz = tmp_path / "d.npz"
+    np.savez(npz, images=images, levels=np.array(17))
+    args = dict(k=K, batch=4, settings=reference(models), progress=False)
+    whole, part = tmp_path / "whole.parquet", tmp_path / "part.parquet"
+    score_to_csv(models / "digits" / "1", str(npz), whole, **args)
+
+    score_rows, starts = batch_score.score_rows, []
+
+    def counted(*a, **kw):
+        starts.append(a[-1])  # first_index
+        if len(starts) == 3 and interrupt:
+            raise KeyboardInterrupt
+        return score_rows(*a, **kw)
+
+    monkeypatch.setattr(batch_score, "score_rows", counted)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        score_to_csv(models / "digits" / "1", str(npz), part, **args)
+    parts = tmp_path / "part.parquet.parts"
+    assert not part.exists() and sorted(p.name for p in parts.iterdir()) == [
+        "000000000000.parquet",
+        "000000000004.parquet",
+    ]
+    (parts / "000000000008.tmp").write_bytes(b"PAR1 cut short")  # a part an interruption left half-written
+    interrupt, starts[:] = False, []
+    score_to_csv(models / "digits" / "1", str(npz), part, **args)
+    assert starts == [8] and not parts.exists()
+    assert part.read_bytes() == whole.read_bytes()
+    assert pq.read_table(part).equals(pq.read_table(whole))
+    score_to_csv(models / "digits" / "1", str(npz), part, **args)  # complete: nothing scored again
+    assert starts == [8] and part.read_bytes() == whole.read_bytes()
+    with pytest.raises(ScoreError, match="another run .*num_samples"):
+        score_to_csv(models / "digits" / "1", str(npz), part, **{**args, "k": K + 1})
+    monkeypatch.setattr(batch_score, "PARQUET_ROW_GROUP", 4)  # the combined files in several row groups
+    shards = [tmp_path / f"shard{i}.parquet" for i in range(2)]
+    for i, out in enumerate(shards):
+        score_to_csv(models / "digits" / "1", str(npz), out, shard=(i, 2), **args)
+    assert [pq.read_metadata(out).num_row_groups for out in shards] == [2, 2]  # 4 + 2 rows each
+    assert pa.concat_tables([pq.read_table(out) for out in shards]).equals(pq.read_table(whole))
+
+
+def test_parquet_without_pyarrow_says_what_to_install_before_scoring(models, images, tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "d.npz", images=images, levels=np.array(17))
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow: ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    load_model, loaded = batch_score.load_model, []
+    monkeypatch.setattr(batch_score, "load_model", lambda *a: loaded.append(a) or load_model(*a))
+    argv = [str(models / "digits" / "1"), str(tmp_path / "d.npz"), "-k", "5", "--engine", "onnxruntime", "--quiet"]
+    assert batch_score.main([*argv, "--out", str(tmp_path / "s.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "needs pyarrow" in err and "pip install pyarrow" in err, err
+    assert not loaded and sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]
+    assert batch_score.main([*argv, "--out", str(tmp_path / "s.csv")]) == 0  # CSV needs no pyarrow
+    assert len(loaded) == 1 and len(read(tmp_path / "s.csv")) == len(images)
