@@ -26,6 +26,7 @@ from training.train import (
     DEFAULT_CHECKPOINT_EVERY,
     Distributed,
     TrainingDiverged,
+    TrainingInterrupted,
     check_precision,
     resolve_device,
     train,
@@ -153,8 +154,15 @@ def run(
             on_step=on_step,
         )
     except TrainingDiverged:
+        procs.close()
         if procs.main:  # nothing worth resuming: a diverged run needs another configuration
             shutil.rmtree(work, ignore_errors=True)
+        raise
+    except TrainingInterrupted:
+        # Every process stops after the same step (the stop is agreed by an all-reduce), so each can leave
+        # the group here. A gloo process that exits with its group alive can abort in the interpreter's
+        # teardown ("terminate called without an active exception", SIGABRT), seen in full suite runs.
+        procs.close()
         raise
     procs.close()  # training was the last collective: rank 0 evaluates, calibrates and exports alone
     if not procs.main:
