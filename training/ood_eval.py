@@ -1,7 +1,9 @@
 """`vae-ood-eval MODEL_DIR`: how well each OOD score separates test data from generated OOD sets.
 
-Everything is generated or ships with the dependencies (scikit-learn's digits and sample images);
-nothing is downloaded. Writes ood_report.md and ood_roc.png beside the model and a summary into
+The sets (training/ood_sets.py) go both ways: harder than the data (noise, shuffled, inverted, photo
+patches) and simpler (constant, smooth blobs, upscaled digits, clothing silhouettes, rendered text).
+Everything is generated or ships with the dependencies (scikit-learn's digits and sample images, Pillow's
+default font); nothing is downloaded. Writes ood_report.md and ood_roc.png beside the model and a summary into
 its manifest (and the files' sha256 into its file list); with anomaly maps, also the localisation
 benchmark (training/localisation.py) and its figure localisation.png.
 """
@@ -24,54 +26,12 @@ from training.localisation import figure as localisation_figure
 from training.localisation import localisation_benchmark
 from training.localisation import markdown as localisation_markdown
 from training.ood import nll_bits_per_dim
+from training.ood_sets import SET_NAMES, ood_sets
 from training.pipeline import run
 from vae_contract.formulas import scores_from_nll
 from vae_contract.manifest import sha256_file, write_manifest
 
 HELD_OUT_IN, HELD_OUT_OUT = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
-
-
-def ood_sets(test: np.ndarray, levels: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Generated OOD images shaped like `test` (N, H, W, C) with levels 0..levels-1 (grey or colour)."""
-    rng = np.random.default_rng(seed)
-    n, h, w, c = test.shape
-    top = levels - 1
-    yy, xx = np.mgrid[0:h, 0:w]
-    blobs = np.zeros((n, h, w))
-    for i in range(n):  # 1-3 wide Gaussian blobs: smooth, low-complexity images
-        for _ in range(rng.integers(1, 4)):
-            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-            s = rng.uniform(1.5, 3.5) * max(h, w) / 8
-            blobs[i] += rng.uniform(0.5, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
-    blobs = np.rint(top * blobs / blobs.reshape(n, -1).max(1)[:, None, None])
-    pixels = test.reshape(n, h * w, c)
-    return {
-        "noise": rng.integers(0, levels, size=(n, h, w, c)),
-        "inverted": top - test.astype(np.int64),
-        "constant": np.broadcast_to((np.arange(n) % levels)[:, None, None, None], (n, h, w, c)).copy(),
-        "shuffled": np.stack([img[rng.permutation(h * w)] for img in pixels]).reshape(n, h, w, c),
-        "smooth": np.repeat(blobs[..., None], c, axis=3),
-        "natural": natural_patches(n, h, w, levels, rng, c),
-    }
-
-
-def natural_patches(n: int, h: int, w: int, levels: int, rng: np.random.Generator, channels: int = 1) -> np.ndarray:
-    """Patches of scikit-learn's bundled sample photos (grey or RGB), reduced to (h, w) and the model's levels:
-    (n, h, w, channels)."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    mode = "L" if channels == 1 else "RGB"
-    photos = [np.asarray(Image.fromarray(img).convert(mode)) for img in load_sample_images().images]
-    out = np.empty((n, h, w, channels), dtype=np.int64)
-    for i in range(n):
-        photo = photos[i % len(photos)]
-        most = min(photo.shape[:2]) - 1  # large images: crops up to the whole photo's short side
-        size = int(rng.integers(min(4 * h, most // 2), min(12 * h, most)))
-        y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
-        patch = Image.fromarray(photo[y : y + size, x : x + size]).resize((w, h), Image.Resampling.BOX)
-        out[i] = np.floor(np.asarray(patch, dtype=np.float64) * (levels - 1) / 255 + 0.5).reshape(h, w, channels)
-    return out
 
 
 def roc_metrics(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, float]:
@@ -124,7 +84,10 @@ def evaluate_model(
     log=print,
     localisation_images: int = 200,
     localisation_k: int = 100,
+    skip_sets: tuple[str, ...] | list[str] = (),
 ) -> dict[str, Any]:
+    """Score the test split against every OOD set (less `skip_sets`; the `digits` set is left out by itself
+    where the model's dataset is digits) and write the report, the ROC figure and the manifest summary."""
     manifest = read_verified(model_dir)
     calib = manifest.get("calibration")
     if not calib:
@@ -137,7 +100,10 @@ def evaluate_model(
     test_scores = score_all(model, data.test, k, seed, calib)
     results: dict[str, dict[str, dict[str, float]]] = {}
     curves: dict[str, tuple[dict, dict]] = {}
-    for i, (name, images) in enumerate(ood_sets(data.test, data.levels, seed).items()):
+    sets = ood_sets(data.test, data.levels, seed, dataset=cfg.dataset, skip=skip_sets)
+    if not sets:
+        raise ExportError(f"every OOD set is skipped ({', '.join(skip_sets)}): nothing to evaluate")
+    for i, (name, images) in enumerate(sets.items()):
         log(f"scoring OOD set {name!r}")
         out_scores = score_all(model, images, k, seed + 10 + i, calib)
         results[name] = {s: roc_metrics(test_scores[s], out_scores[s]) for s in test_scores}
@@ -164,6 +130,7 @@ def evaluate_model(
         "K": k,
         "seed": seed,
         "test_images": int(len(data.test)),
+        "ood_sets": list(sets),
         "default_score": calib["default_score"],
         "results": results,
         "test_flagged_fraction": flagged,
@@ -262,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--localisation-k", type=int, default=100, help="importance samples K per image of the localisation benchmark"
     )
+    p.add_argument(
+        "--skip-set",
+        action="append",
+        default=[],
+        choices=SET_NAMES,
+        metavar="NAME",
+        help="leave out a generated OOD set (repeatable), e.g. digits for digit data the dataset name does not"
+        " reveal (the digits set is left out by itself for digits and MNIST-like datasets); one of"
+        f" {', '.join(SET_NAMES)}",
+    )
     args = p.parse_args(argv)
     try:
         summary = evaluate_model(
@@ -271,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_held_out,
             localisation_images=args.localisation_images,
             localisation_k=args.localisation_k,
+            skip_sets=args.skip_set,
         )
     except ExportError as exc:
         print(f"vae-ood-eval: error: {exc}", file=sys.stderr)
