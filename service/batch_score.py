@@ -51,6 +51,7 @@ from vae_contract.formulas import (
     ScoreCalibration,
     anomaly_maps,
     bits_per_dim,
+    llr_bits_per_dim,
     raw_scores,
     requantize,
     rgb_to_grey,
@@ -209,6 +210,7 @@ def score_names(mv: ModelVersion) -> list[str]:
     names = ["nll_bpd", "complexity"]
     if "typicality_center_bpd" in calib and "standardize" in calib:
         names += ["typicality", "combined"]
+    names += [n for n in ("llr", "dose") if n in (calib.get("scores") or {})]
     return names
 
 
@@ -244,15 +246,24 @@ def score_rows(
     else:
         engine, pixel_engine = mv.scoring.engine, None
     pixels = mv.height * mv.width
-    tasks = score_direct(engine, xs, k, [seed] * len(xs), mv.latent_dim, mv.chunk, per_call, pixel_engine, pixels)
+    names = score_names(mv)
+    llr_engine = mv.ref if "llr" in names else None
+    tasks = score_direct(
+        engine, xs, k, [seed] * len(xs), mv.noise_dim, mv.chunk, per_call, pixel_engine, pixels, llr_engine
+    )
     ll = np.array([t.acc.log_likelihood()[0] for t in tasks])
     elbo = np.array([t.acc.elbo()[0] for t in tasks])
     ess = np.array([t.acc.ess()[0] for t in tasks])
     nll_bpd = bits_per_dim(-ll, mv.dim)
     calib = mv.manifest.get("calibration") or {}
-    names = score_names(mv)
+    llr_bpd = None
+    if llr_engine is not None:
+        ll_k = np.array([t.llr.log_likelihood()[0] for t in tasks if t.llr is not None])
+        llr_bpd = llr_bits_per_dim(ll, ll_k, mv.dim)
     if "typicality" in names:
-        values = scores_from_nll(nll_bpd, xs, calib["typicality_center_bpd"], calib["standardize"])
+        values = scores_from_nll(
+            nll_bpd, xs, calib["typicality_center_bpd"], calib["standardize"], llr_bpd, calib.get("scores")
+        )
     else:
         values = raw_scores(nll_bpd, xs)
     table: dict[str, Any] = {

@@ -522,7 +522,7 @@ class Scheduler:
         self.metrics.child(self.metrics.batch_rows, "score").observe(len(tasks) * tasks[0].next_len())
         t0 = time.perf_counter()
         try:
-            rows = run_call(mv.scoring.engine, tasks, mv.latent_dim, pixel_engine=mv.pixel_engine)
+            rows = run_call(mv.scoring.engine, tasks, mv.noise_dim, pixel_engine=mv.pixel_engine, llr_engine=mv.ref)
         except Exception:  # noqa: BLE001
             log.exception("score engine call failed on %s", mv.key)
             with self._cond:

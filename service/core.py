@@ -26,11 +26,14 @@ from vae_contract.formulas import (
     MAX_SEED,
     SCORE_NAMES,
     SCORE_UNITS,
+    ImportanceAccumulator,
     PixelNllAccumulator,
     ScoreCalibration,
     anomaly_maps,
     bits_per_dim,
     images_from_probs,
+    llr_bits_per_dim,
+    needs_llr,
     raw_scores,
     scores_from_nll,
 )
@@ -200,7 +203,7 @@ class InferenceCore:
             raise InvalidInput(
                 f"unknown score {name!r}; choose one of {list(SCORE_NAMES)}", "score", code="unknown_score"
             )
-        if name in ("typicality", "combined") and name not in mv.calibrations:
+        if name in ("typicality", "combined", "llr", "dose") and name not in mv.calibrations:
             raise InvalidInput(
                 f"model {mv.key} has no calibration for score {name!r} (calibrated: {sorted(mv.calibrations)})",
                 "score",
@@ -356,8 +359,17 @@ class InferenceCore:
         self.check_seed(seed)
         map_calibration = self.check_map_request(mv) if anomaly_map else None
         pixels = mv.height * mv.width
+        calib = mv.manifest.get("calibration") or {}
+        llr = needs_llr(name, calib)
         tasks = [
-            ImageTask(row, k, seed, mv.chunk, pixels=PixelNllAccumulator.empty(1, pixels) if anomaly_map else None)
+            ImageTask(
+                row,
+                k,
+                seed,
+                mv.chunk,
+                pixels=PixelNllAccumulator.empty(1, pixels) if anomaly_map else None,
+                llr=ImportanceAccumulator.empty(1) if llr else None,
+            )
             for row in x
         ]
         job = self._job(ScoreJob, "score", mv, len(x) * k, ctx, tasks=tasks)
@@ -367,11 +379,16 @@ class InferenceCore:
         elbo = np.array([t.acc.elbo()[0] for t in done])
         ess = np.array([t.acc.ess()[0] for t in done])
         nll_bpd = bits_per_dim(-ll, mv.dim)
-        calib = mv.manifest.get("calibration") or {}
-        if name in ("typicality", "combined"):
-            values = scores_from_nll(nll_bpd, x, calib["typicality_center_bpd"], calib["standardize"])[name]
-        else:
+        llr_bpd = None
+        if llr:
+            ll_k = np.array([t.llr.log_likelihood()[0] for t in done if t.llr is not None])
+            llr_bpd = llr_bits_per_dim(ll, ll_k, mv.dim)
+        if name in ("nll_bpd", "complexity"):
             values = raw_scores(nll_bpd, x)[name]
+        else:
+            values = scores_from_nll(
+                nll_bpd, x, calib["typicality_center_bpd"], calib["standardize"], llr_bpd, calib.get("scores")
+            )[name]
         cal = mv.calibrations.get(name)
         if cal is not None:
             fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
@@ -383,8 +400,11 @@ class InferenceCore:
             fpr, threshold, p_value, is_ood = None, None, None, None
         maps = None
         engine = mv.scoring.info.label
+        if llr:
+            engine = mv.ref.info.label  # LLR>k's two estimates come from the fp32 reference's llr graph
         if map_calibration is not None:
-            engine = mv.pixel_engine.info.label  # the pixel graph's engine (the fast path's where it passed)
+            if not llr:
+                engine = mv.pixel_engine.info.label  # the pixel graph's engine (the fast path's where it passed)
             map_fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
             expected = np.concatenate([t.pixels.expected_nll() for t in done if t.pixels is not None])
             values_map = anomaly_maps(expected).reshape(len(x), mv.height, mv.width)

@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from service.scoring import score_direct
 from service.settings import Settings
+from vae_contract.manifest import noise_width
 
 log = logging.getLogger("vae_serve")
 
@@ -60,7 +61,7 @@ class OrtEngine:
         self.sessions = {
             name: ort.InferenceSession(
                 str(version_dir / fname),
-                options(name in ("log_weights", "pixel_log_weights")),
+                options(name in ("log_weights", "pixel_log_weights", "llr_log_weights")),
                 providers=["CPUExecutionProvider"],
             )
             for name, fname in graphs.items()
@@ -80,6 +81,11 @@ class OrtEngine:
         """log_w (K, B) and each pixel's log p(x_p|z) (K, B, H x W); KeyError on a version exported before the graph."""
         log_w, pixel_log_px = self.sessions["pixel_log_weights"].run(None, {"x": x, "eps": eps})
         return log_w, pixel_log_px
+
+    def llr_log_weights(self, x: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """log_w (K, B) and L>k's log_w_llr (K, B): the llr_log_weights graph of a model of several latent layers."""
+        log_w, log_w_llr = self.sessions["llr_log_weights"].run(None, {"x": x, "eps": eps})
+        return log_w, log_w_llr
 
 
 class OpenVinoEngine:
@@ -255,7 +261,7 @@ def choose_scoring_engine(
     try:
         span = manifest["graphs"]["log_weights"].get("low_precision_span")
         fast = OpenVinoEngine(graph, precision, settings.threads(), span)
-        parity = check_parity(fast, ref, manifest["check"], int(manifest["latent_dim"]), chunk, max_images)
+        parity = check_parity(fast, ref, manifest["check"], noise_width(manifest), chunk, max_images)
     except Exception as exc:  # noqa: BLE001 - a fast path that cannot even run falls back, loudly
         reason = f"openvino {precision} failed to load or run: {exc.__class__.__name__}: {exc}"
         log.warning("%s: %s; scoring on onnxruntime fp32", version_dir.name, reason)
@@ -296,7 +302,7 @@ def fast_pixel_engine(
         fast = OpenVinoEngine(version_dir / spec["file"], precision, threads, spec.get("low_precision_span"))
         x = np.asarray(manifest["check"]["images"], dtype=np.int64)[:images]
         pixels = int(manifest["image"]["height"]) * int(manifest["image"]["width"])
-        latent, maps = int(manifest["latent_dim"]), []
+        latent, maps = noise_width(manifest), []
         for engine in (fast, ref):
             tasks = score_direct(engine, x, chunk, [0] * len(x), latent, chunk, images, engine, pixels)
             maps.append(np.concatenate([t.pixels.expected_nll() for t in tasks if t.pixels is not None]))

@@ -27,7 +27,14 @@ from service.images import ImageFormat
 from service.scoring import chunk_size, score_direct
 from service.settings import Settings
 from vae_contract.formulas import ScoreCalibration, fp32_parity_tolerance
-from vae_contract.manifest import ManifestError, parse_version, read_manifest, valid_model_name, verify_files
+from vae_contract.manifest import (
+    ManifestError,
+    noise_width,
+    parse_version,
+    read_manifest,
+    valid_model_name,
+    verify_files,
+)
 
 log = logging.getLogger("vae_serve")
 WORKING_SET = 8  # tensors the size of the decoder's output alive at once in a log_weights call (about)
@@ -119,6 +126,16 @@ class ModelVersion:
         return int(self.manifest["latent_dim"])
 
     @property
+    def noise_dim(self) -> int:
+        """The importance noise's width (`noise_width`): latent_dim on one-layer models."""
+        return noise_width(self.manifest)
+
+    @property
+    def has_llr(self) -> bool:
+        """Whether the version carries the llr_log_weights graph (a model of several latent layers)."""
+        return "llr_log_weights" in self.ref.sessions
+
+    @property
     def key(self) -> str:
         return f"{self.name}/{self.version}"
 
@@ -142,6 +159,7 @@ class ModelVersion:
             "likelihood": m["likelihood"],
             "context": ((m.get("decoder") or {}).get("context") or {}).get("kind", "none"),
             "latent_dim": m["latent_dim"],
+            "latent_layers": int(m.get("latent_layers", 1)),
             "prior": {"kind": m["prior"]["kind"], "components": m["prior"]["components"]},
             "metrics": m.get("metrics", {}),
             "calibrated_scores": sorted(self.calibrations),
@@ -164,7 +182,7 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
         ref = OrtEngine(version_dir, graphs, settings.threads())
     except Exception as exc:  # onnxruntime raises several types for a bad graph
         raise ModelLoadError(f"onnxruntime cannot load the graphs: {exc.__class__.__name__}") from exc
-    dim, levels, latent = manifest["image"]["dim"], manifest["image"]["levels"], manifest["latent_dim"]
+    dim, levels = manifest["image"]["dim"], manifest["image"]["levels"]
     decoder = manifest.get("decoder", {})
     per_pixel = int(decoder.get("outputs_per_pixel", levels))
     feature_maps = int(decoder.get("working_floats_per_sample", 0))  # conv decoders
@@ -185,7 +203,7 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
         check = manifest["check"]
         x = np.asarray(check["images"], dtype=np.int64)
         seeds = [int(check["seed"])] * len(x)
-        tasks = score_direct(ref, x, int(check["K"]), seeds, latent, chunk, check_images_per_call)
+        tasks = score_direct(ref, x, int(check["K"]), seeds, noise_width(manifest), chunk, check_images_per_call)
         t3 = time.perf_counter()
         got = np.array([t.acc.log_likelihood()[0] for t in tasks])
     except ModelLoadError:

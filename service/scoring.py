@@ -25,6 +25,10 @@ class PixelLogWeightsEngine(Protocol):
     def pixel_log_weights(self, x: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+class LlrLogWeightsEngine(Protocol):
+    def llr_log_weights(self, x: np.ndarray, eps: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 def chunk_size(rows_budget: int, k_max: int = 1000) -> int:
     """Samples per chunk: a multiple of the noise block, at most 1000 and at most the rows one call may hold."""
     return int(max(NOISE_BLOCK, min(k_max, rows_budget) // NOISE_BLOCK * NOISE_BLOCK))
@@ -41,6 +45,7 @@ class ImageTask:
     done: int = 0
     acc: ImportanceAccumulator = field(default_factory=lambda: ImportanceAccumulator.empty(1))
     pixels: PixelNllAccumulator | None = None  # each pixel's expected NLL, when an anomaly map is asked for
+    llr: ImportanceAccumulator | None = None  # L>k's log weights, when the score needs LLR>k
 
     @property
     def finished(self) -> bool:
@@ -49,36 +54,51 @@ class ImageTask:
     def next_len(self) -> int:
         return min(self.chunk, self.k - self.done)
 
-    def next_call(self) -> tuple[int, bool]:
-        """What an engine call must share with this task's next chunk: its length, and the graph (with maps or not)."""
-        return self.next_len(), self.pixels is not None
+    def next_call(self) -> tuple[int, bool, bool]:
+        """What an engine call must share with this task's next chunk: its length, and the graphs (with maps or
+        not, with LLR>k or not)."""
+        return self.next_len(), self.pixels is not None, self.llr is not None
 
 
 def run_call(
     engine: LogWeightsEngine,
     tasks: list[ImageTask],
-    latent_dim: int,
+    noise_dim: int,
     pixel_engine: PixelLogWeightsEngine | None = None,
+    llr_engine: LlrLogWeightsEngine | None = None,
 ) -> int:
     """Advance every task by its next chunk with one engine call; return rows run. The tasks share their
     `next_call()`: with anomaly maps, `pixel_engine`'s pixel_log_weights graph gives the same log weights and
-    each pixel's log p(x_p|z) in the same pass."""
+    each pixel's log p(x_p|z) in the same pass; with LLR>k, `llr_engine`'s llr_log_weights graph gives the log
+    weights and L>k's, on one engine so that their difference is exact (with maps too, the llr graph's log
+    weights make the score and the pixel graph's weigh the map)."""
     n = tasks[0].next_len()
     x = np.stack([t.x for t in tasks])
-    eps = np.empty((n, len(tasks), latent_dim), dtype=np.float32)
+    eps = np.empty((n, len(tasks), noise_dim), dtype=np.float32)
     for j, t in enumerate(tasks):
-        eps[:, j, :] = importance_noise(t.seed, n, latent_dim, start=t.done)
+        eps[:, j, :] = importance_noise(t.seed, n, noise_dim, start=t.done)
+    log_w_llr: np.ndarray | None = None
+    if tasks[0].llr is not None:
+        if llr_engine is None:
+            raise ValueError("LLR>k needs an engine with the llr_log_weights graph")
+        lw_full, lw_llr = llr_engine.llr_log_weights(x, eps)
+        log_w, log_w_llr = np.asarray(lw_full, dtype=np.float64), np.asarray(lw_llr, dtype=np.float64)
     if tasks[0].pixels is not None:
         if pixel_engine is None:
             raise ValueError("anomaly maps need an engine with the pixel_log_weights graph")
         lw, px = pixel_engine.pixel_log_weights(x, eps)
-        log_w, pixel_log_px = np.asarray(lw, dtype=np.float64), np.asarray(px)  # (n, B), (n, B, P)
-    else:
+        map_log_w, pixel_log_px = np.asarray(lw, dtype=np.float64), np.asarray(px)  # (n, B), (n, B, P)
+        if log_w_llr is None:
+            log_w = map_log_w
+    elif log_w_llr is None:
         log_w = np.asarray(engine.log_weights(x, eps), dtype=np.float64)  # (n, B)
     for j, t in enumerate(tasks):
         t.acc.add(log_w[:, j : j + 1])
+        if t.llr is not None:
+            assert log_w_llr is not None
+            t.llr.add(log_w_llr[:, j : j + 1])
         if t.pixels is not None:
-            t.pixels.add(log_w[:, j : j + 1], pixel_log_px[:, j : j + 1])
+            t.pixels.add(map_log_w[:, j : j + 1], pixel_log_px[:, j : j + 1])
         t.done += n
     return n * len(tasks)
 
@@ -97,19 +117,28 @@ def score_direct(
     x: np.ndarray,
     k: int,
     seeds: list[int],
-    latent_dim: int,
+    noise_dim: int,
     chunk: int,
     max_images: int,
     pixel_engine: PixelLogWeightsEngine | None = None,
     pixels: int = 0,
+    llr_engine: LlrLogWeightsEngine | None = None,
 ) -> list[ImageTask]:
     """Score images x (B, D) to completion on one engine, outside the scheduler (load-time checks, benchmarks,
-    vae-score); with `pixel_engine` and the image's `pixels` (H x W), each task's anomaly map too."""
+    vae-score); with `pixel_engine` and the image's `pixels` (H x W), each task's anomaly map too; with
+    `llr_engine`, each task's L>k too."""
     maps = pixel_engine is not None
     tasks = [
-        ImageTask(row, k, seed, chunk, pixels=PixelNllAccumulator.empty(1, pixels) if maps else None)
+        ImageTask(
+            row,
+            k,
+            seed,
+            chunk,
+            pixels=PixelNllAccumulator.empty(1, pixels) if maps else None,
+            llr=ImportanceAccumulator.empty(1) if llr_engine is not None else None,
+        )
         for row, seed in zip(x, seeds)
     ]
     while group := pick_group(tasks, max_images):
-        run_call(engine, group, latent_dim, pixel_engine=pixel_engine)
+        run_call(engine, group, noise_dim, pixel_engine=pixel_engine, llr_engine=llr_engine)
     return tasks

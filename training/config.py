@@ -17,16 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vae_contract.formulas import SCORE_NAMES
+
 LIKELIHOODS = ("auto", "categorical", "bernoulli", "logistic_mixture")
 PRIORS = ("standard", "mog", "vamp")
 INPUT_SCALES = ("unit", "raw")
-OOD_SCORES = ("nll_bpd", "complexity", "typicality", "combined")
+OOD_SCORES = SCORE_NAMES
 CONTEXTS = ("auto", "none", "rows")
 ARCHS = ("auto", "mlp", "conv")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CATEGORICAL_MAX_LEVELS = 3  # "auto": categorical up to this many levels, logistic mixture above (README: measured)
 CONTEXT_MIN_LEVELS = 64  # "auto": the rows context for logistic mixtures over at least this many levels (README)
 MLP_LR, CONV_LR = 1e-3, 2e-3  # "auto" learning rates (the field help says why)
+MAX_LATENT_LAYERS = 8
 CONV_MIN_SIDE = 16  # "auto": convolutional networks for images at least this many pixels high and wide
 CONV_COARSEST = 4  # "auto": the conv networks halve the resolution while the shorter side stays >= this
 CONV_MAX_STAGES = 5  # "auto": at most this many resolutions (64x64 -> 4x4)
@@ -84,6 +87,15 @@ class TrainConfig:
     components: int = opt(32, "mixture components (mog) or pseudo-inputs (vamp)", "model")
     latent_dim: int | None = opt(
         None, "latent dimensions L; auto: 16 for the mlp, for conv networks one per 48 image values, 16 to 128", "model"
+    )
+    latent_layers: int = opt(
+        1,
+        "stochastic layers of latents, L each (a ladder VAE: top-down inference and generation); 2 or more serve "
+        "the llr score (LLR>k, Havtorn et al. 2021)",
+        "model",
+    )
+    llr_k: int = opt(
+        1, "LLR>k: the bottom k latent layers take z from their conditional prior (< latent_layers)", "model"
     )
     arch: str = opt(
         "auto",
@@ -196,6 +208,8 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = [
+            "latent_layers",
+            "llr_k",
             "logistic_components",
             "components",
             "hidden",
@@ -208,6 +222,15 @@ class TrainConfig:
             value = getattr(self, name)
             if (value is not None or name in positive) and (type(value) is not int or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.ood_score == "llr" and self.latent_layers < 2:
+            raise ConfigError("the llr score needs a model of several latent layers: add --latent-layers 2")
+        if self.latent_layers > MAX_LATENT_LAYERS:
+            raise ConfigError(f"latent_layers must be at most {MAX_LATENT_LAYERS}, got {self.latent_layers}")
+        if self.latent_layers > 1 and self.llr_k >= self.latent_layers:
+            raise ConfigError(
+                f"llr_k must be below latent_layers ({self.latent_layers}): LLR>k keeps the top layers' posterior, "
+                f"got {self.llr_k}"
+            )
         if self.levels is not None and not 2 <= self.levels <= 256:
             raise ConfigError(f"levels must be between 2 and 256, got {self.levels}")
         if self.likelihood == "bernoulli" and self.levels not in (None, 2):

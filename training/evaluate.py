@@ -92,7 +92,7 @@ def pixel_nll(
     lls, maps = [], []
     acc: ImportanceAccumulator | None = None
     pix: PixelNllAccumulator | None = None
-    for xb, eps in _noise_chunks(x, model.cfg.latent_dim, k, chunk, seed, batch, torch.float32, progress):
+    for xb, eps in _noise_chunks(x, model.noise_dim, k, chunk, seed, batch, torch.float32, progress):
         if eps is None:
             assert acc is not None and pix is not None
             lls.append(acc.log_likelihood())
@@ -107,6 +107,31 @@ def pixel_nll(
     return np.concatenate(lls), np.concatenate(maps)
 
 
+@torch.inference_mode()
+def llr_log_likelihoods(
+    model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0, progress: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Importance-sampled log p(x) and log p>k(x) (N,) each in nats, from the same K samples an image (the
+    llr_log_weights graph's numbers; `VAE.llr_terms`). A model of several latent layers only."""
+    model.eval()
+    chunk = min(chunk, k)
+    batch = max(1, rows_per_pass(model) // (2 * chunk))  # two top-down passes and decoder passes a sample
+    full, part = [], []
+    accs: tuple[ImportanceAccumulator, ImportanceAccumulator] | None = None
+    for xb, eps in _noise_chunks(x, model.noise_dim, k, chunk, seed, batch, torch.float32, progress):
+        if eps is None:
+            assert accs is not None
+            full.append(accs[0].log_likelihood())
+            part.append(accs[1].log_likelihood())
+            accs = None
+            continue
+        if accs is None:
+            accs = ImportanceAccumulator.empty(len(xb)), ImportanceAccumulator.empty(len(xb))
+        for acc, log_w in zip(accs, model.llr_terms(xb, eps), strict=True):
+            acc.add(log_w.numpy())
+    return np.concatenate(full), np.concatenate(part)
+
+
 def rows_per_pass(model: VAE) -> int:
     """(image, sample) rows of one decoder pass within MAX_ELEMENTS floats of outputs and feature maps."""
     return max(1, MAX_ELEMENTS // model.decoder.floats_per_sample)
@@ -119,7 +144,7 @@ def log_likelihood(
     model.eval()
     batch = max(1, rows_per_pass(model) // min(chunk, k))
     return importance_log_likelihood(
-        model.log_weights, x, model.cfg.latent_dim, k, chunk, seed, batch=batch, progress=progress
+        model.log_weights, x, model.noise_dim, k, chunk, seed, batch=batch, progress=progress
     )
 
 
@@ -131,7 +156,7 @@ def elbo(model: VAE, x: torch.Tensor, seed: int = 0, batch: int = 512) -> torch.
     parts = []
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
-        parts.append(model.log_weights(xb, torch.randn(1, len(xb), model.cfg.latent_dim, generator=gen))[0])
+        parts.append(model.log_weights(xb, torch.randn(1, len(xb), model.noise_dim, generator=gen))[0])
     return torch.cat(parts).double()
 
 
@@ -177,10 +202,10 @@ def save_plots(
     with torch.inference_mode():
         z = model.prior.sample(n, gen)
         rng = np.random.default_rng(seed)
-        samples = images_from_probs(model.decoder.probs(z).numpy(), sample_mode, rng).reshape(n, *shape)
+        samples = images_from_probs(model.probs(z).numpy(), sample_mode, rng).reshape(n, *shape)
         mu, _ = model.encoder(torch.from_numpy(real.reshape(len(real), -1).astype(np.int64)))
         # the mean, as /reconstruct gives by default: a mixture's mode jumps between its components
-        recon = images_from_probs(model.decoder.probs(mu).numpy(), "mean").reshape(len(real), *shape)
+        recon = images_from_probs(model.probs(mu).numpy(), "mean").reshape(len(real), *shape)
 
     def grid(batch: np.ndarray, path: Path, title: str) -> None:
         cols = 8

@@ -53,6 +53,9 @@ GRAPH_FILES = {
     "log_weights": "log_weights.onnx",
     "pixel_log_weights": "pixel_log_weights.onnx",
 }
+#: graphs only models of several latent layers have
+LLR_GRAPH = "llr_log_weights"
+HIERARCHY_GRAPH_FILES = {LLR_GRAPH: "llr_log_weights.onnx"}
 CHECK_IMAGES, CHECK_K, CHECK_SEED = 32, 1000, 0
 INLINE_BYTES = 1024  # initializers smaller than this stay inside their graph
 
@@ -73,14 +76,15 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """z (B, L) -> probs (B, D, levels): each pixel's probability of every grey level."""
+    """z (B, L) -> probs (B, D, levels): each pixel's probability of every grey level. z is the top latent
+    layer's; the layers below take their conditional priors' means (`VAE.top_down_mean`)."""
 
     def __init__(self, vae: VAE):
         super().__init__()
-        self.decoder = vae.decoder
+        self.vae = vae
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder.probs(z)
+        return self.vae.probs(z)
 
 
 class LogWeightsGraph(nn.Module):
@@ -104,6 +108,19 @@ class PixelLogWeightsGraph(nn.Module):
 
     def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.vae.pixel_terms(x, eps)
+
+
+class LlrLogWeightsGraph(nn.Module):
+    """x (B, D) int64, eps (K, B, layers x L) -> log_w (K, B) and log_w_llr (K, B): the full model's log importance
+    weights and those of L>k (the bottom llr_k layers drawn from their conditional priors) with the same noise
+    and one bottom-up pass; the llr score is their log-mean-exps' difference."""
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.vae.llr_terms(x, eps)
 
 
 def export_ready(model: VAE) -> VAE:
@@ -145,10 +162,10 @@ def _onnx_export(
 def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
     """Write encoder.onnx, decoder.onnx, log_weights.onnx and pixel_log_weights.onnx (weights inline); return
     their contract entries."""
-    latent, dim, lv = model.latent_dim, model.dim, model.levels
+    latent, noise, dim, lv = model.latent_dim, model.noise_dim, model.dim, model.levels
     x = torch.zeros(2, dim, dtype=torch.int64)
     z = torch.zeros(2, latent)
-    eps = torch.zeros(3, 2, latent)
+    eps = torch.zeros(3, 2, noise)
     _onnx_export(
         EncoderGraph(model),
         (x,),
@@ -189,6 +206,27 @@ def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
     span = name_low_precision_span(model, out / GRAPH_FILES["log_weights"])
     pixel_span = name_low_precision_span(model, out / GRAPH_FILES["pixel_log_weights"])
     pixels = dim // model.decoder.channels
+    weights_io = {"x": ["batch", dim, "int64"], "eps": ["K", "batch", noise, "float32"]}
+    extra: dict[str, dict[str, Any]] = {}
+    if model.layers:
+        _onnx_export(
+            LlrLogWeightsGraph(model),
+            (x, eps),
+            out / HIERARCHY_GRAPH_FILES[LLR_GRAPH],
+            ["x", "eps"],
+            ["log_w", "log_w_llr"],
+            {
+                "x": {0: "batch"},
+                "eps": {0: "K", 1: "batch"},
+                "log_w": {0: "K", 1: "batch"},
+                "log_w_llr": {0: "K", 1: "batch"},
+            },
+        )
+        extra[LLR_GRAPH] = {
+            "file": HIERARCHY_GRAPH_FILES[LLR_GRAPH],
+            "inputs": weights_io,
+            "outputs": {"log_w": ["K", "batch", "float32"], "log_w_llr": ["K", "batch", "float32"]},
+        }
     return {
         "encoder": {
             "file": GRAPH_FILES["encoder"],
@@ -202,16 +240,17 @@ def export_graphs(model: VAE, out: Path) -> dict[str, dict[str, Any]]:
         },
         "log_weights": {
             "file": GRAPH_FILES["log_weights"],
-            "inputs": {"x": ["batch", dim, "int64"], "eps": ["K", "batch", latent, "float32"]},
+            "inputs": weights_io,
             "outputs": {"log_w": ["K", "batch", "float32"]},
             **({"low_precision_span": span} if span else {}),
         },
         "pixel_log_weights": {
             "file": GRAPH_FILES["pixel_log_weights"],
-            "inputs": {"x": ["batch", dim, "int64"], "eps": ["K", "batch", latent, "float32"]},
+            "inputs": weights_io,
             "outputs": {"log_w": ["K", "batch", "float32"], "pixel_log_px": ["K", "batch", pixels, "float32"]},
             **({"low_precision_span": pixel_span} if pixel_span else {}),
         },
+        **extra,
     }
 
 
@@ -310,7 +349,8 @@ def _sessions(out: Path) -> dict[str, Any]:
     opts.log_severity_level = 3
     return {
         name: ort.InferenceSession(str(out / fname), opts, providers=["CPUExecutionProvider"])
-        for name, fname in GRAPH_FILES.items()
+        for name, fname in {**GRAPH_FILES, **HIERARCHY_GRAPH_FILES}.items()
+        if (out / fname).exists()
     }
 
 
@@ -347,26 +387,27 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
     tolerance (`fp32_parity_tolerance`: 1e-3 nats plus 2e-6 of the log-likelihood) on any image, beyond
     1e-3 on the encoder's outputs, or where the decoder's probabilities fail `decoder_probs_check`."""
     sess = _sessions(out)
-    eps = np.broadcast_to(importance_noise(seed, k, model.latent_dim)[:, None, :], (k, len(x), model.latent_dim))
+    eps = np.broadcast_to(importance_noise(seed, k, model.noise_dim)[:, None, :], (k, len(x), model.noise_dim))
     eps = np.ascontiguousarray(eps)
     # a few images a call: K x 256 samples of a conv decoder in one call held 18 GB (32x32 colour)
     step = max(1, rows_per_pass(model) // k)
     parts = [slice(i, i + step) for i in range(0, len(x), step)]
     step_probs = max(1, MAX_ELEMENTS // (8 * model.dim * model.levels))  # the rollout's per-level tensors
     parts_probs = [slice(i, i + step_probs) for i in range(0, len(x), step_probs)]
-    decoder_64 = copy.deepcopy(model.decoder).double()
+    model_64 = copy.deepcopy(model).double()
     with torch.no_grad():
         xt = torch.from_numpy(x)
         lw_torch = np.concatenate(
             [model.log_weights(xt[s], torch.from_numpy(eps[:, s])).double().numpy() for s in parts], axis=1
         )
         mu_t, lv_t = (t.numpy() for t in model.encoder(xt))
-        probs_t = np.concatenate([model.decoder.probs(torch.from_numpy(mu_t[s])).numpy() for s in parts_probs])
-        probs_64 = np.concatenate([decoder_64.probs(torch.from_numpy(mu_t[s]).double()).numpy() for s in parts_probs])
+        probs_t = np.concatenate([model.probs(torch.from_numpy(mu_t[s])).numpy() for s in parts_probs])
+        probs_64 = np.concatenate([model_64.probs(torch.from_numpy(mu_t[s]).double()).numpy() for s in parts_probs])
     lw_onnx = np.concatenate(
         [sess["log_weights"].run(None, {"x": x[s], "eps": np.ascontiguousarray(eps[:, s])})[0] for s in parts], axis=1
     ).astype(np.float64)
     pixel_err, pixel_ratio = _pixel_graph_error(model, sess["pixel_log_weights"], x, eps, parts)
+    llr_err, llr_ratio = _llr_graph_error(model, sess.get(LLR_GRAPH), x, eps, parts)
     mu_o, lv_o = sess["encoder"].run(None, {"x": x})
     probs_o = np.concatenate([sess["decoder"].run(None, {"z": mu_t[s]})[0] for s in parts_probs])
     ll_torch = _logmeanexp(lw_torch)
@@ -381,6 +422,8 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
         "max_abs_diff_encoder": float(max(np.abs(mu_t - mu_o).max(), np.abs(lv_t - lv_o).max())),
     }
     report["max_abs_diff_pixel_nll_nats"] = pixel_err
+    if model.layers:
+        report["max_abs_diff_llr_log_likelihoods_nats"] = llr_err
     decoder = decoder_probs_check(probs_o, probs_t, probs_64)
     decoder_ok = decoder.pop("ok")
     report.update(decoder)
@@ -391,7 +434,7 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
             f"{ll_diff.max():.3g} nats (image {worst}: {ll_diff[worst]:.3g} against a tolerance of "
             f"{tolerance[worst]:.3g} nats); nothing written"
         )
-    if report["max_abs_diff_encoder"] > 1e-3 or not decoder_ok or not pixel_ratio <= 1.0:
+    if report["max_abs_diff_encoder"] > 1e-3 or not decoder_ok or not pixel_ratio <= 1.0 or not llr_ratio <= 1.0:
         raise ExportError(
             f"export parity failed for the encoder, decoder or pixel_log_weights graph: {report}; nothing written"
         )
@@ -429,14 +472,38 @@ def _pixel_graph_error(
     return worst, worst_ratio
 
 
-def reference_scores(out: Path, x: np.ndarray, latent_dim: int, k: int, seed: int) -> list[float]:
+def _llr_graph_error(
+    model: VAE, session: Any, x: np.ndarray, eps: np.ndarray, parts: list[slice]
+) -> tuple[float, float]:
+    """(the largest |difference| in nats of either log-likelihood estimate of the llr_log_weights graph, torch against
+    onnxruntime; the largest of those differences over the fp32 parity tolerance). (0, 0) for a one-layer model;
+    NaN or inf give inf."""
+    if not model.layers:
+        return 0.0, 0.0
+    worst, worst_ratio = 0.0, 0.0
+    for s in parts:
+        e = np.ascontiguousarray(eps[:, s])
+        with torch.no_grad():
+            ref = [t.double().numpy() for t in model.llr_terms(torch.from_numpy(x[s]), torch.from_numpy(e))]
+        got = session.run(None, {"x": x[s], "eps": e})
+        for r, g in zip(ref, got, strict=True):
+            ll = _logmeanexp(r)
+            diff = np.abs(ll - _logmeanexp(g.astype(np.float64)))
+            if not np.all(np.isfinite(diff)):
+                return math.inf, math.inf
+            worst = max(worst, float(diff.max()))
+            worst_ratio = max(worst_ratio, float((diff / fp32_parity_tolerance(ll)).max()))
+    return worst, worst_ratio
+
+
+def reference_scores(out: Path, x: np.ndarray, noise_dim: int, k: int, seed: int) -> list[float]:
     """log p(x) in nats of each image on onnxruntime fp32, with the contract's noise: the manifest's check."""
     sess = _sessions(out)["log_weights"]
-    eps = importance_noise(seed, k, latent_dim)
+    eps = importance_noise(seed, k, noise_dim)
     acc = ImportanceAccumulator.empty(len(x))
     for i in range(0, k, 250):
         chunk = np.ascontiguousarray(
-            np.broadcast_to(eps[i : i + 250, None, :], (len(eps[i : i + 250]), len(x), latent_dim))
+            np.broadcast_to(eps[i : i + 250, None, :], (len(eps[i : i + 250]), len(x), noise_dim))
         )
         acc.add(sess.run(None, {"x": x, "eps": chunk})[0])
     return [round(float(v), 6) for v in acc.log_likelihood()]
@@ -475,7 +542,7 @@ def write_version(
     try:
         graphs = export_graphs(frozen, staging)
         state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-        index = share_weights(staging, list(GRAPH_FILES.values()), state)
+        index = share_weights(staging, [g["file"] for g in graphs.values()], state)
         check = verify(frozen, staging, verify_images)
         check["prior_as_matmul"] = frozen.prior.as_matmul
         (staging / CHECKPOINT).write_text(
@@ -505,6 +572,7 @@ def write_version(
             "likelihood": model.cfg.likelihood,
             "decoder": decoder_spec(model),
             "latent_dim": model.cfg.latent_dim,
+            **({"latent_layers": model.cfg.latent_layers, "llr_k": model.cfg.llr_k} if model.layers else {}),
             "prior": {
                 "kind": model.cfg.prior,
                 "family": "diagonal_gaussian_mixture",
@@ -523,7 +591,7 @@ def write_version(
                 "images": check_images.astype(int).tolist(),
                 "K": CHECK_K,
                 "seed": CHECK_SEED,
-                "log_likelihood_nats": reference_scores(staging, check_images, model.latent_dim, CHECK_K, CHECK_SEED),
+                "log_likelihood_nats": reference_scores(staging, check_images, model.noise_dim, CHECK_K, CHECK_SEED),
                 "engine": "onnxruntime fp32 (CPUExecutionProvider)",
             },
             "metrics": metrics,
@@ -637,7 +705,7 @@ def reexport(version_dir: Path, out: Path | None = None, force: bool = False) ->
     target = out or version_dir
     if target.resolve() == version_dir.resolve():
         force = True
-    own = {CHECKPOINT, WEIGHTS, *GRAPH_FILES.values()}
+    own = {CHECKPOINT, WEIGHTS, *GRAPH_FILES.values(), *HIERARCHY_GRAPH_FILES.values()}
     image = manifest["image"]
     calibration = manifest.get("calibration")
     if calibration and not calibration.get("anomaly_map"):

@@ -17,6 +17,7 @@ import torch
 from training.defects import MAX_FPR, aupro, auroc, defect_kinds, make_defects
 from training.evaluate import pixel_nll
 from training.model import VAE
+from training.ood import llr_bpd
 from vae_contract.formulas import ScoreCalibration, anomaly_maps, bits_per_dim, scores_from_nll
 
 Log = Callable[[str], None]
@@ -30,7 +31,10 @@ def maps_and_scores(
     x = images.reshape(n, -1).astype(np.int64)
     ll, expected = pixel_nll(model, torch.from_numpy(x), k, seed=seed)
     maps = anomaly_maps(expected).reshape(n, h, w)
-    scores = scores_from_nll(bits_per_dim(-ll, x.shape[1]), x, calib["typicality_center_bpd"], calib["standardize"])
+    llr = llr_bpd(model, x, k, seed)
+    scores = scores_from_nll(
+        bits_per_dim(-ll, x.shape[1]), x, calib["typicality_center_bpd"], calib["standardize"], llr, calib.get("scores")
+    )
     return maps, scores
 
 

@@ -368,19 +368,29 @@ class Encoder(nn.Module):
         self.max_input = 1.0 if cfg.input_scale == "unit" else float(levels - 1)
         self.levels = levels
         assert cfg.latent_dim is not None, "resolve the config first"
-        self.net = TRUNKS[cfg.arch][0](cfg, dim, image_shape(dim, shape), cfg.latent_dim)
+        self.layers = cfg.latent_layers
+        # one (mu, log_var) pair of L values per latent layer, bottom first: with one layer, the layout it always had
+        self.net = TRUNKS[cfg.arch][0](cfg, dim, image_shape(dim, shape), cfg.latent_dim * cfg.latent_layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.net(self.scale(x))
-        mu, log_var = h.chunk(2, dim=-1)  # (B, L), (B, L)
-        return mu, log_var
+        """The top latent layer's q(z|x): mu (B, L), log_var (B, L) (the encoder graph's outputs)."""
+        return self.ladder(x)[-1]
+
+    def ladder(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's bottom-up Gaussian (mu, log_var), each (B, L), bottom layer first; the top one is q(z_top|x),
+        the others meet the top-down prior in `LatentLayer.posterior`."""
+        return self._split(self.net(self.scale(x)))
+
+    def _split(self, h: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        pairs = [piece.chunk(2, dim=-1) for piece in h.chunk(self.layers, dim=-1)]
+        return [(mu, log_var) for mu, log_var in pairs]
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.float32) * (self.max_input / (self.levels - 1))
 
     def encode_scaled(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode inputs already in [0, 1] (the VampPrior's pseudo-inputs)."""
-        return self.net(u * self.max_input).chunk(2, dim=-1)
+        """The top layer's q(z|u) for inputs already in [0, 1] (the VampPrior's pseudo-inputs)."""
+        return self._split(self.net(u * self.max_input))[-1]
 
 
 class Decoder(nn.Module):
@@ -819,6 +829,40 @@ class FixedMixturePrior(Prior):
         return bool(torch.isfinite(fast).all() and (fast - exact).abs().max() <= tolerance_nats)
 
 
+class LatentLayer(nn.Module):
+    """One stochastic layer below the top of a ladder VAE (Sønderby et al. 2016): the conditional prior
+    p(z_l | z_l+1), a diagonal Gaussian from a small network of the layer above, and the posterior
+    q(z_l | x, z_l+1), the precision-weighted product of that prior and the encoder's bottom-up Gaussian for
+    the layer (no weights of its own). The network's last layer starts at zero, so the prior starts as
+    N(0, I) and a deep stack starts where a one-layer model does (as VDVAE's blocks)."""
+
+    def __init__(self, latent: int, width: int):
+        super().__init__()
+        self.net = mlp([latent, width, width, 2 * latent], 0.0)
+        last = self.net[-1]
+        assert isinstance(last, nn.Linear)
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+
+    def prior(self, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, log_var) of p(z_l | z_above), each shaped like z_above (..., L)."""
+        mu, log_var = self.net(z_above).chunk(2, dim=-1)
+        return mu, log_var
+
+    @staticmethod
+    def posterior(
+        bottom_up: tuple[torch.Tensor, torch.Tensor], prior: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """N(mu_h, v_h) N(mu_p, v_p) normalised: 1/v = 1/v_h + 1/v_p and mu = v (mu_h/v_h + mu_p/v_p), written as
+        v = v_h sigmoid(log v_p - log v_h), mu = w mu_h + (1 - w) mu_p with w = sigmoid(log v_p - log v_h):
+        no exp of a log-variance, so no overflow, and every op exports."""
+        (mu_h, lv_h), (mu_p, lv_p) = bottom_up, prior
+        gap = lv_p - lv_h
+        w = torch.sigmoid(gap)
+        return w * mu_h + (1.0 - w) * mu_p, lv_h + log_sigmoid(gap)
+
+
 class VAE(nn.Module):
     """Encoder, decoder and prior of one configuration; `cfg` must be resolved (no "auto" left).
 
@@ -851,26 +895,78 @@ class VAE(nn.Module):
             self.prior = MixtureOfGaussiansPrior(cfg.latent_dim, cfg.components)
         else:
             self.prior = VampPrior(self.encoder, dim, cfg.components)
+        # the layers below the top, bottom first: layer i's prior reads layer i + 1's z
+        width = max(64, 4 * cfg.latent_dim)
+        self.layers = nn.ModuleList([LatentLayer(cfg.latent_dim, width) for _ in range(cfg.latent_layers - 1)])
 
     @property
     def latent_dim(self) -> int:
+        """L: the size of each latent layer; the encoder and decoder graphs' z is the top layer's."""
         assert self.cfg.latent_dim is not None
         return self.cfg.latent_dim
+
+    @property
+    def noise_dim(self) -> int:
+        """The importance noise's width: L per latent layer, the top layer's first (eps (K, B, layers x L))."""
+        return self.latent_dim * self.cfg.latent_layers
 
     def log_weights(self, x: torch.Tensor, eps: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         """log p(x|z) + beta (log p(z) - log q(z|x)) for z = mu + sigma * eps.
 
-        x (B, D) int64, eps (K, B, L) standard normal -> (K, B). beta=1 gives the log importance
+        x (B, D) int64, eps (K, B, layers x L) standard normal -> (K, B). beta=1 gives the log importance
         weights whose log-mean-exp over K is the IWAE bound and whose mean is the ELBO.
         """
         z, log_prior_ratio = self.latent_terms(x, eps)
         return self.decoder.log_prob(x, z) + beta * log_prior_ratio
 
-    def latent_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z = mu + sigma * eps (K, B, L) from the posterior of x (B, D), and log p(z) - log q(z|x) (K, B)."""
-        mu, log_var = self.encoder(x)  # (B, L)
-        z = mu + torch.exp(0.5 * log_var) * eps
-        return z, self.prior.log_prob(z) - diag_gaussian_log_prob(z, mu, log_var)
+    def latent_terms(
+        self,
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        from_prior: int = 0,
+        ladder: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bottom layer's z (K, B, L), drawn top-down from the posterior of x (B, D) with noise eps
+        (K, B, layers x L, the top layer's first), and log p(z) - log q(z|x) over every layer (K, B).
+
+        `from_prior` = k draws the bottom k layers from their conditional priors instead (Havtorn et al.'s
+        L>k): their log p - log q cancel exactly, so they add nothing to the ratio. A count fixed when a
+        graph is traced, so each exported graph has no control flow. `ladder`: the encoder's output for x,
+        when another pass already has it.
+        """
+        ladder = ladder if ladder is not None else self.encoder.ladder(x)
+        noise = eps.chunk(len(ladder), dim=-1)  # top layer first
+        mu, log_var = ladder[-1]  # (B, L)
+        z = mu + torch.exp(0.5 * log_var) * noise[0]
+        ratio = self.prior.log_prob(z) - diag_gaussian_log_prob(z, mu, log_var)
+        for i in reversed(range(len(self.layers))):  # layer i, from the one below the top down to the bottom (0)
+            prior = self.layers[i].prior(z)
+            if i < from_prior:
+                z = prior[0] + torch.exp(0.5 * prior[1]) * noise[len(ladder) - 1 - i]
+                continue
+            mu, log_var = LatentLayer.posterior(ladder[i], prior)
+            z = mu + torch.exp(0.5 * log_var) * noise[len(ladder) - 1 - i]
+            ratio = ratio + diag_gaussian_log_prob(z, *prior) - diag_gaussian_log_prob(z, mu, log_var)
+        return z, ratio
+
+    def llr_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log importance weights (K, B) of the full model and of L>k (the bottom `cfg.llr_k` layers from
+        their conditional priors), with the same noise: LLR>k = log p(x) - log p>k(x) (Havtorn et al. 2021)."""
+        ladder = self.encoder.ladder(x)  # the bottom-up pass, once for both top-down passes
+        z, ratio = self.latent_terms(x, eps, ladder=ladder)
+        z_k, ratio_k = self.latent_terms(x, eps, from_prior=self.cfg.llr_k, ladder=ladder)
+        return self.decoder.log_prob(x, z) + ratio, self.decoder.log_prob(x, z_k) + ratio_k
+
+    def top_down_mean(self, z_top: torch.Tensor) -> torch.Tensor:
+        """The bottom layer's z for a top layer's z (..., L), each layer below at its conditional prior's mean."""
+        z = z_top
+        for layer in reversed(self.layers):
+            z = layer.prior(z)[0]
+        return z
+
+    def probs(self, z_top: torch.Tensor) -> torch.Tensor:
+        """Per-value probabilities of every level (..., D, levels) for a top layer's z (..., L): the decoder graph."""
+        return self.decoder.probs(self.top_down_mean(z_top))
 
     def pixel_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The log importance weights (K, B) and, per sample, each pixel's log p(x_p|z, ...) with its channels
@@ -884,7 +980,7 @@ class VAE(nn.Module):
 
     def loss(self, x: torch.Tensor, k: int, beta: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean over the batch of -log mean_k exp(log_w): the negative (beta-)ELBO for k=1, IWAE for k>1."""
-        eps = torch.randn(k, x.shape[0], self.latent_dim, generator=generator)
+        eps = torch.randn(k, x.shape[0], self.noise_dim, generator=generator)
         log_w = self.log_weights(x, eps, beta)
         return -(torch.logsumexp(log_w, dim=0) - math.log(k)).mean()
 

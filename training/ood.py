@@ -12,9 +12,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.evaluate import log_likelihood, pixel_nll
+from training.evaluate import llr_log_likelihoods, log_likelihood, pixel_nll
 from training.model import VAE
-from vae_contract.formulas import bits_per_dim, calibration_block, map_calibration_block
+from vae_contract.formulas import (
+    bits_per_dim,
+    calibration_block,
+    llr_bits_per_dim,
+    map_calibration_block,
+    scores_from_nll,
+)
 
 DEFAULT_FPR = 0.01
 
@@ -23,6 +29,22 @@ def nll_bits_per_dim(model: VAE, x: np.ndarray, k: int, seed: int, progress: str
     """Importance-sampled NLL in bits/dim of images x (N, D), K = k."""
     ll = log_likelihood(model, torch.from_numpy(x.astype(np.int64)), k, seed=seed, progress=progress).numpy()
     return bits_per_dim(-ll, x.shape[1])
+
+
+def llr_bpd(model: VAE, x: np.ndarray, k: int, seed: int, progress: str | None = None) -> np.ndarray | None:
+    """LLR>k in bits/dim of images x (N, D) at K = k (`llr_bits_per_dim`); None for a one-layer model."""
+    if not model.layers:
+        return None
+    ll, ll_k = llr_log_likelihoods(model, torch.from_numpy(x.astype(np.int64)), k, seed=seed, progress=progress)
+    return llr_bits_per_dim(ll, ll_k, x.shape[1])
+
+
+def model_scores(model: VAE, x: np.ndarray, k: int, seed: int, calib: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every calibrated score of images x (N, D) under a model, as the service computes them (K = k)."""
+    x = x.reshape(len(x), -1).astype(np.int64)
+    nll = nll_bits_per_dim(model, x, k, seed)
+    llr = llr_bpd(model, x, k, seed)
+    return scores_from_nll(nll, x, calib["typicality_center_bpd"], calib["standardize"], llr, calib.get("scores"))
 
 
 def calibrate(
@@ -38,6 +60,7 @@ def calibrate(
     desc = f"calibration (K={k})" if progress else None
     ll, expected_nll = pixel_nll(model, torch.from_numpy(x_val.astype(np.int64)), k, seed=seed, progress=desc)
     nll = bits_per_dim(-ll, x_val.shape[1])
+    llr = llr_bpd(model, x_val, k, seed, "calibration, LLR>k" if progress else None)
     return {
         "split": "val",
         "images": int(len(x_val)),
@@ -45,7 +68,7 @@ def calibrate(
         "seed": seed,
         "default_score": default_score,
         "default_fpr": DEFAULT_FPR,
-        **calibration_block(nll, x_val),
+        **calibration_block(nll, x_val, llr),
         "anomaly_map": map_calibration_block(expected_nll, k, seed),
     }
 

@@ -25,10 +25,9 @@ from training.export import ExportError, load_checkpoint, read_verified
 from training.localisation import figure as localisation_figure
 from training.localisation import localisation_benchmark
 from training.localisation import markdown as localisation_markdown
-from training.ood import nll_bits_per_dim
+from training.ood import model_scores
 from training.ood_sets import SET_NAMES, ood_sets
 from training.pipeline import run
-from vae_contract.formulas import scores_from_nll
 from vae_contract.manifest import sha256_file, write_manifest
 
 HELD_OUT_IN, HELD_OUT_OUT = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]
@@ -49,9 +48,7 @@ def roc_metrics(scores_in: np.ndarray, scores_out: np.ndarray) -> dict[str, floa
 
 
 def score_all(model, images: np.ndarray, k: int, seed: int, calib: dict[str, Any]) -> dict[str, np.ndarray]:
-    x = images.reshape(len(images), -1).astype(np.int64)
-    nll = nll_bits_per_dim(model, x, k, seed)
-    return scores_from_nll(nll, x, calib["typicality_center_bpd"], calib["standardize"])
+    return model_scores(model, images, k, seed, calib)
 
 
 def held_out_class_scores(cfg: TrainConfig, k: int, seed: int, log) -> dict[str, Any]:

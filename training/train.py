@@ -361,7 +361,7 @@ def validation_loss(
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
-        eps = torch.randn(k, xb.shape[0], model.latent_dim, generator=gen)
+        eps = torch.randn(k, xb.shape[0], model.noise_dim, generator=gen)
         if procs.active:
             xb, eps = procs.shard(xb), procs.shard(eps, dim=1)
         log_w = model.log_weights(xb.to(device), eps.to(device), 1.0)
@@ -558,7 +558,7 @@ def train(
                 batches = epoch_batches(x_train, perm, next_index, bs, procs, data_workers)
                 while next_index < n:
                     rows = perm[next_index : next_index + bs]
-                    eps = torch.randn(cfg.iw_train, len(rows), model.latent_dim, generator=gen)
+                    eps = torch.randn(cfg.iw_train, len(rows), model.noise_dim, generator=gen)
                     xb, eps_b = next(batches).to(dev), procs.shard(eps, dim=1).to(dev)
                     log_w = net(xb, eps_b, beta)
                     bound = torch.logsumexp(log_w.float(), dim=0) - math.log(cfg.iw_train)

@@ -173,9 +173,19 @@ class PixelNllAccumulator:
 
 # --- OOD scores -------------------------------------------------------------------------------
 
-SCORE_NAMES = ("nll_bpd", "complexity", "typicality", "combined")
-SCORE_UNITS = {"nll_bpd": "bits/dim", "complexity": "bits/dim", "typicality": "bits/dim", "combined": "std units"}
+SCORE_NAMES = ("nll_bpd", "complexity", "typicality", "combined", "llr", "dose")
+SCORE_UNITS = {
+    "nll_bpd": "bits/dim",
+    "complexity": "bits/dim",
+    "typicality": "bits/dim",
+    "combined": "std units",
+    "llr": "bits/dim",
+    "dose": "nats (-sum log p-value)",
+}
 COMBINED_PARTS = ("nll_bpd", "complexity")
+#: the statistics the dose score combines; "llr" joins them on models of several latent layers
+DOSE_PARTS = ("nll_bpd", "complexity")
+LLR_SCORE = "llr"
 COMPRESSOR = "zlib level 9 on the raw grey-level bytes (8 bits per pixel)"
 CALIBRATION_FPRS = (0.01, 0.05)
 MAX_QUANTILES = 1001  # store every calibration score up to this many, else this many quantiles
@@ -186,21 +196,72 @@ def compressed_bits(x: np.ndarray) -> FloatArray:
     return np.array([8 * len(zlib.compress(row.astype(np.uint8).tobytes(), 9)) for row in x], dtype=np.float64)
 
 
-def raw_scores(nll_bpd: np.ndarray, x: np.ndarray) -> dict[str, FloatArray]:
-    """The scores that need no calibration: nll_bpd and complexity (Serra et al., 2020)."""
+def llr_bits_per_dim(log_likelihood: np.ndarray, log_likelihood_llr: np.ndarray, dim: int) -> FloatArray:
+    """LLR>k in bits/dim (Havtorn et al. 2021): log p(x) - log p>k(x), both importance-sampled with the same
+    K and noise, p>k with the bottom k latent layers drawn from their conditional priors. In-distribution
+    images keep most of their likelihood when only the top layers see them; images whose likelihood comes
+    from low-level statistics (simple images, other domains) lose more: higher = more anomalous."""
+    diff = np.asarray(log_likelihood, np.float64) - np.asarray(log_likelihood_llr, np.float64)
+    return np.asarray(bits_per_dim(diff, dim), dtype=np.float64)
+
+
+def raw_scores(nll_bpd: np.ndarray, x: np.ndarray, llr_bpd: np.ndarray | None = None) -> dict[str, FloatArray]:
+    """The scores that need no calibration: nll_bpd, complexity (Serra et al., 2020) and, given the LLR>k of a
+    model of several latent layers, llr."""
     nll = np.asarray(nll_bpd, dtype=np.float64)
-    return {"nll_bpd": nll, "complexity": nll - compressed_bits(x) / x.shape[1]}
+    scores = {"nll_bpd": nll, "complexity": nll - compressed_bits(x) / x.shape[1]}
+    if llr_bpd is not None:
+        scores[LLR_SCORE] = np.asarray(llr_bpd, dtype=np.float64)
+    return scores
 
 
 def scores_from_nll(
-    nll_bpd: np.ndarray, x: np.ndarray, typical_center: float, standardize: dict[str, list[float]]
+    nll_bpd: np.ndarray,
+    x: np.ndarray,
+    typical_center: float,
+    standardize: dict[str, list[float]],
+    llr_bpd: np.ndarray | None = None,
+    tables: dict[str, Any] | None = None,
 ) -> dict[str, FloatArray]:
-    """Every score of images x (N, D), given their NLL in bits/dim and the validation statistics."""
-    scores = raw_scores(nll_bpd, x)
+    """Every score of images x (N, D) that the statistics allow, given their NLL in bits/dim (and LLR>k in
+    bits/dim), the validation statistics and, for dose, the validation score tables (calibration["scores"])."""
+    scores = raw_scores(nll_bpd, x, llr_bpd)
     scores["typicality"] = np.abs(scores["nll_bpd"] - typical_center)
     z = [(scores[name] - standardize[name][0]) / standardize[name][1] for name in COMBINED_PARTS]
     scores["combined"] = np.maximum.reduce(z)
+    if tables is not None and all(p in tables for p in dose_parts(scores)):
+        scores["dose"] = dose_scores(scores, tables)
     return scores
+
+
+def dose_parts(scores: dict[str, Any]) -> tuple[str, ...]:
+    """The statistics dose combines for a model: DOSE_PARTS, and llr where the model gives it."""
+    return DOSE_PARTS + ((LLR_SCORE,) if LLR_SCORE in scores else ())
+
+
+def two_sided_log_p(values: np.ndarray, table: dict[str, Any]) -> FloatArray:
+    """log of the two-sided tail p-value of each value under one statistic's validation quantile table:
+    p = min(1, 2 min(F(s), 1 - F(s))), F read off the table, floored at 1 / (n + 1) inside the table's range;
+    beyond its ends the floor decays as exp(-distance / spread), spread the table's central 98% width over
+    4.65 (a normal's sigma), so far-off images still rank by how far off they are."""
+    q = table["quantiles"]
+    probs, tab = np.asarray(q["probs"], np.float64), np.asarray(q["values"], np.float64)
+    n = int(table["n"])
+    v = np.asarray(values, np.float64)
+    cdf = np.interp(v, tab, probs)
+    floor = 1.0 / (n + 1)
+    log_p = np.log(np.clip(2.0 * np.minimum(cdf, 1.0 - cdf), floor, 1.0))
+    spread = max(float(np.interp(0.99, probs, tab) - np.interp(0.01, probs, tab)) / 4.65, 1e-12)
+    beyond = np.maximum(tab[0] - v, 0.0) + np.maximum(v - tab[-1], 0.0)
+    return np.asarray(log_p - beyond / spread)
+
+
+def dose_scores(scores: dict[str, FloatArray], tables: dict[str, Any]) -> FloatArray:
+    """DoSE-style score (Morningstar et al. 2021), with empirical tails in place of kernel densities: the sum
+    over the model's statistics (`dose_parts`: nll_bpd, complexity, llr) of -log of each one's two-sided
+    p-value against its validation distribution (Fisher's combination, halved). An image is flagged when
+    any statistic is atypical in either direction: too likely (simple images) as much as too unlikely."""
+    return np.asarray(-sum(two_sided_log_p(scores[p], tables[p]) for p in dose_parts(scores)), dtype=np.float64)
 
 
 def validation_statistics(nll_bpd: np.ndarray, x: np.ndarray) -> tuple[float, dict[str, list[float]]]:
@@ -256,20 +317,31 @@ class ScoreCalibration:
         return (1.0 + self.exceed_count(np.asarray(scores, float))) / (self.n + 1.0)
 
 
-def calibration_block(nll_bpd: np.ndarray, x: np.ndarray) -> dict[str, Any]:
-    """The per-score part of the manifest's calibration block, from validation NLLs (bits/dim)."""
-    center, standardize = validation_statistics(nll_bpd, x)
-    table = scores_from_nll(nll_bpd, x, center, standardize)
-    scores = {
-        name: {
-            "units": SCORE_UNITS[name],
-            "n": int(len(values)),
-            "quantiles": quantile_table(values),
-            "thresholds": {str(f): float(np.quantile(values, 1.0 - f)) for f in CALIBRATION_FPRS},
-        }
-        for name, values in table.items()
+def score_block(name: str, values: np.ndarray) -> dict[str, Any]:
+    """One score's calibration: its units, the validation images' quantile table and thresholds."""
+    return {
+        "units": SCORE_UNITS[name],
+        "n": int(len(values)),
+        "quantiles": quantile_table(values),
+        "thresholds": {str(f): float(np.quantile(values, 1.0 - f)) for f in CALIBRATION_FPRS},
     }
+
+
+def calibration_block(nll_bpd: np.ndarray, x: np.ndarray, llr_bpd: np.ndarray | None = None) -> dict[str, Any]:
+    """The per-score part of the manifest's calibration block, from validation NLLs (and LLR>k), bits/dim.
+
+    dose reads the tables of its parts, so it is calibrated after them, on the same images (each image's own
+    value is in the tables it is scored against: its p-values lean high by at most 1 / n)."""
+    center, standardize = validation_statistics(nll_bpd, x)
+    table = scores_from_nll(nll_bpd, x, center, standardize, llr_bpd)
+    scores = {name: score_block(name, values) for name, values in table.items()}
+    scores["dose"] = score_block("dose", dose_scores(table, scores))
     return {"typicality_center_bpd": center, "standardize": standardize, "compressor": COMPRESSOR, "scores": scores}
+
+
+def needs_llr(name: str, calibration: dict[str, Any]) -> bool:
+    """Whether a score needs LLR>k (the llr_log_weights graph): llr, and dose where llr is calibrated."""
+    return name == LLR_SCORE or (name == "dose" and LLR_SCORE in (calibration.get("scores") or {}))
 
 
 # --- anomaly maps -----------------------------------------------------------------------------

@@ -231,6 +231,8 @@ class Manifest(_Strict):
     image: ImageSpec
     likelihood: Literal["categorical", "bernoulli", "logistic_mixture"]
     latent_dim: int = Field(ge=1)
+    latent_layers: int = Field(default=1, ge=1)  # stochastic layers, latent_dim each; one before hierarchies
+    llr_k: int | None = Field(default=None, ge=1)  # LLR>k's k, on models of several layers
     decoder: DecoderSpec | None = None
     prior: PriorSpec
     graphs: dict[str, GraphSpec]
@@ -262,6 +264,11 @@ class Manifest(_Strict):
             raise ValueError("prior: log_weights, means and log_vars must each have `components` entries")
         if any(len(row) != latent for row in p.means + p.log_vars):
             raise ValueError(f"prior: means and log_vars rows must have latent_dim = {latent} values")
+        if self.latent_layers > 1 and (self.llr_k is None or self.llr_k >= self.latent_layers):
+            raise ValueError(f"llr_k must lie in [1, latent_layers) for {self.latent_layers} latent layers")
+        scores = self.calibration.scores if self.calibration else {}
+        if "llr" in scores and "llr_log_weights" not in self.graphs:
+            raise ValueError("calibration.scores.llr needs the llr_log_weights graph")
         maps = self.calibration.anomaly_map if self.calibration else None
         if maps is not None and "pixel_log_weights" not in self.graphs:
             raise ValueError("calibration.anomaly_map needs the pixel_log_weights graph")
@@ -270,6 +277,11 @@ class Manifest(_Strict):
             if len(img) != dim or min(img) < 0 or max(img) >= levels:
                 raise ValueError(f"check images must be {dim} grey levels in 0..{levels - 1}")
         return self
+
+
+def noise_width(manifest: dict[str, Any]) -> int:
+    """The importance noise's width: latent_dim per latent layer (eps (K, B, latent_layers x latent_dim))."""
+    return int(manifest["latent_dim"]) * int(manifest.get("latent_layers", 1))
 
 
 def validate_manifest(data: Any) -> Manifest:
