@@ -82,6 +82,7 @@ def evaluate_model(
     localisation_images: int = 200,
     localisation_k: int = 100,
     skip_sets: tuple[str, ...] | list[str] = (),
+    images: int = 0,
 ) -> dict[str, Any]:
     """Score the test split against every OOD set (less `skip_sets`; the `digits` set is left out by itself
     where the model's dataset is digits) and write the report, the ROC figure and the manifest summary."""
@@ -92,12 +93,15 @@ def evaluate_model(
     model = load_checkpoint(model_dir)
     cfg = model.cfg
     data = prepare_config(cfg)
+    test = data.test
+    if 0 < images < len(test):  # a seeded subsample of the test split; each OOD set is as large
+        test = test[np.sort(np.random.default_rng(seed + 7).permutation(len(test))[:images])]
     t0 = time.monotonic()
-    log(f"scoring the test split ({len(data.test)} images, K={k})")
-    test_scores = score_all(model, data.test, k, seed, calib)
+    log(f"scoring the test split ({len(test)} of {len(data.test)} images, K={k})")
+    test_scores = score_all(model, test, k, seed, calib)
     results: dict[str, dict[str, dict[str, float]]] = {}
     curves: dict[str, tuple[dict, dict]] = {}
-    sets = ood_sets(data.test, data.levels, seed, dataset=cfg.dataset, skip=skip_sets)
+    sets = ood_sets(test, data.levels, seed, dataset=cfg.dataset, skip=skip_sets)
     if not sets:
         raise ExportError(f"every OOD set is skipped ({', '.join(skip_sets)}): nothing to evaluate")
     for i, (name, images) in enumerate(sets.items()):
@@ -126,7 +130,7 @@ def evaluate_model(
     summary = {
         "K": k,
         "seed": seed,
-        "test_images": int(len(data.test)),
+        "test_images": int(len(test)),
         "ood_sets": list(sets),
         "default_score": calib["default_score"],
         "results": results,
@@ -213,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=1000, help="importance samples K per image")
     p.add_argument("--seed", type=int, default=0, help="seed of the OOD sets and of the importance samples")
     p.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="score a seeded subsample of this many test images, and OOD sets as large (0: the whole test split)",
+    )
+    p.add_argument(
         "--no-held-out",
         action="store_true",
         help="skip the held-out-class model (digits: trains the model's configuration on digits 0-4)",
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             localisation_images=args.localisation_images,
             localisation_k=args.localisation_k,
             skip_sets=args.skip_set,
+            images=args.images,
         )
     except ExportError as exc:
         print(f"vae-ood-eval: error: {exc}", file=sys.stderr)

@@ -1,0 +1,172 @@
+"""Hierarchical (ladder) VAEs, --latent-layers N: the top-down loop, LLR>k, and the llr and dose scores end to end.
+
+One small 2-layer digits model is trained, exported, verified and served once for the module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.main import create_app
+from service.settings import Settings
+from training.config import ConfigError, TrainConfig
+from training.data import prepare
+from training.export import load_checkpoint
+from training.model import VAE, LatentLayer, diag_gaussian_log_prob
+from training.pipeline import run
+from vae_contract.formulas import (
+    dose_scores,
+    needs_llr,
+    quantile_table,
+    score_block,
+    two_sided_log_p,
+)
+from vae_contract.manifest import ManifestError, noise_width, validate_manifest
+
+SMALL = dict(hidden=48, latent_dim=4, components=3, epochs=6, eval_k=40, ema=0.0, dropout=0.0, iw_train=2, seed=0)
+
+
+def model(layers: int, **kw) -> VAE:
+    cfg = TrainConfig(latent_layers=layers, **{**SMALL, **kw}).resolve(17, 1000, (8, 8, 1))
+    torch.manual_seed(0)
+    return VAE(cfg, 64, 17, (8, 8, 1)).eval()
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    cfg = TrainConfig(dataset="digits", latent_layers=2, **SMALL)
+    run(cfg, root / "ladder" / "1", plots=False, progress=False, log=lambda *_: None)
+    return root
+
+
+def test_config_refuses_impossible_hierarchies():
+    with pytest.raises(ConfigError, match="llr_k must be below latent_layers"):
+        TrainConfig(latent_layers=2, llr_k=2)
+    with pytest.raises(ConfigError, match="several latent layers"):
+        TrainConfig(ood_score="llr")
+    with pytest.raises(ConfigError, match="at most 8"):
+        TrainConfig(latent_layers=9)
+    with pytest.raises(ConfigError, match="positive integer"):
+        TrainConfig(latent_layers=0)
+
+
+def test_one_layer_keeps_the_single_gaussian_posterior():
+    """latent_layers=1 is the model it always was: z = mu + sigma eps, log p(z) - log q(z|x), one encoder output."""
+    m = model(1)
+    x = torch.from_numpy(prepare("digits").test[:5].reshape(5, -1).astype(np.int64))
+    eps = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mu, log_var = m.encoder.net(m.encoder.scale(x)).chunk(2, dim=-1)
+        z = mu + torch.exp(0.5 * log_var) * eps
+        want = m.decoder.log_prob(x, z) + (m.prior.log_prob(z) - diag_gaussian_log_prob(z, mu, log_var))
+        got = m.log_weights(x, eps)
+    assert m.noise_dim == 4 and not m.layers
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_ladder_posterior_is_the_precision_weighted_product():
+    gen = torch.Generator().manual_seed(0)
+    mu_h, lv_h, mu_p, lv_p = (torch.randn(50, 4, generator=gen, dtype=torch.float64) * 3 for _ in range(4))
+    mu, lv = LatentLayer.posterior((mu_h, lv_h), (mu_p, lv_p))
+    prec = torch.exp(-lv_h) + torch.exp(-lv_p)
+    torch.testing.assert_close(lv, -torch.log(prec))
+    torch.testing.assert_close(mu, (mu_h * torch.exp(-lv_h) + mu_p * torch.exp(-lv_p)) / prec)
+
+
+def test_llr_terms_share_the_noise_and_draw_the_bottom_layers_from_the_prior():
+    m = model(3, llr_k=2)
+    x = torch.from_numpy(prepare("digits").test[:4].reshape(4, -1).astype(np.int64))
+    eps = torch.randn(5, 4, m.noise_dim, generator=torch.Generator().manual_seed(2))
+    assert m.noise_dim == 12
+    with torch.no_grad():
+        full, part = m.llr_terms(x, eps)
+        torch.testing.assert_close(full, m.log_weights(x, eps))
+        # the new layers' priors start as N(0, I): with the bottom two layers from the prior, z is their noise
+        z, ratio = m.latent_terms(x, eps, from_prior=2)
+        torch.testing.assert_close(z, eps[..., 8:12])
+        mu, log_var = m.encoder(x)
+        top = mu + torch.exp(0.5 * log_var) * eps[..., :4]
+        torch.testing.assert_close(ratio, m.prior.log_prob(top) - diag_gaussian_log_prob(top, mu, log_var))
+        torch.testing.assert_close(part, m.decoder.log_prob(x, z) + ratio)
+
+
+def test_two_sided_p_values_and_dose():
+    rng = np.random.default_rng(0)
+    half = rng.standard_normal(500)
+    values = np.r_[half, -half]  # a symmetric sample: its table's tails mirror each other
+    table = score_block("nll_bpd", values)
+    lo, hi = values.min(), values.max()
+    inside = two_sided_log_p(np.array([np.median(values), -1.0, 1.0, lo, hi]), table)
+    assert inside[0] == pytest.approx(0.0, abs=1e-2)  # the median: p = 1
+    assert inside[1] == pytest.approx(inside[2], abs=1e-9)  # both tails alike
+    assert inside[3] == pytest.approx(-math.log(1001), abs=1e-9) and inside[4] == inside[3]  # floored at 1 / (n + 1)
+    beyond = two_sided_log_p(np.array([10.0, 20.0, -10.0]), table)
+    assert beyond[1] < beyond[0] < inside[4] and beyond[2] < inside[3]  # far-off images keep ranking
+    tables = {"nll_bpd": table, "complexity": score_block("complexity", values)}
+    scores = {"nll_bpd": np.array([0.0, -4.0, 4.0]), "complexity": np.array([0.0, 0.0, 0.0])}
+    dose = dose_scores(scores, tables)
+    assert dose[1] > dose[0] < dose[2]  # too likely is as anomalous as too unlikely
+    assert needs_llr("llr", {}) and not needs_llr("dose", {"scores": tables})
+    assert needs_llr("dose", {"scores": {**tables, "llr": table}}) and not needs_llr("nll_bpd", {"scores": tables})
+    assert quantile_table(values)["values"] == table["quantiles"]["values"]
+
+
+def test_two_layer_model_trains_exports_and_serves_llr_and_dose(two_layers):
+    version = two_layers / "ladder" / "1"
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["latent_layers"] == 2 and manifest["llr_k"] == 1 and noise_width(manifest) == 8
+    assert manifest["graphs"]["llr_log_weights"]["inputs"]["eps"] == ["K", "batch", 8, "float32"]
+    assert manifest["graphs"]["encoder"]["outputs"]["mu"] == ["batch", 4, "float32"]
+    check = manifest["export_check"]
+    assert check["max_abs_diff_llr_log_likelihoods_nats"] <= check["tolerance_nats"]
+    calibrated = manifest["calibration"]["scores"]
+    assert {"llr", "dose"} <= set(calibrated) and calibrated["llr"]["units"] == "bits/dim"
+    assert load_checkpoint(version).cfg.latent_layers == 2
+
+    bad = {**manifest, "graphs": {k: v for k, v in manifest["graphs"].items() if k != "llr_log_weights"}}
+    with pytest.raises(ManifestError, match="llr_log_weights"):
+        validate_manifest(bad)
+
+    x = prepare("digits").test[:6, :, :, 0]
+    with TestClient(create_app(Settings(models_dir=two_layers, intra_op_threads=1))) as client:
+        got = {}
+        for score in ("nll_bpd", "llr", "dose"):
+            r = client.post("/score", json={"images": x.tolist(), "num_samples": 300, "seed": 1, "score": score})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            got[score] = [res["score"] for res in body["results"]]
+            if score != "nll_bpd":
+                assert body["engine"] == "onnxruntime fp32" and body["score_units"] == calibrated[score]["units"]
+        with_maps = client.post(
+            "/score",
+            json={"images": x.tolist(), "num_samples": 300, "seed": 1, "score": "dose", "anomaly_map": True},
+        ).json()
+        assert [r["score"] for r in with_maps["results"]] == got["dose"]  # maps change no score
+        v2 = client.post(
+            "/v2/models/ladder-score/infer",
+            json={
+                "inputs": [{"name": "x", "shape": [6, 64], "datatype": "INT64", "data": x.reshape(-1).tolist()}],
+                "parameters": {"num_samples": 300, "seed": 1, "score": "llr"},
+            },
+        )
+        assert v2.status_code == 200, v2.text
+        out = {o["name"]: o["data"] for o in v2.json()["outputs"]}
+        np.testing.assert_allclose(out["score"], got["llr"], rtol=1e-12)
+        desc = client.get("/v1/models").json()
+        assert "latent_layers" in json.dumps(desc)
+    assert np.all(np.isfinite(got["llr"])) and np.all(np.array(got["dose"]) >= 0)
+
+
+def test_a_one_layer_model_refuses_llr_with_a_clear_422(models_dir):
+    with TestClient(create_app(Settings(models_dir=models_dir, intra_op_threads=1))) as client:
+        x = prepare("digits").test[:2, :, :, 0].tolist()
+        r = client.post("/score", json={"images": x, "num_samples": 10, "score": "llr"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "uncalibrated_score", r.text
