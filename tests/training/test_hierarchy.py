@@ -170,3 +170,28 @@ def test_a_one_layer_model_refuses_llr_with_a_clear_422(models_dir):
         x = prepare("digits").test[:2, :, :, 0].tolist()
         r = client.post("/score", json={"images": x, "num_samples": 10, "score": "llr"})
         assert r.status_code == 422 and r.json()["error"]["code"] == "uncalibrated_score", r.text
+
+
+def test_a_conv_colour_ladder_is_written_verified_and_served(tmp_path):
+    """Conv networks, colour, the logistic mixture with the rows context, three latent layers: every graph
+    verified against torch (the llr graph included) and loaded by the service (its check scores reproduced)."""
+    from service.repository import load_version
+    from tests.training.test_conv_and_colour import perturbed, tiny
+    from training.export import write_version
+
+    shape = (9, 7, 3)
+    m = perturbed(tiny(shape, 256, conv_widths=[4, 8], latent_layers=3, llr_k=2))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in m.layers.parameters():  # the layers' priors start as N(0, I): make every path count
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    x = np.random.default_rng(0).integers(0, 256, (4, math.prod(shape)))
+    out = tmp_path / "photos" / "1"
+    manifest = write_version(m, out, verify_images=x, metrics={}, training={}, data_info={"image_shape": list(shape)})
+    assert manifest["latent_layers"] == 3 and manifest["llr_k"] == 2 and noise_width(manifest) == 9
+    check = manifest["export_check"]
+    assert check["max_abs_diff_llr_log_likelihoods_nats"] <= check["tolerance_nats"]
+    served = load_version(out, Settings(models_dir=tmp_path, intra_op_threads=1, engine="onnxruntime"), "photos", 1)
+    assert served.noise_dim == 9 and served.latent_dim == 3 and served.has_llr
+    log_w, log_w_llr = served.ref.llr_log_weights(x, np.zeros((2, 4, 9), np.float32))
+    assert log_w.shape == log_w_llr.shape == (2, 4) and np.all(np.isfinite(log_w_llr))
