@@ -30,6 +30,7 @@ CATEGORICAL_MAX_LEVELS = 3  # "auto": categorical up to this many levels, logist
 CONTEXT_MIN_LEVELS = 64  # "auto": the rows context for logistic mixtures over at least this many levels (README)
 MLP_LR, CONV_LR = 1e-3, 2e-3  # "auto" learning rates (the field help says why)
 MAX_LATENT_LAYERS = 8
+FREE_BITS = 2.0  # nats per latent layer, for models of several layers (see `free_bits`)
 CONV_MIN_SIDE = 16  # "auto": convolutional networks for images at least this many pixels high and wide
 CONV_COARSEST = 4  # "auto": the conv networks halve the resolution while the shorter side stays >= this
 CONV_MAX_STAGES = 5  # "auto": at most this many resolutions (64x64 -> 4x4)
@@ -128,6 +129,12 @@ class TrainConfig:
     # objective
     beta: float = opt(1.0, "weight of the KL term", "objective")
     warmup: int = opt(0, "epochs of linear KL warm-up from 0 to beta", "objective")
+    free_bits: float | None = opt(
+        None,
+        "nats of KL per latent layer that training does not penalise (free bits, Kingma et al. 2016): below it a "
+        f"layer's KL has no gradient, so upper layers do not collapse; auto: 0 for one layer, {FREE_BITS} for several",
+        "objective",
+    )
     iw_train: int | None = opt(
         None,
         "K_train importance samples of the training bound (1 = ELBO, >1 = IWAE); auto: 5 below 10,000 training "
@@ -247,6 +254,8 @@ class TrainConfig:
             raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must lie in [0, 1), got {self.ema}")
+        if self.free_bits is not None and not 0 <= self.free_bits < 1e6:
+            raise ConfigError(f"free_bits must be >= 0 nats, got {self.free_bits}")
         if self.beta < 0 or (self.lr is not None and self.lr <= 0) or self.warmup < 0 or self.weight_decay < 0:
             raise ConfigError("beta, warmup and weight_decay must be >= 0 and lr > 0")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -326,6 +335,7 @@ class TrainConfig:
             calibration_images=self.calibration_images if self.calibration_images is not None else evaluated or 1000,
             dropout=dropout,
             iw_train=iw_train,
+            free_bits=self.free_bits if self.free_bits is not None else (FREE_BITS if self.latent_layers > 1 else 0.0),
             arch=arch,
             latent_dim=latent or 16,
             lr=self.lr or (CONV_LR if arch == "conv" else MLP_LR),

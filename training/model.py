@@ -934,11 +934,26 @@ class VAE(nn.Module):
         graph is traced, so each exported graph has no control flow. `ladder`: the encoder's output for x,
         when another pass already has it.
         """
+        z, terms = self.top_down(x, eps, from_prior, ladder)
+        ratio = terms[0]
+        for term in terms[1:]:
+            ratio = ratio + term
+        return z, ratio
+
+    def top_down(
+        self,
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        from_prior: int = 0,
+        ladder: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`latent_terms` before the sum: the bottom layer's z and each posterior layer's log p - log q (K, B),
+        the top layer's first (the layers drawn from their priors give none)."""
         ladder = ladder if ladder is not None else self.encoder.ladder(x)
         noise = eps.chunk(len(ladder), dim=-1)  # top layer first
         mu, log_var = ladder[-1]  # (B, L)
         z = mu + torch.exp(0.5 * log_var) * noise[0]
-        ratio = self.prior.log_prob(z) - diag_gaussian_log_prob(z, mu, log_var)
+        terms = [self.prior.log_prob(z) - diag_gaussian_log_prob(z, mu, log_var)]
         for i in reversed(range(len(self.layers))):  # layer i, from the one below the top down to the bottom (0)
             prior = self.layers[i].prior(z)
             if i < from_prior:
@@ -946,8 +961,24 @@ class VAE(nn.Module):
                 continue
             mu, log_var = LatentLayer.posterior(ladder[i], prior)
             z = mu + torch.exp(0.5 * log_var) * noise[len(ladder) - 1 - i]
-            ratio = ratio + diag_gaussian_log_prob(z, *prior) - diag_gaussian_log_prob(z, mu, log_var)
-        return z, ratio
+            terms.append(diag_gaussian_log_prob(z, *prior) - diag_gaussian_log_prob(z, mu, log_var))
+        return z, terms
+
+    def training_terms(
+        self, x: torch.Tensor, eps: torch.Tensor, beta: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`log_weights`, and the free-bits correction to add to the loss (None without free bits): beta times
+        the sum over latent layers of max(0, free_bits - KL_l), KL_l the batch's mean log q - log p of layer l.
+        Below free_bits nats a layer's KL then has no gradient (Kingma et al. 2016's max(free_bits, KL_l))."""
+        free = self.cfg.free_bits or 0.0
+        if free <= 0:
+            return self.log_weights(x, eps, beta), None
+        z, terms = self.top_down(x, eps)
+        ratio = terms[0]
+        for term in terms[1:]:
+            ratio = ratio + term
+        shortfall = sum(F.relu(free + term.mean()) for term in terms)
+        return self.decoder.log_prob(x, z) + beta * ratio, beta * torch.as_tensor(shortfall)
 
     def llr_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The log importance weights (K, B) of the full model and of L>k (the bottom `cfg.llr_k` layers from

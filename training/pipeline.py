@@ -128,10 +128,15 @@ def run(
         f"data: {cfg.dataset}, images {data.shape[0]}x{data.shape[1]}x{data.shape[2]}, {data.levels} levels, "
         f"train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}"
     )
+    layers = (
+        f" x {resolved.latent_layers} layers (LLR>{resolved.llr_k}, free bits {resolved.free_bits:g} nats a layer)"
+        if resolved.latent_layers > 1
+        else ""
+    )
     log(
         f"model: {resolved.arch} networks, {resolved.likelihood} likelihood"
         f"{' over rows' if resolved.context == 'rows' else ''}, "
-        f"{resolved.prior} prior, latent {resolved.latent_dim}, "
+        f"{resolved.prior} prior, latent {resolved.latent_dim}{layers}, "
         f"{params / 1e6:.2f} M parameters ({mb:.1f} MB); batch {resolved.batch_size}, at most {resolved.epochs} epochs "
         f"({resolved.max_steps} steps), patience {resolved.patience}, seed {resolved.seed}"
     )

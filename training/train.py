@@ -213,8 +213,8 @@ class _LogWeights(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor, beta: float) -> torch.Tensor:
-        return self.vae.log_weights(x, eps, beta)  # (K, B)
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.vae.training_terms(x, eps, beta)  # (K, B), the free-bits correction
 
 
 # --- interruption ------------------------------------------------------------------------------
@@ -560,12 +560,14 @@ def train(
                     rows = perm[next_index : next_index + bs]
                     eps = torch.randn(cfg.iw_train, len(rows), model.noise_dim, generator=gen)
                     xb, eps_b = next(batches).to(dev), procs.shard(eps, dim=1).to(dev)
-                    log_w = net(xb, eps_b, beta)
+                    log_w, free_bits = net(xb, eps_b, beta)
                     bound = torch.logsumexp(log_w.float(), dim=0) - math.log(cfg.iw_train)
                     if procs.active:  # DDP averages the gradients: world x (this slice's sum / global batch)
                         loss = -bound.sum() * (procs.world / len(rows))
                     else:
                         loss = -bound.mean()
+                    if free_bits is not None:  # each process its slice's layer KLs (DDP averages the gradients)
+                        loss = loss + free_bits
                     opt.zero_grad(set_to_none=True)
                     if scaler is not None:
                         scaler.scale(loss).backward()

@@ -195,3 +195,21 @@ def test_a_conv_colour_ladder_is_written_verified_and_served(tmp_path):
     assert served.noise_dim == 9 and served.latent_dim == 3 and served.has_llr
     log_w, log_w_llr = served.ref.llr_log_weights(x, np.zeros((2, 4, 9), np.float32))
     assert log_w.shape == log_w_llr.shape == (2, 4) and np.all(np.isfinite(log_w_llr))
+
+
+def test_free_bits_only_shift_the_loss_of_layers_below_their_floor():
+    one, two = model(1), model(2)
+    assert one.cfg.free_bits == 0.0 and two.cfg.free_bits == 2.0  # auto: free bits for several layers only
+    x = torch.from_numpy(prepare("digits").test[:8].reshape(8, -1).astype(np.int64))
+    eps = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        log_w, correction = one.training_terms(x, eps[..., :4], 0.5)
+        assert correction is None and torch.equal(log_w, one.log_weights(x, eps[..., :4], 0.5))
+        log_w, correction = two.training_terms(x, eps, 0.5)
+        torch.testing.assert_close(log_w, two.log_weights(x, eps, 0.5))
+        _, terms = two.top_down(x, eps)
+        kl = [-t.mean().item() for t in terms]
+        assert correction is not None
+        assert correction.item() == pytest.approx(0.5 * sum(max(0.0, 2.0 - k) for k in kl), rel=1e-5, abs=1e-6)
+    roomy = VAE(two.cfg.replace(free_bits=0.0), 64, 17, (8, 8, 1))
+    assert roomy.training_terms(x, eps)[1] is None
