@@ -22,7 +22,7 @@ from vae_contract.formulas import SCORE_NAMES
 LIKELIHOODS = ("auto", "categorical", "bernoulli", "logistic_mixture")
 PRIORS = ("standard", "mog", "vamp")
 INPUT_SCALES = ("unit", "raw")
-OOD_SCORES = SCORE_NAMES
+OOD_SCORES = ("auto", *SCORE_NAMES)
 CONTEXTS = ("auto", "none", "rows")
 ARCHS = ("auto", "mlp", "conv")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -192,8 +192,10 @@ class TrainConfig:
         "evaluation",
     )
     ood_score: str = opt(
-        "nll_bpd",
-        "default OOD score of /score (nll_bpd: best on held-out digit classes, >= 0.99 AUROC on every generated set)",
+        "auto",
+        "default OOD score of /score; auto: chosen from the validation images at calibration (nll_bpd where "
+        "their NLL varies independently of how compressible they are, else a complexity-aware score: "
+        "training.ood.choose_default_score)",
         "evaluation",
         OOD_SCORES,
     )

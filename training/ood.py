@@ -17,6 +17,7 @@ from training.model import VAE
 from vae_contract.formulas import (
     bits_per_dim,
     calibration_block,
+    compressed_bits,
     llr_bits_per_dim,
     map_calibration_block,
     scores_from_nll,
@@ -47,26 +48,58 @@ def model_scores(model: VAE, x: np.ndarray, k: int, seed: int, calib: dict[str, 
     return scores_from_nll(nll, x, calib["typicality_center_bpd"], calib["standardize"], llr, calib.get("scores"))
 
 
+#: the validation images' correlation between NLL and zlib's bits/dim from which likelihood is taken to measure
+#: complexity more than typicality (see choose_default_score)
+COMPLEXITY_CORRELATION = 0.7
+COMPLEXITY_AWARE_SCORE = "dose"
+
+
+def choose_default_score(nll_bpd: np.ndarray, x: np.ndarray) -> tuple[str, dict[str, Any]]:
+    """The default OOD score for a model, from its validation images: nll_bpd where their NLL (bits/dim) and
+    zlib's length of the same images (bits/dim) correlate below COMPLEXITY_CORRELATION, else
+    COMPLEXITY_AWARE_SCORE. Where an image's likelihood mostly says how compressible it is (natural images:
+    a flat crop is cheap for any coder), likelihood rates simple foreign images as normal (Nalisnick et al.
+    2019) and a score that corrects for complexity must decide; where it does not (digits: r = 0.37), the
+    NLL itself finds held-out classes best (AUROC 0.952 against 0.85-0.91 for the complexity-aware scores).
+    Returns the score and the rule's record for the manifest."""
+    zlib_bpd = compressed_bits(x) / x.shape[1]
+    nll = np.asarray(nll_bpd, dtype=np.float64)
+    flat = nll.std() < 1e-12 or zlib_bpd.std() < 1e-12
+    r = 0.0 if flat else float(np.corrcoef(nll, zlib_bpd)[0, 1])
+    name = COMPLEXITY_AWARE_SCORE if r >= COMPLEXITY_CORRELATION else "nll_bpd"
+    return name, {
+        "nll_zlib_correlation": round(r, 4),
+        "threshold": COMPLEXITY_CORRELATION,
+        "rule": f"{COMPLEXITY_AWARE_SCORE} where the validation images' NLL and zlib bits/dim correlate at >= "
+        f"{COMPLEXITY_CORRELATION}, else nll_bpd",
+    }
+
+
 def calibrate(
     model: VAE,
     x_val: np.ndarray,
     k: int = 1000,
     seed: int = 0,
-    default_score: str = "combined",
+    default_score: str = "auto",
     progress: bool = False,
 ) -> dict[str, Any]:
     """The manifest's calibration block: each score's distribution on the validation split, and the anomaly
-    map's per-pixel statistics, from one importance-sampling pass."""
+    map's per-pixel statistics, from one importance-sampling pass; "auto" chooses the default score from
+    the same validation images (`choose_default_score`)."""
     desc = f"calibration (K={k})" if progress else None
     ll, expected_nll = pixel_nll(model, torch.from_numpy(x_val.astype(np.int64)), k, seed=seed, progress=desc)
     nll = bits_per_dim(-ll, x_val.shape[1])
     llr = llr_bpd(model, x_val, k, seed, "calibration, LLR>k" if progress else None)
+    rule = None
+    if default_score == "auto":
+        default_score, rule = choose_default_score(nll, x_val)
     return {
         "split": "val",
         "images": int(len(x_val)),
         "K": k,
         "seed": seed,
         "default_score": default_score,
+        **({"default_score_rule": rule} if rule else {}),
         "default_fpr": DEFAULT_FPR,
         **calibration_block(nll, x_val, llr),
         "anomaly_map": map_calibration_block(expected_nll, k, seed),

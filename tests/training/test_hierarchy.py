@@ -111,9 +111,11 @@ def test_two_sided_p_values_and_dose():
     beyond = two_sided_log_p(np.array([10.0, 20.0, -10.0]), table)
     assert beyond[1] < beyond[0] < inside[4] and beyond[2] < inside[3]  # far-off images keep ranking
     tables = {"nll_bpd": table, "complexity": score_block("complexity", values)}
-    scores = {"nll_bpd": np.array([0.0, -4.0, 4.0]), "complexity": np.array([0.0, 0.0, 0.0])}
-    dose = dose_scores(scores, tables)
-    assert dose[1] > dose[0] < dose[2]  # too likely is as anomalous as too unlikely
+    scores = {"nll_bpd": np.array([9.0, 9.0, 9.0]), "complexity": np.array([0.0, -4.0, 4.0])}
+    dose = dose_scores(scores, tables)  # complexity's two tails; nll_bpd is not a part
+    assert dose[1] > dose[0] < dose[2] and dose[1] == pytest.approx(dose[2]) and dose[0] < 0.01
+    with_llr = dose_scores({**scores, "llr": np.array([0.0, 0.0, 5.0])}, {**tables, "llr": table})
+    assert with_llr[2] > dose[2] and with_llr[0] == pytest.approx(dose[0], abs=0.01)
     assert needs_llr("llr", {}) and not needs_llr("dose", {"scores": tables})
     assert needs_llr("dose", {"scores": {**tables, "llr": table}}) and not needs_llr("nll_bpd", {"scores": tables})
     assert quantile_table(values)["values"] == table["quantiles"]["values"]
@@ -213,3 +215,18 @@ def test_free_bits_only_shift_the_loss_of_layers_below_their_floor():
         assert correction.item() == pytest.approx(0.5 * sum(max(0.0, 2.0 - k) for k in kl), rel=1e-5, abs=1e-6)
     roomy = VAE(two.cfg.replace(free_bits=0.0), 64, 17, (8, 8, 1))
     assert roomy.training_terms(x, eps)[1] is None
+
+
+def test_the_default_score_follows_how_much_the_likelihood_measures_complexity():
+    from training.ood import COMPLEXITY_AWARE_SCORE, choose_default_score
+    from vae_contract.formulas import compressed_bits
+
+    rng = np.random.default_rng(0)
+    # images from flat to noisy: zlib's length grows with the noise
+    x = np.stack([np.clip(8 + rng.normal(0, s, 64), 0, 16).round() for s in np.linspace(0, 6, 200)]).astype(np.uint8)
+    zlib_bpd = compressed_bits(x) / 64
+    name, rule = choose_default_score(0.5 * zlib_bpd + rng.normal(0, 0.05, 200), x)  # NLL follows complexity
+    assert name == COMPLEXITY_AWARE_SCORE and rule["nll_zlib_correlation"] > 0.9 and rule["threshold"] == 0.7
+    name, rule = choose_default_score(rng.normal(2.0, 0.3, 200), x)  # NLL independent of it
+    assert name == "nll_bpd" and abs(rule["nll_zlib_correlation"]) < 0.3
+    assert choose_default_score(np.full(200, 2.0), x)[0] == "nll_bpd"  # no spread: no evidence either way
