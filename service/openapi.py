@@ -116,7 +116,7 @@ def v2_infer_body(settings: Settings, models: dict[str, dict[int, Any]]) -> dict
                             "properties": {
                                 "num_samples": _int(1, settings.max_k),
                                 "seed": _int(0, MAX_SEED),
-                                "score": {"type": "string", "enum": list(SCORE_NAMES)},
+                                "score": {"type": "string", "enum": served_scores(models)},
                                 "fpr": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
                                 "mode": {"type": "string", "enum": ["mean", "mode", "sample", "probs"]},
                                 "timeout_s": {
@@ -158,6 +158,16 @@ def v2_infer_body(settings: Settings, models: dict[str, dict[int, Any]]) -> dict
             },
         },
     }
+
+
+def served_scores(models: dict[str, dict[int, Any]]) -> list[str]:
+    """The scores some served version can give (nll_bpd and complexity always, the others where calibrated),
+    in SCORE_NAMES's order; every score without a served version (a schema for no model at all)."""
+    versions = [mv for vs in models.values() for mv in vs.values()]
+    if not versions:
+        return list(SCORE_NAMES)
+    given = {"nll_bpd", "complexity"}.union(*(mv.calibrations for mv in versions))
+    return [name for name in SCORE_NAMES if name in given]
 
 
 def _int(lo: int, hi: int) -> dict[str, Any]:
@@ -232,6 +242,10 @@ def _tighten_bodies(comps: dict[str, Any], settings: Settings, models: dict[str,
         props = body.get("properties", {})
         if "num_samples" in props:
             _set(props["num_samples"], maximum=settings.max_k)
+        if "score" in props and versions:
+            for branch in [props["score"], *props["score"].get("anyOf", [])]:
+                if "enum" in branch:
+                    branch["enum"] = served_scores(models)
         if "n" in props:
             _set(props["n"], maximum=settings.max_batch)
         if "timeout_s" in props:
