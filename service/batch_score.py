@@ -355,7 +355,10 @@ def run_header(
         "num_samples": k,
         "seed": seed,
         "fpr": fpr,
-        "engine": (mv.pixel_engine if maps_dir is not None else mv.scoring.engine).info.label,
+        # a ladder's scores come from the fp32 reference's llr graph (as /score gives them)
+        "engine": (
+            mv.ref if "llr" in score_names(mv) else mv.pixel_engine if maps_dir is not None else mv.scoring.engine
+        ).info.label,
         "chunk": mv.chunk,
         **maps,
         "default_score": calib.get("default_score", "nll_bpd"),

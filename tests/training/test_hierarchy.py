@@ -230,3 +230,28 @@ def test_the_default_score_follows_how_much_the_likelihood_measures_complexity()
     name, rule = choose_default_score(rng.normal(2.0, 0.3, 200), x)  # NLL independent of it
     assert name == "nll_bpd" and abs(rule["nll_zlib_correlation"]) < 0.3
     assert choose_default_score(np.full(200, 2.0), x)[0] == "nll_bpd"  # no spread: no evidence either way
+
+
+def test_vae_score_gives_a_ladders_llr_and_dose_as_score_does(two_layers, tmp_path):
+    import csv
+
+    from service.batch_score import score_to_csv
+
+    x = prepare("digits").test[:5]
+    npz = tmp_path / "x.npz"
+    np.savez(npz, images=x[..., 0], levels=np.array(17))
+    settings = Settings(models_dir=two_layers, intra_op_threads=1)
+    header = score_to_csv(two_layers / "ladder" / "1", f"npz:{npz}", tmp_path / "s.csv", k=50, seed=2,
+                          settings=settings, progress=False)  # fmt: skip
+    with (tmp_path / "s.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert header["engine"] == "onnxruntime fp32"
+    with TestClient(create_app(settings)) as client:
+        for name in ("llr", "dose"):
+            body = client.post(
+                "/score", json={"images": x[..., 0].tolist(), "num_samples": 50, "seed": 2, "score": name}
+            ).json()
+            assert body["engine"] == header["engine"]
+            for row, res in zip(rows, body["results"], strict=True):
+                assert float(row[name]) == pytest.approx(res["score"], rel=1e-12, abs=1e-12)
+                assert float(row["nll_bits_per_dim"]) == pytest.approx(res["nll_bits_per_dim"], rel=1e-12)
