@@ -204,19 +204,9 @@ def load_model(version_dir: Path, settings: Settings) -> ModelVersion:
         raise ScoreError(f"{version_dir}: cannot load the model version: {exc}") from exc
 
 
-def score_names(mv: ModelVersion) -> list[str]:
-    """The scores this version can give: nll_bpd and complexity always, the others where calibrated."""
-    calib = mv.manifest.get("calibration") or {}
-    names = ["nll_bpd", "complexity"]
-    if "typicality_center_bpd" in calib and "standardize" in calib:
-        names += ["typicality", "combined"]
-    names += [n for n in ("llr", "dose") if n in (calib.get("scores") or {})]
-    return names
-
-
 def columns(mv: ModelVersion, maps: bool = False) -> dict[str, str]:
     """The output's columns, in order, each with its Arrow type name (the anomaly map's with `maps`)."""
-    per_score = {f"{name}{suffix}": kind for name in score_names(mv) for suffix, kind in SCORE_COLUMNS.items()}
+    per_score = {f"{name}{suffix}": kind for name in mv.score_names for suffix, kind in SCORE_COLUMNS.items()}
     return {**BASE_COLUMNS, **DEFAULT_COLUMNS, **per_score, **(MAP_COLUMNS if maps else {})}
 
 
@@ -241,15 +231,13 @@ def score_rows(
     xs = x[ok]
     # images a call, as the service's scheduler packs them: a call's rows budget over the chunk's length
     per_call = max(1, mv.score_call_rows // min(k, mv.chunk))
-    if maps_dir is not None:
-        engine, pixel_engine = mv.pixel_engine, mv.pixel_engine  # one pass, as /score with anomaly_map runs it
-    else:
-        engine, pixel_engine = mv.scoring.engine, None
-    pixels = mv.height * mv.width
-    names = score_names(mv)
+    # the engines /score runs: maps in the same pass as the score, LLR>k on the fp32 reference (`score_engine`)
+    pixel_engine = mv.pixel_engine if maps_dir is not None else None
+    names = mv.score_names
     llr_engine = mv.ref if "llr" in names else None
+    pixels = mv.height * mv.width
     tasks = score_direct(
-        engine, xs, k, [seed] * len(xs), mv.noise_dim, mv.chunk, per_call, pixel_engine, pixels, llr_engine
+        mv.scoring.engine, xs, k, [seed] * len(xs), mv.noise_dim, mv.chunk, per_call, pixel_engine, pixels, llr_engine
     )
     ll = np.array([t.acc.log_likelihood()[0] for t in tasks])
     elbo = np.array([t.acc.elbo()[0] for t in tasks])
@@ -355,10 +343,7 @@ def run_header(
         "num_samples": k,
         "seed": seed,
         "fpr": fpr,
-        # a ladder's scores come from the fp32 reference's llr graph (as /score gives them)
-        "engine": (
-            mv.ref if "llr" in score_names(mv) else mv.pixel_engine if maps_dir is not None else mv.scoring.engine
-        ).info.label,
+        "engine": mv.score_engine(maps_dir is not None, "llr" in mv.score_names).info.label,
         "chunk": mv.chunk,
         **maps,
         "default_score": calib.get("default_score", "nll_bpd"),

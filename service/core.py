@@ -22,6 +22,7 @@ from service.repository import ModelRepository, ModelVersion
 from service.scoring import ImageTask
 from service.settings import Settings
 from vae_contract.formulas import (
+    ALWAYS_SCORES,
     DECODE_MODES,
     MAX_SEED,
     SCORE_NAMES,
@@ -203,7 +204,7 @@ class InferenceCore:
             raise InvalidInput(
                 f"unknown score {name!r}; choose one of {list(SCORE_NAMES)}", "score", code="unknown_score"
             )
-        if name in ("typicality", "combined", "llr", "dose") and name not in mv.calibrations:
+        if name not in mv.score_names:
             raise InvalidInput(
                 f"model {mv.key} has no calibration for score {name!r} (calibrated: {sorted(mv.calibrations)})",
                 "score",
@@ -383,7 +384,7 @@ class InferenceCore:
         if llr:
             ll_k = np.array([t.llr.log_likelihood()[0] for t in done if t.llr is not None])
             llr_bpd = llr_bits_per_dim(ll, ll_k, mv.dim)
-        if name in ("nll_bpd", "complexity"):
+        if name in ALWAYS_SCORES:
             values = raw_scores(nll_bpd, x)[name]
         else:
             values = scores_from_nll(
@@ -399,12 +400,8 @@ class InferenceCore:
         else:
             fpr, threshold, p_value, is_ood = None, None, None, None
         maps = None
-        engine = mv.scoring.info.label
-        if llr:
-            engine = mv.ref.info.label  # LLR>k's two estimates come from the fp32 reference's llr graph
+        engine = mv.score_engine(map_calibration is not None, llr).info.label
         if map_calibration is not None:
-            if not llr:
-                engine = mv.pixel_engine.info.label  # the pixel graph's engine (the fast path's where it passed)
             map_fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
             expected = np.concatenate([t.pixels.expected_nll() for t in done if t.pixels is not None])
             values_map = anomaly_maps(expected).reshape(len(x), mv.height, mv.width)

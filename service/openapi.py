@@ -166,7 +166,7 @@ def served_scores(models: dict[str, dict[int, Any]]) -> list[str]:
     versions = [mv for vs in models.values() for mv in vs.values()]
     if not versions:
         return list(SCORE_NAMES)
-    given = {"nll_bpd", "complexity"}.union(*(mv.calibrations for mv in versions))
+    given = set().union(*(mv.score_names for mv in versions))
     return [name for name in SCORE_NAMES if name in given]
 
 

@@ -26,7 +26,7 @@ from service.errors import NotReady, UnknownModel
 from service.images import ImageFormat
 from service.scoring import chunk_size, score_direct
 from service.settings import Settings
-from vae_contract.formulas import ScoreCalibration, fp32_parity_tolerance
+from vae_contract.formulas import ALWAYS_SCORES, SCORE_NAMES, ScoreCalibration, fp32_parity_tolerance
 from vae_contract.manifest import (
     ManifestError,
     noise_width,
@@ -134,6 +134,18 @@ class ModelVersion:
     def has_llr(self) -> bool:
         """Whether the version carries the llr_log_weights graph (a model of several latent layers)."""
         return "llr_log_weights" in self.ref.sessions
+
+    @property
+    def score_names(self) -> list[str]:
+        """The scores this version can give, in SCORE_NAMES's order: nll_bpd and complexity always, the others
+        where calibrated."""
+        return [n for n in SCORE_NAMES if n in ALWAYS_SCORES or n in self.calibrations]
+
+    def score_engine(self, maps: bool, llr: bool) -> Any:
+        """The engine whose log weights make a score: the fp32 reference's llr graph where the score needs LLR>k
+        (its two estimates from one engine), else the pixel graph's engine with maps (one pass), else the
+        scoring engine."""
+        return self.ref if llr else self.pixel_engine if maps else self.scoring.engine
 
     @property
     def key(self) -> str:

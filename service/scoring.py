@@ -77,25 +77,22 @@ def run_call(
     eps = np.empty((n, len(tasks), noise_dim), dtype=np.float32)
     for j, t in enumerate(tasks):
         eps[:, j, :] = importance_noise(t.seed, n, noise_dim, start=t.done)
-    log_w_llr: np.ndarray | None = None
+    log_w: np.ndarray | None = None  # the score's log weights (n, B)
     if tasks[0].llr is not None:
         if llr_engine is None:
             raise ValueError("LLR>k needs an engine with the llr_log_weights graph")
-        lw_full, lw_llr = llr_engine.llr_log_weights(x, eps)
-        log_w, log_w_llr = np.asarray(lw_full, dtype=np.float64), np.asarray(lw_llr, dtype=np.float64)
+        log_w, log_w_llr = (np.asarray(a, dtype=np.float64) for a in llr_engine.llr_log_weights(x, eps))
     if tasks[0].pixels is not None:
         if pixel_engine is None:
             raise ValueError("anomaly maps need an engine with the pixel_log_weights graph")
         lw, px = pixel_engine.pixel_log_weights(x, eps)
         map_log_w, pixel_log_px = np.asarray(lw, dtype=np.float64), np.asarray(px)  # (n, B), (n, B, P)
-        if log_w_llr is None:
-            log_w = map_log_w
-    elif log_w_llr is None:
-        log_w = np.asarray(engine.log_weights(x, eps), dtype=np.float64)  # (n, B)
+        log_w = map_log_w if log_w is None else log_w
+    if log_w is None:
+        log_w = np.asarray(engine.log_weights(x, eps), dtype=np.float64)
     for j, t in enumerate(tasks):
         t.acc.add(log_w[:, j : j + 1])
         if t.llr is not None:
-            assert log_w_llr is not None
             t.llr.add(log_w_llr[:, j : j + 1])
         if t.pixels is not None:
             t.pixels.add(map_log_w[:, j : j + 1], pixel_log_px[:, j : j + 1])

@@ -829,6 +829,15 @@ class FixedMixturePrior(Prior):
         return bool(torch.isfinite(fast).all() and (fast - exact).abs().max() <= tolerance_nats)
 
 
+def _sum_in_order(terms: list[torch.Tensor]) -> torch.Tensor:
+    """terms[0] + terms[1] + ..., left to right: one term is itself, so a one-layer model's log weights stay bit
+    for bit what they were before latent layers."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 class LatentLayer(nn.Module):
     """One stochastic layer below the top of a ladder VAE (Sønderby et al. 2016): the conditional prior
     p(z_l | z_l+1), a diagonal Gaussian from a small network of the layer above, and the posterior
@@ -935,10 +944,7 @@ class VAE(nn.Module):
         when another pass already has it.
         """
         z, terms = self.top_down(x, eps, from_prior, ladder)
-        ratio = terms[0]
-        for term in terms[1:]:
-            ratio = ratio + term
-        return z, ratio
+        return z, _sum_in_order(terms)
 
     def top_down(
         self,
@@ -974,11 +980,8 @@ class VAE(nn.Module):
         if free <= 0:
             return self.log_weights(x, eps, beta), None
         z, terms = self.top_down(x, eps)
-        ratio = terms[0]
-        for term in terms[1:]:
-            ratio = ratio + term
         shortfall = sum(F.relu(free + term.mean()) for term in terms)
-        return self.decoder.log_prob(x, z) + beta * ratio, beta * torch.as_tensor(shortfall)
+        return self.decoder.log_prob(x, z) + beta * _sum_in_order(terms), beta * torch.as_tensor(shortfall)
 
     def llr_terms(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The log importance weights (K, B) of the full model and of L>k (the bottom `cfg.llr_k` layers from

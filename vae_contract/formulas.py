@@ -188,6 +188,8 @@ COMBINED_PARTS = ("nll_bpd", "complexity")
 #: lowered every AUROC it moved (smooth blobs 0.750 -> 0.599, upscaled digits 0.941 -> 0.822; models/README.md)
 DOSE_PARTS = ("complexity",)
 LLR_SCORE = "llr"
+#: the scores every version gives, calibrated or not (`raw_scores`); the others only where calibrated
+ALWAYS_SCORES = ("nll_bpd", "complexity")
 COMPRESSOR = "zlib level 9 on the raw grey-level bytes (8 bits per pixel)"
 CALIBRATION_FPRS = (0.01, 0.05)
 MAX_QUANTILES = 1001  # store every calibration score up to this many, else this many quantiles
@@ -246,12 +248,11 @@ def two_sided_log_p(values: np.ndarray, table: dict[str, Any]) -> FloatArray:
     p = min(1, 2 min(F(s), 1 - F(s))), F read off the table, floored at 1 / (n + 1) inside the table's range;
     beyond its ends the floor decays as exp(-distance / spread), spread the table's central 98% width over
     4.65 (a normal's sigma), so far-off images still rank by how far off they are."""
-    q = table["quantiles"]
-    probs, tab = np.asarray(q["probs"], np.float64), np.asarray(q["values"], np.float64)
-    n = int(table["n"])
+    cal = ScoreCalibration.from_block("", table)
+    probs, tab = cal.probs, cal.values
     v = np.asarray(values, np.float64)
     cdf = np.interp(v, tab, probs)
-    floor = 1.0 / (n + 1)
+    floor = 1.0 / (cal.n + 1)
     log_p = np.log(np.clip(2.0 * np.minimum(cdf, 1.0 - cdf), floor, 1.0))
     spread = max(float(np.interp(0.99, probs, tab) - np.interp(0.01, probs, tab)) / 4.65, 1e-12)
     beyond = np.maximum(tab[0] - v, 0.0) + np.maximum(v - tab[-1], 0.0)
