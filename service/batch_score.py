@@ -51,6 +51,7 @@ from vae_contract.formulas import (
     ScoreCalibration,
     anomaly_maps,
     bits_per_dim,
+    elbo_gap_bits_per_dim,
     llr_bits_per_dim,
     raw_scores,
     requantize,
@@ -250,7 +251,13 @@ def score_rows(
         llr_bpd = llr_bits_per_dim(ll, ll_k, mv.dim)
     if "typicality" in names:
         values = scores_from_nll(
-            nll_bpd, xs, calib["typicality_center_bpd"], calib["standardize"], llr_bpd, calib.get("scores")
+            nll_bpd,
+            xs,
+            calib["typicality_center_bpd"],
+            calib["standardize"],
+            llr_bpd,
+            calib.get("scores"),
+            elbo_gap_bpd=elbo_gap_bits_per_dim(ll, elbo, mv.dim),
         )
     else:
         values = raw_scores(nll_bpd, xs)

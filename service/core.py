@@ -32,6 +32,7 @@ from vae_contract.formulas import (
     ScoreCalibration,
     anomaly_maps,
     bits_per_dim,
+    elbo_gap_bits_per_dim,
     images_from_probs,
     llr_bits_per_dim,
     needs_llr,
@@ -388,7 +389,13 @@ class InferenceCore:
             values = raw_scores(nll_bpd, x)[name]
         else:
             values = scores_from_nll(
-                nll_bpd, x, calib["typicality_center_bpd"], calib["standardize"], llr_bpd, calib.get("scores")
+                nll_bpd,
+                x,
+                calib["typicality_center_bpd"],
+                calib["standardize"],
+                llr_bpd,
+                calib.get("scores"),
+                elbo_gap_bpd=elbo_gap_bits_per_dim(ll, elbo, mv.dim),
             )[name]
         cal = mv.calibrations.get(name)
         if cal is not None:

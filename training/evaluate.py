@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,31 +81,56 @@ def importance_log_likelihood(
     return torch.cat(out)
 
 
+@dataclass(frozen=True)
+class ImportancePass:
+    """One image set's importance-sampling results, from the same K samples an image: log p(x) and the ELBO
+    (N,) in nats, and each pixel's expected NLL under the posterior (N, H*W) in nats (channels summed;
+    vae_contract.formulas.PixelNllAccumulator) where asked for."""
+
+    log_likelihood: np.ndarray
+    elbo: np.ndarray
+    expected_nll: np.ndarray | None
+
+
 @torch.inference_mode()
-def pixel_nll(
-    model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0, progress: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Importance-sampled log p(x) (N,) in nats and each pixel's expected NLL under the posterior (N, H*W) in
-    nats (channels summed; vae_contract.formulas.PixelNllAccumulator), from the same K samples an image."""
+def importance_pass(
+    model: VAE,
+    x: torch.Tensor,
+    k: int,
+    chunk: int = 250,
+    seed: int = 0,
+    progress: str | None = None,
+    maps: bool = True,
+) -> ImportancePass:
+    """log p(x), the ELBO and (maps=True) each pixel's expected NLL of images x (N, D), K = k: the numbers the
+    service's log_weights (or pixel_log_weights) graph gives, accumulated as the service does."""
     model.eval()
     chunk = min(chunk, k)
     batch = max(1, rows_per_pass(model) // chunk)
-    lls, maps = [], []
+    lls, elbos, per_pixel = [], [], []
     acc: ImportanceAccumulator | None = None
     pix: PixelNllAccumulator | None = None
     for xb, eps in _noise_chunks(x, model.noise_dim, k, chunk, seed, batch, torch.float32, progress):
         if eps is None:
-            assert acc is not None and pix is not None
+            assert acc is not None
             lls.append(acc.log_likelihood())
-            maps.append(pix.expected_nll())
+            elbos.append(acc.elbo())
+            if pix is not None:
+                per_pixel.append(pix.expected_nll())
             acc = pix = None
             continue
-        log_w, pixels = model.pixel_terms(xb, eps)
-        if acc is None or pix is None:
-            acc, pix = ImportanceAccumulator.empty(len(xb)), PixelNllAccumulator.empty(len(xb), pixels.shape[-1])
+        if maps:
+            log_w, pixels = model.pixel_terms(xb, eps)
+            if pix is None:
+                pix = PixelNllAccumulator.empty(len(xb), pixels.shape[-1])
+            pix.add(log_w.numpy(), pixels.numpy())
+        else:
+            log_w = model.log_weights(xb, eps)
+        if acc is None:
+            acc = ImportanceAccumulator.empty(len(xb))
         acc.add(log_w.numpy())
-        pix.add(log_w.numpy(), pixels.numpy())
-    return np.concatenate(lls), np.concatenate(maps)
+    expected = np.concatenate(per_pixel) if maps else None
+    return ImportancePass(np.concatenate(lls), np.concatenate(elbos), expected)
 
 
 @torch.inference_mode()

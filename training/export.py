@@ -691,7 +691,19 @@ def _map_calibration_or_none(model: VAE, calibration: dict[str, Any]) -> dict[st
         return None
 
 
-def reexport(version_dir: Path, out: Path | None = None, force: bool = False) -> dict[str, Any]:
+def _recalibrated(model: VAE, calibration: dict[str, Any]) -> dict[str, Any]:
+    from training.data import DataError
+    from training.ood import recalibrate
+
+    try:
+        return recalibrate(model, calibration)
+    except (DataError, OSError) as exc:
+        raise ExportError(f"cannot recalibrate: the training data cannot be read again ({exc})") from exc
+
+
+def reexport(
+    version_dir: Path, out: Path | None = None, force: bool = False, recalibrate: bool = False
+) -> dict[str, Any]:
     """Export a version's torch checkpoint again with this exporter (into `out`, or in place).
 
     Graphs, weights and check scores are written anew and verified as at training time (on the
@@ -699,6 +711,8 @@ def reexport(version_dir: Path, out: Path | None = None, force: bool = False) ->
     (plots, metrics.jsonl, OOD reports) carry over. For versions exported by an older vae-train: the
     model stays the same function, its graphs may run faster, and a version calibrated before anomaly
     maps gains their calibration when its training data can be read again (same validation images).
+    `recalibrate` computes the whole calibration block again on those images (K and seed as before),
+    so that the version gains the scores added since; ExportError when the data cannot be read.
     """
     manifest = read_verified(version_dir)
     model = load_checkpoint(version_dir)
@@ -708,7 +722,9 @@ def reexport(version_dir: Path, out: Path | None = None, force: bool = False) ->
     own = {CHECKPOINT, WEIGHTS, *GRAPH_FILES.values(), *HIERARCHY_GRAPH_FILES.values()}
     image = manifest["image"]
     calibration = manifest.get("calibration")
-    if calibration and not calibration.get("anomaly_map"):
+    if calibration and recalibrate:
+        calibration = _recalibrated(model, calibration)
+    elif calibration and not calibration.get("anomaly_map"):
         calibration = dict(calibration, anomaly_map=_map_calibration_or_none(model, calibration))
     # write_version copies the extra files into its staging directory before it replaces `target`,
     # so they can be read from `version_dir` even when re-exporting in place
@@ -743,9 +759,15 @@ def reexport_main(argv: list[str] | None = None) -> int:
     p.add_argument("version_dir", type=Path, help="a model version directory, e.g. models/digits/1")
     p.add_argument("--out", type=Path, default=None, help="write here instead of replacing VERSION_DIR")
     p.add_argument("--force", action="store_true", help="overwrite --out if it holds a version")
+    p.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="calibrate the OOD scores again on the same validation images (needs the training data), so the "
+        "version gains the scores added since it was trained",
+    )
     args = p.parse_args(argv)
     try:
-        m = reexport(args.version_dir, args.out, args.force)
+        m = reexport(args.version_dir, args.out, args.force, args.recalibrate)
     except ExportError as exc:
         print(f"vae-export: {exc}", file=sys.stderr)
         return 1

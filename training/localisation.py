@@ -12,13 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from training.defects import MAX_FPR, aupro, auroc, defect_kinds, make_defects
-from training.evaluate import pixel_nll
 from training.model import VAE
-from training.ood import llr_bpd
-from vae_contract.formulas import ScoreCalibration, anomaly_maps, bits_per_dim, scores_from_nll
+from training.ood import image_statistics, scores_of
+from vae_contract.formulas import ScoreCalibration, anomaly_maps
 
 Log = Callable[[str], None]
 
@@ -29,12 +27,10 @@ def maps_and_scores(
     """Anomaly maps (N, H, W) and every image score of images (N, H, W, C), from one pass of K samples."""
     n, h, w, _ = images.shape
     x = images.reshape(n, -1).astype(np.int64)
-    ll, expected = pixel_nll(model, torch.from_numpy(x), k, seed=seed)
-    maps = anomaly_maps(expected).reshape(n, h, w)
-    llr = llr_bpd(model, x, k, seed)
-    scores = scores_from_nll(
-        bits_per_dim(-ll, x.shape[1]), x, calib["typicality_center_bpd"], calib["standardize"], llr, calib.get("scores")
-    )
+    stats = image_statistics(model, x, k, seed, maps=True)
+    assert stats.expected_nll is not None
+    maps = anomaly_maps(stats.expected_nll).reshape(n, h, w)
+    scores = scores_of(stats, x, calib)
     return maps, scores
 
 

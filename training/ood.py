@@ -7,17 +7,19 @@ prose in models/README.md); the service computes the same ones from the exported
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from training.evaluate import llr_log_likelihoods, log_likelihood, pixel_nll
+from training.evaluate import importance_pass, llr_log_likelihoods
 from training.model import VAE
 from vae_contract.formulas import (
     bits_per_dim,
     calibration_block,
     compressed_bits,
+    elbo_gap_bits_per_dim,
     llr_bits_per_dim,
     map_calibration_block,
     scores_from_nll,
@@ -26,26 +28,53 @@ from vae_contract.formulas import (
 DEFAULT_FPR = 0.01
 
 
-def nll_bits_per_dim(model: VAE, x: np.ndarray, k: int, seed: int, progress: str | None = None) -> np.ndarray:
-    """Importance-sampled NLL in bits/dim of images x (N, D), K = k."""
-    ll = log_likelihood(model, torch.from_numpy(x.astype(np.int64)), k, seed=seed, progress=progress).numpy()
-    return bits_per_dim(-ll, x.shape[1])
+@dataclass(frozen=True)
+class ImageStatistics:
+    """What the scores of images (N, D) are made of, at one K: NLL, log p(x) - ELBO and LLR>k (None for a
+    one-layer model) in bits/dim, and each pixel's expected NLL in nats where asked for."""
+
+    nll_bpd: np.ndarray
+    elbo_gap_bpd: np.ndarray
+    llr_bpd: np.ndarray | None
+    expected_nll: np.ndarray | None = None
 
 
-def llr_bpd(model: VAE, x: np.ndarray, k: int, seed: int, progress: str | None = None) -> np.ndarray | None:
-    """LLR>k in bits/dim of images x (N, D) at K = k (`llr_bits_per_dim`); None for a one-layer model."""
-    if not model.layers:
-        return None
-    ll, ll_k = llr_log_likelihoods(model, torch.from_numpy(x.astype(np.int64)), k, seed=seed, progress=progress)
-    return llr_bits_per_dim(ll, ll_k, x.shape[1])
+def image_statistics(
+    model: VAE, x: np.ndarray, k: int, seed: int, maps: bool = False, progress: str | None = None
+) -> ImageStatistics:
+    """`ImageStatistics` of images x (N, D) at K = k, as the service computes them: one importance pass (and
+    LLR>k's for a model of several latent layers) with the seed's noise."""
+    xt = torch.from_numpy(x.astype(np.int64))
+    run = importance_pass(model, xt, k, seed=seed, progress=progress, maps=maps)
+    llr = None
+    if model.layers:
+        ll, ll_k = llr_log_likelihoods(model, xt, k, seed=seed, progress=progress and f"{progress}, LLR>k")
+        llr = llr_bits_per_dim(ll, ll_k, x.shape[1])
+    return ImageStatistics(
+        bits_per_dim(-run.log_likelihood, x.shape[1]),
+        elbo_gap_bits_per_dim(run.log_likelihood, run.elbo, x.shape[1]),
+        llr,
+        run.expected_nll,
+    )
+
+
+def scores_of(stats: ImageStatistics, x: np.ndarray, calib: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every score `calib` (the manifest's calibration block) allows, of images x (N, D) with statistics `stats`."""
+    return scores_from_nll(
+        stats.nll_bpd,
+        x,
+        calib["typicality_center_bpd"],
+        calib["standardize"],
+        stats.llr_bpd,
+        calib.get("scores"),
+        elbo_gap_bpd=stats.elbo_gap_bpd,
+    )
 
 
 def model_scores(model: VAE, x: np.ndarray, k: int, seed: int, calib: dict[str, Any]) -> dict[str, np.ndarray]:
     """Every calibrated score of images x (N, D) under a model, as the service computes them (K = k)."""
     x = x.reshape(len(x), -1).astype(np.int64)
-    nll = nll_bits_per_dim(model, x, k, seed)
-    llr = llr_bpd(model, x, k, seed)
-    return scores_from_nll(nll, x, calib["typicality_center_bpd"], calib["standardize"], llr, calib.get("scores"))
+    return scores_of(image_statistics(model, x, k, seed), x, calib)
 
 
 #: the validation images' correlation between NLL and zlib's bits/dim from which likelihood is taken to measure
@@ -60,7 +89,7 @@ def choose_default_score(nll_bpd: np.ndarray, x: np.ndarray) -> tuple[str, dict[
     COMPLEXITY_AWARE_SCORE. Where an image's likelihood mostly says how compressible it is (natural images:
     a flat crop is cheap for any coder), likelihood rates simple foreign images as normal (Nalisnick et al.
     2019) and a score that corrects for complexity must decide; where it does not (digits: r = 0.37), the
-    NLL itself finds held-out classes best (AUROC 0.952 against 0.85-0.91 for the complexity-aware scores).
+    NLL itself finds held-out classes best (AUROC 0.952 against 0.84-0.90 for the complexity-aware scores).
     Returns the score and the rule's record for the manifest."""
     zlib_bpd = compressed_bits(x) / x.shape[1]
     nll = np.asarray(nll_bpd, dtype=np.float64)
@@ -86,10 +115,9 @@ def calibrate(
     """The manifest's calibration block: each score's distribution on the validation split, and the anomaly
     map's per-pixel statistics, from one importance-sampling pass; "auto" chooses the default score from
     the same validation images (`choose_default_score`)."""
-    desc = f"calibration (K={k})" if progress else None
-    ll, expected_nll = pixel_nll(model, torch.from_numpy(x_val.astype(np.int64)), k, seed=seed, progress=desc)
-    nll = bits_per_dim(-ll, x_val.shape[1])
-    llr = llr_bpd(model, x_val, k, seed, "calibration, LLR>k" if progress else None)
+    stats = image_statistics(model, x_val, k, seed, maps=True, progress=f"calibration (K={k})" if progress else None)
+    nll = stats.nll_bpd
+    assert stats.expected_nll is not None
     rule = None
     if default_score == "auto":
         default_score, rule = choose_default_score(nll, x_val)
@@ -101,23 +129,39 @@ def calibrate(
         "default_score": default_score,
         **({"default_score_rule": rule} if rule else {}),
         "default_fpr": DEFAULT_FPR,
-        **calibration_block(nll, x_val, llr),
-        "anomaly_map": map_calibration_block(expected_nll, k, seed),
+        **calibration_block(nll, x_val, stats.llr_bpd, stats.elbo_gap_bpd),
+        "anomaly_map": map_calibration_block(stats.expected_nll, k, seed),
     }
 
 
-def map_calibration_for(model: VAE, calibration: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """calibration.anomaly_map for a version calibrated before anomaly maps: the same validation images (the
-    training config's source, split and subsample seed) at the calibration's K and seed. Raises DataError
-    when the training data cannot be read again."""
+def validation_images_for(model: VAE, calibration: dict[str, Any], log: Callable[[str], None] = print) -> np.ndarray:
+    """The validation images (N, D) a version was calibrated on, read again: the training config's source,
+    split and subsample seed. Raises DataError when the training data cannot be read again."""
     from training.data import prepare_config
     from training.pipeline import subsample
 
     cfg = model.cfg
     data = prepare_config(cfg)
     x_val = subsample(data.flat("val"), cfg.calibration_images or 0, int(calibration["seed"]))
-    log(f"anomaly-map calibration: {len(x_val)} validation images of {cfg.dataset}, K={calibration['K']}")
-    _, expected_nll = pixel_nll(
-        model, torch.from_numpy(x_val.astype(np.int64)), int(calibration["K"]), seed=int(calibration["seed"])
-    )
-    return map_calibration_block(expected_nll, int(calibration["K"]), int(calibration["seed"]))
+    log(f"calibration images: {len(x_val)} validation images of {cfg.dataset}, K={calibration['K']}")
+    return x_val
+
+
+def map_calibration_for(model: VAE, calibration: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """calibration.anomaly_map for a version calibrated before anomaly maps, on the same validation images
+    (`validation_images_for`) at the calibration's K and seed."""
+    x_val = validation_images_for(model, calibration, log)
+    k, seed = int(calibration["K"]), int(calibration["seed"])
+    run = importance_pass(model, torch.from_numpy(x_val.astype(np.int64)), k, seed=seed)
+    assert run.expected_nll is not None
+    return map_calibration_block(run.expected_nll, k, seed)
+
+
+def recalibrate(model: VAE, calibration: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A version's calibration block computed anew by this version of the code, on the same validation images
+    (`validation_images_for`), K and seed, so that it gains the scores added since (elbo_gap, dose). The
+    default score is chosen again where it was chosen by the rule ("auto"), else kept."""
+    x_val = validation_images_for(model, calibration, log)
+    default = "auto" if calibration.get("default_score_rule") else str(calibration["default_score"])
+    fresh = calibrate(model, x_val, int(calibration["K"]), int(calibration["seed"]), default, progress=True)
+    return {**fresh, **({"of_images": calibration["of_images"]} if "of_images" in calibration else {})}

@@ -173,21 +173,27 @@ class PixelNllAccumulator:
 
 # --- OOD scores -------------------------------------------------------------------------------
 
-SCORE_NAMES = ("nll_bpd", "complexity", "typicality", "combined", "llr", "dose")
+SCORE_NAMES = ("nll_bpd", "complexity", "typicality", "combined", "llr", "elbo_gap", "dose")
 SCORE_UNITS = {
     "nll_bpd": "bits/dim",
     "complexity": "bits/dim",
     "typicality": "bits/dim",
     "combined": "std units",
     "llr": "bits/dim",
+    "elbo_gap": "bits/dim",
     "dose": "nats (-sum log p-value)",
 }
 COMBINED_PARTS = ("nll_bpd", "complexity")
-#: the statistics the dose score combines; "llr" joins them on models of several latent layers. Not nll_bpd: on
-#: natural images it is mostly complexity (r = 0.90-0.94 with zlib's bits/dim on photo crops) and adding it
-#: lowered every AUROC it moved (smooth blobs 0.750 -> 0.599, upscaled digits 0.941 -> 0.822; models/README.md)
-DOSE_PARTS = ("complexity",)
 LLR_SCORE = "llr"
+ELBO_GAP_SCORE = "elbo_gap"
+#: the statistics the dose score combines, where calibrated; "llr" joins them on models of several latent layers.
+#: elbo_gap sees what complexity misses: images the encoder was never shown get a posterior far from the true
+#: one (1-layer photo-crop models, K=100: smooth blobs 0.750 -> 0.938 grey, 0.986 -> 0.997 colour). Not nll_bpd:
+#: on natural images it is mostly complexity (r = 0.90-0.94 with zlib's bits/dim on photo crops) and adding it
+#: lowered every AUROC it moved (smooth blobs 0.750 -> 0.599, upscaled digits 0.941 -> 0.822; models/README.md)
+DOSE_PARTS = ("complexity", ELBO_GAP_SCORE)
+#: dose's parts in calibrations that do not record them (written before elbo_gap joined)
+LEGACY_DOSE_PARTS = ("complexity",)
 #: the scores every version gives, calibrated or not (`raw_scores`); the others only where calibrated
 ALWAYS_SCORES = ("nll_bpd", "complexity")
 COMPRESSOR = "zlib level 9 on the raw grey-level bytes (8 bits per pixel)"
@@ -209,13 +215,27 @@ def llr_bits_per_dim(log_likelihood: np.ndarray, log_likelihood_llr: np.ndarray,
     return np.asarray(bits_per_dim(diff, dim), dtype=np.float64)
 
 
-def raw_scores(nll_bpd: np.ndarray, x: np.ndarray, llr_bpd: np.ndarray | None = None) -> dict[str, FloatArray]:
-    """The scores that need no calibration: nll_bpd, complexity (Serra et al., 2020) and, given the LLR>k of a
-    model of several latent layers, llr."""
+def elbo_gap_bits_per_dim(log_likelihood: np.ndarray, elbo: np.ndarray, dim: int) -> FloatArray:
+    """log p(x) - ELBO in bits/dim, both from the same K importance samples (nats in): how far the encoder's
+    posterior q(z|x) is from the model's own p(z|x) on this image (the IWAE bound's gain over the ELBO). An
+    encoder is accurate on images like its training data and can be far off on others, whatever their
+    likelihood: higher = more anomalous. It grows with K (by at most log K nats), so compare it at the
+    calibration's K."""
+    gap = np.asarray(log_likelihood, np.float64) - np.asarray(elbo, np.float64)
+    return np.asarray(bits_per_dim(gap, dim), dtype=np.float64)
+
+
+def raw_scores(
+    nll_bpd: np.ndarray, x: np.ndarray, llr_bpd: np.ndarray | None = None, elbo_gap_bpd: np.ndarray | None = None
+) -> dict[str, FloatArray]:
+    """The scores that need no calibration: nll_bpd, complexity (Serra et al., 2020) and, where given, llr (the
+    LLR>k of a model of several latent layers) and elbo_gap."""
     nll = np.asarray(nll_bpd, dtype=np.float64)
     scores = {"nll_bpd": nll, "complexity": nll - compressed_bits(x) / x.shape[1]}
     if llr_bpd is not None:
         scores[LLR_SCORE] = np.asarray(llr_bpd, dtype=np.float64)
+    if elbo_gap_bpd is not None:
+        scores[ELBO_GAP_SCORE] = np.asarray(elbo_gap_bpd, dtype=np.float64)
     return scores
 
 
@@ -226,21 +246,47 @@ def scores_from_nll(
     standardize: dict[str, list[float]],
     llr_bpd: np.ndarray | None = None,
     tables: dict[str, Any] | None = None,
+    elbo_gap_bpd: np.ndarray | None = None,
 ) -> dict[str, FloatArray]:
-    """Every score of images x (N, D) that the statistics allow, given their NLL in bits/dim (and LLR>k in
-    bits/dim), the validation statistics and, for dose, the validation score tables (calibration["scores"])."""
-    scores = raw_scores(nll_bpd, x, llr_bpd)
+    """Every score of images x (N, D) that the statistics allow, given their NLL in bits/dim (and LLR>k and
+    log p(x) - ELBO, bits/dim), the validation statistics and, for dose, the validation score tables
+    (calibration["scores"])."""
+    scores = raw_scores(nll_bpd, x, llr_bpd, elbo_gap_bpd)
     scores["typicality"] = np.abs(scores["nll_bpd"] - typical_center)
     z = [(scores[name] - standardize[name][0]) / standardize[name][1] for name in COMBINED_PARTS]
     scores["combined"] = np.maximum.reduce(z)
-    if tables is not None and all(p in tables for p in dose_parts(scores)):
-        scores["dose"] = dose_scores(scores, tables)
+    parts = calibrated_dose_parts(tables or {})
+    if tables is not None and parts and all(p in scores and p in tables for p in parts):
+        scores["dose"] = dose_scores(scores, tables, parts)
     return scores
 
 
+def calibrated_dose_parts(tables: dict[str, Any]) -> tuple[str, ...]:
+    """The parts of a calibrated dose (its block's "parts"; LEGACY_DOSE_PARTS and llr where the block names
+    none); () where dose is not calibrated."""
+    block = tables.get("dose")
+    if block is None:
+        return ()
+    recorded = block.get("parts")
+    return tuple(recorded) if recorded else LEGACY_DOSE_PARTS + ((LLR_SCORE,) if LLR_SCORE in tables else ())
+
+
 def dose_parts(scores: dict[str, Any]) -> tuple[str, ...]:
-    """The statistics dose combines for a model: DOSE_PARTS (complexity), and llr where the model gives it."""
-    return DOSE_PARTS + ((LLR_SCORE,) if LLR_SCORE in scores else ())
+    """The statistics dose combines for a model, as calibrated: those of DOSE_PARTS (complexity, elbo_gap) and
+    llr that the model gives."""
+    return tuple(p for p in (*DOSE_PARTS, LLR_SCORE) if p in scores)
+
+
+def _tail_log_p(values: np.ndarray, table: dict[str, Any], two_sided: bool) -> FloatArray:
+    cal = ScoreCalibration.from_block("", table)
+    probs, tab = cal.probs, cal.values
+    v = np.asarray(values, np.float64)
+    cdf = np.interp(v, tab, probs)
+    tail = 2.0 * np.minimum(cdf, 1.0 - cdf) if two_sided else 1.0 - cdf
+    log_p = np.log(np.clip(tail, 1.0 / (cal.n + 1), 1.0))
+    spread = max(float(np.interp(0.99, probs, tab) - np.interp(0.01, probs, tab)) / 4.65, 1e-12)
+    beyond = np.maximum(v - tab[-1], 0.0) + (np.maximum(tab[0] - v, 0.0) if two_sided else 0.0)
+    return np.asarray(log_p - beyond / spread)
 
 
 def two_sided_log_p(values: np.ndarray, table: dict[str, Any]) -> FloatArray:
@@ -248,23 +294,29 @@ def two_sided_log_p(values: np.ndarray, table: dict[str, Any]) -> FloatArray:
     p = min(1, 2 min(F(s), 1 - F(s))), F read off the table, floored at 1 / (n + 1) inside the table's range;
     beyond its ends the floor decays as exp(-distance / spread), spread the table's central 98% width over
     4.65 (a normal's sigma), so far-off images still rank by how far off they are."""
-    cal = ScoreCalibration.from_block("", table)
-    probs, tab = cal.probs, cal.values
-    v = np.asarray(values, np.float64)
-    cdf = np.interp(v, tab, probs)
-    floor = 1.0 / (cal.n + 1)
-    log_p = np.log(np.clip(2.0 * np.minimum(cdf, 1.0 - cdf), floor, 1.0))
-    spread = max(float(np.interp(0.99, probs, tab) - np.interp(0.01, probs, tab)) / 4.65, 1e-12)
-    beyond = np.maximum(tab[0] - v, 0.0) + np.maximum(v - tab[-1], 0.0)
-    return np.asarray(log_p - beyond / spread)
+    return _tail_log_p(values, table, two_sided=True)
 
 
-def dose_scores(scores: dict[str, FloatArray], tables: dict[str, Any]) -> FloatArray:
+def upper_tail_log_p(values: np.ndarray, table: dict[str, Any]) -> FloatArray:
+    """`two_sided_log_p` with the upper tail only: p = 1 - F(s), for a statistic whose low values are no sign
+    of an anomaly (elbo_gap: an encoder more accurate than usual)."""
+    return _tail_log_p(values, table, two_sided=False)
+
+
+#: dose's parts whose low values are no sign of an anomaly: their upper tail only
+UPPER_TAIL_PARTS = (ELBO_GAP_SCORE,)
+
+
+def dose_scores(scores: dict[str, FloatArray], tables: dict[str, Any], parts: tuple[str, ...]) -> FloatArray:
     """DoSE-style score (Morningstar et al. 2021), with empirical tails in place of kernel densities: the sum
-    over the model's statistics (`dose_parts`: complexity, and llr) of -log of each one's two-sided p-value
-    against its validation distribution (Fisher's combination, halved). An image is flagged when any
-    statistic is atypical in either direction: too simple for the model as much as too complex."""
-    return np.asarray(-sum(two_sided_log_p(scores[p], tables[p]) for p in dose_parts(scores)), dtype=np.float64)
+    over the model's statistics (`parts`: complexity, elbo_gap, and llr) of -log of each one's tail p-value
+    against its validation distribution (Fisher's combination, halved): both tails, but the upper one only
+    for UPPER_TAIL_PARTS. An image is flagged when any statistic is atypical: too simple for the model as
+    much as too complex."""
+    return np.asarray(
+        -sum((upper_tail_log_p if p in UPPER_TAIL_PARTS else two_sided_log_p)(scores[p], tables[p]) for p in parts),
+        dtype=np.float64,
+    )
 
 
 def validation_statistics(nll_bpd: np.ndarray, x: np.ndarray) -> tuple[float, dict[str, list[float]]]:
@@ -330,21 +382,26 @@ def score_block(name: str, values: np.ndarray) -> dict[str, Any]:
     }
 
 
-def calibration_block(nll_bpd: np.ndarray, x: np.ndarray, llr_bpd: np.ndarray | None = None) -> dict[str, Any]:
-    """The per-score part of the manifest's calibration block, from validation NLLs (and LLR>k), bits/dim.
+def calibration_block(
+    nll_bpd: np.ndarray, x: np.ndarray, llr_bpd: np.ndarray | None = None, elbo_gap_bpd: np.ndarray | None = None
+) -> dict[str, Any]:
+    """The per-score part of the manifest's calibration block, from validation NLLs (and LLR>k and
+    log p(x) - ELBO), bits/dim.
 
-    dose reads the tables of its parts, so it is calibrated after them, on the same images (each image's own
-    value is in the tables it is scored against: its p-values lean high by at most 1 / n)."""
+    dose reads the tables of its parts, which its block names, so it is calibrated after them, on the same
+    images (each image's own value is in the tables it is scored against: its p-values lean high by at most
+    1 / n)."""
     center, standardize = validation_statistics(nll_bpd, x)
-    table = scores_from_nll(nll_bpd, x, center, standardize, llr_bpd)
+    table = scores_from_nll(nll_bpd, x, center, standardize, llr_bpd, elbo_gap_bpd=elbo_gap_bpd)
     scores = {name: score_block(name, values) for name, values in table.items()}
-    scores["dose"] = score_block("dose", dose_scores(table, scores))
+    parts = dose_parts(table)
+    scores["dose"] = {**score_block("dose", dose_scores(table, scores, parts)), "parts": list(parts)}
     return {"typicality_center_bpd": center, "standardize": standardize, "compressor": COMPRESSOR, "scores": scores}
 
 
 def needs_llr(name: str, calibration: dict[str, Any]) -> bool:
-    """Whether a score needs LLR>k (the llr_log_weights graph): llr, and dose where llr is calibrated."""
-    return name == LLR_SCORE or (name == "dose" and LLR_SCORE in (calibration.get("scores") or {}))
+    """Whether a score needs LLR>k (the llr_log_weights graph): llr, and dose where llr is one of its parts."""
+    return name == LLR_SCORE or (name == "dose" and LLR_SCORE in calibrated_dose_parts(calibration.get("scores") or {}))
 
 
 # --- anomaly maps -----------------------------------------------------------------------------

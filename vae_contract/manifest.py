@@ -145,6 +145,7 @@ class ScoreBlock(_Strict):
     n: int = Field(ge=2)
     quantiles: QuantileTable
     thresholds: dict[str, float] = Field(default_factory=dict)
+    parts: list[str] | None = None  # dose only: the calibrated statistics it combines
 
 
 class MapCalibration(_Strict):
@@ -179,6 +180,10 @@ class Calibration(_Strict):
             raise ValueError(f"unknown scores {unknown}; known: {list(SCORE_NAMES)}")
         if self.default_score not in self.scores:
             raise ValueError(f"default_score {self.default_score!r} is not calibrated")
+        for name, block in self.scores.items():
+            missing = sorted(set(block.parts or ()) - set(self.scores))
+            if missing:
+                raise ValueError(f"calibration.scores.{name} combines {missing}, which are not calibrated")
         for name, (_, std) in self.standardize.items():
             if not std > 0:
                 raise ValueError(f"standardize[{name}] needs a positive std")

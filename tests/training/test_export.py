@@ -19,6 +19,7 @@ from training.export import (
     write_version,
 )
 from training.model import VAE
+from vae_contract.manifest import write_manifest
 
 
 def small_model(levels: int = 17, **kw) -> VAE:
@@ -240,6 +241,23 @@ def test_reexport_rewrites_the_graphs_and_keeps_the_records(version_dir, tmp_pat
     # an existing other directory is not overwritten without --force
     assert reexport_main([str(version_dir), "--out", str(out)]) == 1
     assert reexport_main([str(version_dir), "--out", str(out), "--force"]) == 0
+
+
+def test_recalibrate_gives_an_older_version_the_scores_added_since(version_dir, tmp_path):
+    """vae-export --recalibrate: a version calibrated before elbo_gap and dose gains them, on the same
+    validation images, K and seed, so the result is the very calibration training writes today."""
+    manifest = read_verified(version_dir)
+    cal = manifest["calibration"]
+    assert {"elbo_gap", "dose"} <= set(cal["scores"]) and cal["scores"]["dose"]["parts"] == ["complexity", "elbo_gap"]
+    stale = {name: block for name, block in cal["scores"].items() if name not in ("elbo_gap", "dose")}
+    old = tmp_path / "old" / "digits" / "1"
+    shutil.copytree(version_dir, old)
+    write_manifest(old, {**manifest, "calibration": {**cal, "scores": stale}})
+    out = tmp_path / "new" / "digits" / "1"
+    assert reexport_main([str(old), "--out", str(out)]) == 0
+    assert read_verified(out)["calibration"]["scores"] == stale  # without --recalibrate the block carries over
+    assert reexport_main([str(old), "--out", str(out), "--force", "--recalibrate"]) == 0
+    assert read_verified(out)["calibration"] == cal
 
 
 def test_reexport_refuses_what_is_not_a_verified_version(version_dir, tmp_path, capsys):

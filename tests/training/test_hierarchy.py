@@ -22,11 +22,13 @@ from training.export import load_checkpoint
 from training.model import VAE, LatentLayer, diag_gaussian_log_prob
 from training.pipeline import run
 from vae_contract.formulas import (
+    dose_parts,
     dose_scores,
     needs_llr,
     quantile_table,
     score_block,
     two_sided_log_p,
+    upper_tail_log_p,
 )
 from vae_contract.manifest import ManifestError, noise_width, validate_manifest
 
@@ -112,12 +114,24 @@ def test_two_sided_p_values_and_dose():
     assert beyond[1] < beyond[0] < inside[4] and beyond[2] < inside[3]  # far-off images keep ranking
     tables = {"nll_bpd": table, "complexity": score_block("complexity", values)}
     scores = {"nll_bpd": np.array([9.0, 9.0, 9.0]), "complexity": np.array([0.0, -4.0, 4.0])}
-    dose = dose_scores(scores, tables)  # complexity's two tails; nll_bpd is not a part
+    assert dose_parts({**scores, "elbo_gap": scores["complexity"]}) == ("complexity", "elbo_gap")  # not nll_bpd
+    dose = dose_scores(scores, tables, ("complexity",))  # complexity's two tails
     assert dose[1] > dose[0] < dose[2] and dose[1] == pytest.approx(dose[2]) and dose[0] < 0.01
-    with_llr = dose_scores({**scores, "llr": np.array([0.0, 0.0, 5.0])}, {**tables, "llr": table})
+    llr = {"llr": np.array([0.0, 0.0, 5.0])}
+    with_llr = dose_scores({**scores, **llr}, {**tables, "llr": table}, ("complexity", "llr"))
     assert with_llr[2] > dose[2] and with_llr[0] == pytest.approx(dose[0], abs=0.01)
-    assert needs_llr("llr", {}) and not needs_llr("dose", {"scores": tables})
-    assert needs_llr("dose", {"scores": {**tables, "llr": table}}) and not needs_llr("nll_bpd", {"scores": tables})
+    legacy = {**tables, "dose": score_block("dose", values)}  # calibrated before dose recorded its parts
+    assert needs_llr("llr", {}) and not needs_llr("dose", {"scores": legacy}) and not needs_llr("dose", {"scores": {}})
+    assert needs_llr("dose", {"scores": {**legacy, "llr": table}}) and not needs_llr("nll_bpd", {"scores": legacy})
+    upper = upper_tail_log_p(np.array([-20.0, lo, np.median(values), hi, 10.0]), table)  # elbo_gap's one tail
+    assert upper[0] == upper[1] == 0.0 and upper[2] == pytest.approx(math.log(0.5), abs=1e-2)
+    assert upper[3] == inside[4] and upper[4] == beyond[0]  # the upper end as in two_sided_log_p
+    gap = {"elbo_gap": np.array([0.0, -9.0, 9.0])}  # typical, far below (an encoder better than usual), far above
+    with_gap = dose_scores({**scores, **gap}, {**tables, "elbo_gap": table}, ("complexity", "elbo_gap"))
+    assert with_gap[1] == pytest.approx(dose[1], abs=1e-12)  # a low gap adds nothing
+    assert with_gap[0] == pytest.approx(dose[0] - math.log(0.5), abs=0.02) and with_gap[2] > dose[2] + 5
+    recorded = {**legacy, "llr": table, "dose": {**legacy["dose"], "parts": ["complexity", "elbo_gap"]}}
+    assert not needs_llr("dose", {"scores": recorded})  # the recorded parts decide, not what else is calibrated
     assert quantile_table(values)["values"] == table["quantiles"]["values"]
 
 
