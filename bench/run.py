@@ -65,7 +65,7 @@ def tiny_large_model(root: Path) -> Path:
 
 
 def run(model: Path, quick: bool) -> dict[str, Any]:
-    from bench import conv, inprocess, maps, serving, training
+    from bench import conv, inprocess, maps, scores, serving, training
     from training.data import prepare
 
     t_start = time.time()
@@ -203,6 +203,13 @@ def run(model: Path, quick: bool) -> dict[str, Any]:
     results["conv"] = conv.measure(threads, quick)
     print("anomaly maps: their cost on top of a score", flush=True)
     results["maps"] = [maps.measure(model, test, 1000, threads)]
+    print("OOD scores: their cost against the likelihood alone", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ladder = scores.ladder_version(Path(tmp))
+        results["scores"] = [
+            scores.measure(model, test, 1000, threads, ("dose",)),
+            scores.measure(ladder, test, 1000, threads, ("llr", "dose")),
+        ]
     results["seconds"] = round(time.time() - t_start, 1)
     return results
 
@@ -324,7 +331,7 @@ def _ratios(ratios: Any) -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    from bench import maps
+    from bench import maps, scores
 
     m = r["machine"]
     lines = [
@@ -428,6 +435,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines += conv_lines(r["conv"])
     if "maps" in r:
         lines += maps.lines(r["maps"])
+    if "scores" in r:
+        lines += scores.lines(r["scores"])
     lines += [f"Total bench time {r['seconds']} s."]
     return "\n".join(lines) + "\n"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.inprocess import int8_engine, largest_decoder_layer
 from bench.run import acceptance_ratios, encode_floor_lines, int8_lines, layer_matmul_lines
 
@@ -134,3 +136,19 @@ def test_the_encode_floor_lines_put_the_servers_cpu_a_request_against_the_floors
     assert "off against the floor: 12.00x" in ceiling  # 600 / 50 us
     older = {k: v for k, v in turns.items() if "cpu" not in k and "busy" not in k}
     assert encode_floor_lines(older) == []  # results from before the CPU figures: no lines
+
+
+def test_the_score_cost_runs_each_score_as_served_and_times_it_against_the_likelihood():
+    """bench.scores on the shipped model: dose from the same pass as nll_bpd (elbo_gap and complexity are
+    arithmetic on it), reported as images/s and a time ratio per score."""
+    from bench import scores
+    from training.data import prepare
+
+    test = prepare("digits").flat("test")
+    shipped = Path(__file__).resolve().parents[2] / "models" / "digits" / "1"
+    r = scores.measure(shipped, test, 50, 1, ("dose",), images=2)
+    assert set(r["images_per_s"]) == {"nll_bpd", "dose"} and all(v > 0 for v in r["images_per_s"].values())
+    rates = r["images_per_s"]
+    assert r["time_over_nll_bpd"]["dose"] == pytest.approx(rates["nll_bpd"] / rates["dose"], rel=0.01)
+    line = "\n".join(scores.lines([r]))
+    assert "digits/1 (1 latent layer(s); its default score nll_bpd), K=50, 2 images" in line and "dose **" in line
