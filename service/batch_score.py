@@ -53,10 +53,8 @@ from vae_contract.formulas import (
     bits_per_dim,
     elbo_gap_bits_per_dim,
     llr_bits_per_dim,
-    raw_scores,
     requantize,
     rgb_to_grey,
-    scores_from_nll,
 )
 from vae_contract.manifest import parse_version
 from vae_contract.sources import SourceError, load_array_file, read_idx
@@ -249,18 +247,7 @@ def score_rows(
     if llr_engine is not None:
         ll_k = np.array([t.llr.log_likelihood()[0] for t in tasks if t.llr is not None])
         llr_bpd = llr_bits_per_dim(ll, ll_k, mv.dim)
-    if "typicality" in names:
-        values = scores_from_nll(
-            nll_bpd,
-            xs,
-            calib["typicality_center_bpd"],
-            calib["standardize"],
-            llr_bpd,
-            calib.get("scores"),
-            elbo_gap_bpd=elbo_gap_bits_per_dim(ll, elbo, mv.dim),
-        )
-    else:
-        values = raw_scores(nll_bpd, xs)
+    values = mv.score_values(nll_bpd, xs, llr_bpd, elbo_gap_bits_per_dim(ll, elbo, mv.dim))
     table: dict[str, Any] = {
         "log_likelihood_nats": ll,
         "nll_nats": -ll,

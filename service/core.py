@@ -22,7 +22,6 @@ from service.repository import ModelRepository, ModelVersion
 from service.scoring import ImageTask
 from service.settings import Settings
 from vae_contract.formulas import (
-    ALWAYS_SCORES,
     DECODE_MODES,
     MAX_SEED,
     SCORE_NAMES,
@@ -36,8 +35,6 @@ from vae_contract.formulas import (
     images_from_probs,
     llr_bits_per_dim,
     needs_llr,
-    raw_scores,
-    scores_from_nll,
 )
 
 DEFAULT_FPR = 0.01
@@ -385,18 +382,10 @@ class InferenceCore:
         if llr:
             ll_k = np.array([t.llr.log_likelihood()[0] for t in done if t.llr is not None])
             llr_bpd = llr_bits_per_dim(ll, ll_k, mv.dim)
-        if name in ALWAYS_SCORES:
-            values = raw_scores(nll_bpd, x)[name]
+        if name == "nll_bpd":
+            values = nll_bpd
         else:
-            values = scores_from_nll(
-                nll_bpd,
-                x,
-                calib["typicality_center_bpd"],
-                calib["standardize"],
-                llr_bpd,
-                calib.get("scores"),
-                elbo_gap_bpd=elbo_gap_bits_per_dim(ll, elbo, mv.dim),
-            )[name]
+            values = mv.score_values(nll_bpd, x, llr_bpd, elbo_gap_bits_per_dim(ll, elbo, mv.dim))[name]
         cal = mv.calibrations.get(name)
         if cal is not None:
             fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))

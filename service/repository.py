@@ -26,7 +26,14 @@ from service.errors import NotReady, UnknownModel
 from service.images import ImageFormat
 from service.scoring import chunk_size, score_direct
 from service.settings import Settings
-from vae_contract.formulas import ALWAYS_SCORES, SCORE_NAMES, ScoreCalibration, fp32_parity_tolerance
+from vae_contract.formulas import (
+    ALWAYS_SCORES,
+    SCORE_NAMES,
+    ScoreCalibration,
+    fp32_parity_tolerance,
+    raw_scores,
+    scores_from_nll,
+)
 from vae_contract.manifest import (
     ManifestError,
     noise_width,
@@ -140,6 +147,31 @@ class ModelVersion:
         """The scores this version can give, in SCORE_NAMES's order: nll_bpd and complexity always, the others
         where calibrated."""
         return [n for n in SCORE_NAMES if n in ALWAYS_SCORES or n in self.calibrations]
+
+    def score_values(
+        self,
+        nll_bpd: np.ndarray,
+        x: np.ndarray,
+        llr_bpd: np.ndarray | None = None,
+        elbo_gap_bpd: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Every score this version gives of rows x (B, D) with these statistics (bits/dim), as its calibration
+        defines them: its compressor, its validation statistics and tables; nll_bpd and complexity alone
+        where it has no calibration."""
+        images = x.reshape(len(x), self.height, self.width, self.channels)
+        calib = self.manifest.get("calibration")
+        if not calib:
+            return raw_scores(nll_bpd, images)
+        return scores_from_nll(
+            nll_bpd,
+            images,
+            calib["typicality_center_bpd"],
+            calib["standardize"],
+            llr_bpd,
+            calib.get("scores"),
+            elbo_gap_bpd=elbo_gap_bpd,
+            compressor=calib["compressor"],
+        )
 
     def score_engine(self, maps: bool, llr: bool) -> Any:
         """The engine whose log weights make a score: the fp32 reference's llr graph where the score needs LLR>k

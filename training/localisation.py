@@ -30,7 +30,7 @@ def maps_and_scores(
     stats = image_statistics(model, x, k, seed, maps=True)
     assert stats.expected_nll is not None
     maps = anomaly_maps(stats.expected_nll).reshape(n, h, w)
-    scores = scores_of(stats, x, calib)
+    scores = scores_of(stats, images, calib)
     return maps, scores
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vae_contract.formulas import SCORE_NAMES
+from vae_contract.formulas import COMPRESSORS, SCORE_NAMES
 
 MANIFEST_FORMAT = 3  # 3 added image.channels and image.preprocessing; format 2 manifests (grey) are read too
 MANIFEST_FORMATS = (2, 3)
@@ -180,6 +180,8 @@ class Calibration(_Strict):
             raise ValueError(f"unknown scores {unknown}; known: {list(SCORE_NAMES)}")
         if self.default_score not in self.scores:
             raise ValueError(f"default_score {self.default_score!r} is not calibrated")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"unknown compressor {self.compressor!r}; known: {list(COMPRESSORS)}")
         for name, block in self.scores.items():
             missing = sorted(set(block.parts or ()) - set(self.scores))
             if missing:

@@ -1,15 +1,22 @@
 """The contract's formulas against hand-computed values."""
 
+import zlib
+
 import numpy as np
 import pytest
 
 from vae_contract.formulas import (
+    COMPRESSOR,
     NOISE_BLOCK,
+    PNG_FILTERS,
+    ZLIB_RAW,
     ImportanceAccumulator,
     ScoreCalibration,
+    compressed_bits,
     images_from_probs,
     importance_noise,
     quantile_table,
+    raw_scores,
 )
 
 
@@ -96,3 +103,34 @@ def test_fp32_parity_tolerance_scales_with_the_log_likelihood():
     np.testing.assert_allclose(tol, [1e-3, 1e-3 + 1.7e-4, 7e-3])
     # never looser than a few fp32 ulps of the value itself would excuse, never tighter than 1e-3 nats
     assert np.all(tol >= 1e-3) and np.all(tol <= 1e-3 + 40 * np.spacing(np.float32(3000.0)))
+
+
+def test_the_png_filter_coder_is_never_longer_than_raw_zlib_and_sees_smooth_images():
+    """PNG_FILTERS takes the shortest of five filters, "none" (raw zlib) among them; a smooth gradient, many
+    distinct bytes for raw zlib, is a few repeated residuals under the sub, up or Paeth filter."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32]
+    smooth = ((yy * 3 + xx * 5) % 256)[None, :, :, None].astype(np.uint8)
+    noise = rng.integers(0, 256, (1, 32, 32, 3))
+    colour = np.stack([smooth[..., 0], 255 - smooth[..., 0], smooth[..., 0] // 2], axis=-1)
+    for images in (smooth, noise, colour):
+        raw, filtered = compressed_bits(images, ZLIB_RAW), compressed_bits(images, PNG_FILTERS)
+        assert np.all(filtered <= raw)
+        assert raw[0] == 8 * len(zlib.compress(images[0].astype(np.uint8).tobytes(), 9))
+    assert compressed_bits(smooth, PNG_FILTERS)[0] < 0.1 * compressed_bits(smooth, ZLIB_RAW)[0]
+    assert compressed_bits(colour, PNG_FILTERS)[0] < 0.1 * compressed_bits(colour, ZLIB_RAW)[0]  # each channel
+    assert COMPRESSOR == PNG_FILTERS  # what new calibrations record
+    # rows (N, D) are one image row each; (N, H, W) grey images as (N, H, W, 1)
+    np.testing.assert_array_equal(compressed_bits(smooth[..., 0]), compressed_bits(smooth))
+    np.testing.assert_array_equal(compressed_bits(smooth.reshape(1, -1)), compressed_bits(smooth.reshape(1, 1, -1, 1)))
+    with pytest.raises(ValueError, match="unknown compressor"):
+        compressed_bits(smooth, "gzip")
+
+
+def test_complexity_follows_the_calibrations_compressor():
+    """A version calibrated with raw zlib keeps raw zlib's complexity (its thresholds were taken with it)."""
+    images = np.random.default_rng(1).integers(0, 17, (4, 8, 8, 1))
+    nll = np.full(4, 2.0)
+    for coder in (ZLIB_RAW, PNG_FILTERS):
+        scores = raw_scores(nll, images, compressor=coder)
+        np.testing.assert_allclose(scores["complexity"], nll - compressed_bits(images, coder) / 64)

@@ -25,7 +25,7 @@ def test_elbo_gap_is_the_likelihood_less_the_elbo(client, test_images):
     """elbo_gap (bits/dim) from the same K samples as the log-likelihood and ELBO /score returns; dose combines
     it with complexity, as the manifest's dose block says."""
     manifest = client.get("/v1/models/digits/1").json()
-    assert manifest["calibration"]["scores"]["dose"]["parts"] == ["complexity", "elbo_gap"]
+    assert manifest["calibration"]["scores"]["dose"]["parts"] == ["nll_bpd", "complexity", "elbo_gap"]
     images = [img.tolist() for img in test_images[:3]]
     res = client.post("/score", json={"images": images, "score": "elbo_gap", "num_samples": 100}).json()
     assert res["score_name"] == "elbo_gap"

@@ -248,7 +248,11 @@ def test_recalibrate_gives_an_older_version_the_scores_added_since(version_dir, 
     validation images, K and seed, so the result is the very calibration training writes today."""
     manifest = read_verified(version_dir)
     cal = manifest["calibration"]
-    assert {"elbo_gap", "dose"} <= set(cal["scores"]) and cal["scores"]["dose"]["parts"] == ["complexity", "elbo_gap"]
+    assert {"elbo_gap", "dose"} <= set(cal["scores"]) and cal["scores"]["dose"]["parts"] == [
+        "nll_bpd",
+        "complexity",
+        "elbo_gap",
+    ]
     stale = {name: block for name, block in cal["scores"].items() if name not in ("elbo_gap", "dose")}
     old = tmp_path / "old" / "digits" / "1"
     shutil.copytree(version_dir, old)

@@ -114,7 +114,9 @@ def test_two_sided_p_values_and_dose():
     assert beyond[1] < beyond[0] < inside[4] and beyond[2] < inside[3]  # far-off images keep ranking
     tables = {"nll_bpd": table, "complexity": score_block("complexity", values)}
     scores = {"nll_bpd": np.array([9.0, 9.0, 9.0]), "complexity": np.array([0.0, -4.0, 4.0])}
-    assert dose_parts({**scores, "elbo_gap": scores["complexity"]}) == ("complexity", "elbo_gap")  # not nll_bpd
+    assert dose_parts({**scores, "elbo_gap": scores["complexity"]}) == ("nll_bpd", "complexity", "elbo_gap")
+    nll_alone = dose_scores({**scores, "nll_bpd": np.array([-9.0, 0.0, 9.0])}, tables, ("nll_bpd",))
+    assert nll_alone[0] == 0.0 and nll_alone[2] > 5  # nll_bpd's upper tail: too likely is complexity's call
     dose = dose_scores(scores, tables, ("complexity",))  # complexity's two tails
     assert dose[1] > dose[0] < dose[2] and dose[1] == pytest.approx(dose[2]) and dose[0] < 0.01
     llr = {"llr": np.array([0.0, 0.0, 5.0])}
