@@ -1,5 +1,6 @@
 """The cost of an OOD score against the importance-sampled likelihood alone: the same images at the same K,
-scored as the service scores them (`score_direct` on the engine the score needs, then the score's formula).
+scored as the service scores them (`score_direct` on the engine the score needs, then
+`ModelVersion.score_values`).
 
 `dose` on a one-layer model adds only arithmetic to the likelihood's pass (elbo_gap comes from the same log
 weights, complexity from zlib); on a model of several latent layers it needs LLR>k, the llr_log_weights
@@ -35,7 +36,7 @@ def ladder_version(root: Path) -> Path:
 def measure(version_dir: Path, x: np.ndarray, k: int, threads: int, names: tuple[str, ...], images: int = 8) -> dict:
     from service.repository import images_per_call
     from service.scoring import score_direct
-    from vae_contract.formulas import bits_per_dim, elbo_gap_bits_per_dim, llr_bits_per_dim, needs_llr, scores_from_nll
+    from vae_contract.formulas import bits_per_dim, elbo_gap_bits_per_dim, llr_bits_per_dim, needs_llr
 
     mv = load(version_dir, threads)
     calib = mv.manifest["calibration"]
@@ -56,15 +57,8 @@ def measure(version_dir: Path, x: np.ndarray, k: int, threads: int, names: tuple
                 return
             elbo = np.array([t.acc.elbo()[0] for t in tasks])
             ll_k = np.array([t.llr.log_likelihood()[0] for t in tasks]) if llr else None  # type: ignore[union-attr]
-            values = scores_from_nll(
-                nll,
-                xb,
-                calib["typicality_center_bpd"],
-                calib["standardize"],
-                llr_bits_per_dim(ll, ll_k, mv.dim) if ll_k is not None else None,
-                calib["scores"],
-                elbo_gap_bpd=elbo_gap_bits_per_dim(ll, elbo, mv.dim),
-            )
+            llr_bpd = llr_bits_per_dim(ll, ll_k, mv.dim) if ll_k is not None else None
+            values = mv.score_values(nll, xb, llr_bpd, elbo_gap_bits_per_dim(ll, elbo, mv.dim))
             assert name in values, name
 
         return run, float(images)
