@@ -56,7 +56,7 @@ def measure(version_dir: Path, x: np.ndarray, k: int, threads: int, names: tuple
             if name == "nll_bpd":
                 return
             elbo = np.array([t.acc.elbo()[0] for t in tasks])
-            ll_k = np.array([t.llr.log_likelihood()[0] for t in tasks]) if llr else None  # type: ignore[union-attr]
+            ll_k = np.array([t.llr.log_likelihood()[0] for t in tasks if t.llr is not None]) if llr else None
             llr_bpd = llr_bits_per_dim(ll, ll_k, mv.dim) if ll_k is not None else None
             values = mv.score_values(nll, xb, llr_bpd, elbo_gap_bits_per_dim(ll, elbo, mv.dim))
             assert name in values, name
