@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +27,37 @@ MAX_ROWS = 1 << 16  # images x samples per forward pass while evaluating
 MAX_ELEMENTS = 1 << 25  # decoder outputs and feature maps per forward pass while evaluating (128 MB of float32)
 
 
+class Processes(Protocol):
+    """The processes that share an evaluation (training.train.Distributed under torchrun): each computes its
+    `rank`-th of `world` contiguous slices of every batch, and `gather` gives every process all their results."""
+
+    rank: int
+    world: int
+
+    def gather(self, obj: Any) -> list[Any]: ...
+
+
+def _part_slices(rows: int, count: int) -> list[slice]:
+    """torch.tensor_split's contiguous slices of `rows` rows among `count` processes."""
+    q, r = divmod(rows, count)
+    bounds = [i * q + min(i, r) for i in range(count + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(count)]
+
+
+def _joined(procs: Processes | None, n: int, batch: int, pieces: list[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
+    """Per-image results of images 0..n-1: each process's per-batch pieces (this process's slices, in batch
+    order; `_noise_chunks` with its part) put back in image order, on every process."""
+    if procs is not None and procs.world > 1:
+        parts = [iter(p) for p in procs.gather(pieces)]
+        ordered = []
+        for i in range(0, n, batch):
+            for rank, s in enumerate(_part_slices(min(batch, n - i), procs.world)):
+                if s.stop > s.start:
+                    ordered.append(next(parts[rank]))
+        pieces = ordered
+    return [np.concatenate(column) for column in zip(*pieces, strict=True)]
+
+
 def _noise_chunks(
     x: torch.Tensor,
     latent_dim: int,
@@ -36,16 +67,23 @@ def _noise_chunks(
     batch: int,
     dtype: torch.dtype,
     progress: str | None,
+    procs: Processes | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(batch of images, eps (n, B, L)) for every chunk of every batch, then (batch, None) when a batch is
-    done; the noise is one seeded stream, so the chunking decides nothing but memory."""
+    done; the noise is one seeded stream, so the chunking decides nothing but memory. Among several processes
+    (`procs`), each gets its slice of every batch and the same slice of the batch's noise, drawn whole as one
+    process draws it, so each image meets the noise it meets in a single process (as in training)."""
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=len(x), desc=progress, unit="image", disable=progress is None, file=sys.stderr, dynamic_ncols=True)
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
+        mine = slice(0, len(xb)) if procs is None else _part_slices(len(xb), procs.world)[procs.rank]
         for done in range(0, k, chunk):
-            yield xb, torch.randn(min(chunk, k - done), len(xb), latent_dim, generator=gen, dtype=dtype)
-        yield xb, None
+            eps = torch.randn(min(chunk, k - done), len(xb), latent_dim, generator=gen, dtype=dtype)
+            if mine.stop > mine.start:
+                yield xb[mine], eps[:, mine].contiguous()
+        if mine.stop > mine.start:
+            yield xb[mine], None
         bar.update(len(xb))
     bar.close()
 
@@ -61,24 +99,28 @@ def importance_log_likelihood(
     batch: int | None = None,
     dtype: torch.dtype = torch.float32,
     progress: str | None = None,
+    procs: Processes | None = None,
 ) -> torch.Tensor:
     """Importance-sampled log p(x) in nats per image: log (1/K) sum_k w_k, with K split in chunks.
 
     `log_weights(x, eps)` gives log p(x, z) - log q(z|x) at z = reparameterised eps. Memory holds at
     most `chunk` x `batch` samples at once (batch from MAX_ROWS by default), whatever K is; the sum is
     accumulated in float64. `progress` names a progress bar of images (on stderr); None shows none.
+    `procs` shares the work among processes (each a slice of every batch); every one gets all images' values.
     """
     chunk = min(chunk, k)
-    out, acc = [], None
-    for xb, eps in _noise_chunks(x, latent_dim, k, chunk, seed, batch or max(1, MAX_ROWS // chunk), dtype, progress):
+    batch = batch or max(1, MAX_ROWS // chunk)
+    out: list[tuple[np.ndarray, ...]] = []
+    acc = None
+    for xb, eps in _noise_chunks(x, latent_dim, k, chunk, seed, batch, dtype, progress, procs):
         if acc is None:
             acc = torch.full((len(xb),), -math.inf, dtype=torch.float64)
         if eps is None:
-            out.append(acc - math.log(k))
+            out.append(((acc - math.log(k)).numpy(),))
             acc = None
         else:
             acc = torch.logaddexp(acc, torch.logsumexp(log_weights(xb, eps).double(), dim=0))
-    return torch.cat(out)
+    return torch.from_numpy(_joined(procs, len(x), batch, out)[0])
 
 
 @dataclass(frozen=True)
@@ -101,22 +143,21 @@ def importance_pass(
     seed: int = 0,
     progress: str | None = None,
     maps: bool = True,
+    procs: Processes | None = None,
 ) -> ImportancePass:
     """log p(x), the ELBO and (maps=True) each pixel's expected NLL of images x (N, D), K = k: the numbers the
-    service's log_weights (or pixel_log_weights) graph gives, accumulated as the service does."""
+    service's log_weights (or pixel_log_weights) graph gives, accumulated as the service does. `procs` shares
+    the work among processes; every one gets all images' values."""
     model.eval()
     chunk = min(chunk, k)
     batch = max(1, rows_per_pass(model) // chunk)
-    lls, elbos, per_pixel = [], [], []
+    done: list[tuple[np.ndarray, ...]] = []
     acc: ImportanceAccumulator | None = None
     pix: PixelNllAccumulator | None = None
-    for xb, eps in _noise_chunks(x, model.noise_dim, k, chunk, seed, batch, torch.float32, progress):
+    for xb, eps in _noise_chunks(x, model.noise_dim, k, chunk, seed, batch, torch.float32, progress, procs):
         if eps is None:
             assert acc is not None
-            lls.append(acc.log_likelihood())
-            elbos.append(acc.elbo())
-            if pix is not None:
-                per_pixel.append(pix.expected_nll())
+            done.append((acc.log_likelihood(), acc.elbo(), *([pix.expected_nll()] if pix is not None else [])))
             acc = pix = None
             continue
         if maps:
@@ -129,33 +170,40 @@ def importance_pass(
         if acc is None:
             acc = ImportanceAccumulator.empty(len(xb))
         acc.add(log_w.numpy())
-    expected = np.concatenate(per_pixel) if maps else None
-    return ImportancePass(np.concatenate(lls), np.concatenate(elbos), expected)
+    joined = _joined(procs, len(x), batch, done)
+    return ImportancePass(joined[0], joined[1], joined[2] if maps else None)
 
 
 @torch.inference_mode()
 def llr_log_likelihoods(
-    model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0, progress: str | None = None
+    model: VAE,
+    x: torch.Tensor,
+    k: int,
+    chunk: int = 250,
+    seed: int = 0,
+    progress: str | None = None,
+    procs: Processes | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Importance-sampled log p(x) and log p>k(x) (N,) each in nats, from the same K samples an image (the
-    llr_log_weights graph's numbers; `VAE.llr_terms`). A model of several latent layers only."""
+    llr_log_weights graph's numbers; `VAE.llr_terms`). A model of several latent layers only. `procs` shares
+    the work among processes."""
     model.eval()
     chunk = min(chunk, k)
     batch = max(1, rows_per_pass(model) // (2 * chunk))  # two top-down passes and decoder passes a sample
-    full, part = [], []
+    done: list[tuple[np.ndarray, ...]] = []
     accs: tuple[ImportanceAccumulator, ImportanceAccumulator] | None = None
-    for xb, eps in _noise_chunks(x, model.noise_dim, k, chunk, seed, batch, torch.float32, progress):
+    for xb, eps in _noise_chunks(x, model.noise_dim, k, chunk, seed, batch, torch.float32, progress, procs):
         if eps is None:
             assert accs is not None
-            full.append(accs[0].log_likelihood())
-            part.append(accs[1].log_likelihood())
+            done.append((accs[0].log_likelihood(), accs[1].log_likelihood()))
             accs = None
             continue
         if accs is None:
             accs = ImportanceAccumulator.empty(len(xb)), ImportanceAccumulator.empty(len(xb))
         for acc, log_w in zip(accs, model.llr_terms(xb, eps), strict=True):
             acc.add(log_w.numpy())
-    return np.concatenate(full), np.concatenate(part)
+    full, part = _joined(procs, len(x), batch, done)
+    return full, part
 
 
 def rows_per_pass(model: VAE) -> int:
@@ -164,13 +212,19 @@ def rows_per_pass(model: VAE) -> int:
 
 
 def log_likelihood(
-    model: VAE, x: torch.Tensor, k: int, chunk: int = 250, seed: int = 0, progress: str | None = None
+    model: VAE,
+    x: torch.Tensor,
+    k: int,
+    chunk: int = 250,
+    seed: int = 0,
+    progress: str | None = None,
+    procs: Processes | None = None,
 ) -> torch.Tensor:
-    """A VAE's importance-sampled log p(x) per image in nats, K = k."""
+    """A VAE's importance-sampled log p(x) per image in nats, K = k (`procs`: shared among processes)."""
     model.eval()
     batch = max(1, rows_per_pass(model) // min(chunk, k))
     return importance_log_likelihood(
-        model.log_weights, x, model.noise_dim, k, chunk, seed, batch=batch, progress=progress
+        model.log_weights, x, model.noise_dim, k, chunk, seed, batch=batch, progress=progress, procs=procs
     )
 
 
@@ -194,13 +248,20 @@ def active_units(model: VAE, x: torch.Tensor, threshold: float = 0.01) -> int:
 
 
 def evaluate(
-    model: VAE, x_test: torch.Tensor, k: int = 1000, chunk: int = 250, seed: int = 0, progress: bool = False
+    model: VAE,
+    x_test: torch.Tensor,
+    k: int = 1000,
+    chunk: int = 250,
+    seed: int = 0,
+    progress: bool = False,
+    procs: Processes | None = None,
 ) -> dict[str, Any]:
-    """Test metrics with units and K spelled out; what the manifest records."""
+    """Test metrics with units and K spelled out; what the manifest records. The NLL's importance sampling, the
+    costly part, is shared among `procs` where given; every process gets the same metrics."""
     dim = x_test.shape[1]
     neg_elbo = -elbo(model, x_test, seed=seed).mean().item()
     desc = f"test NLL (K={k})" if progress else None
-    nll = -log_likelihood(model, x_test, k, chunk, seed=seed, progress=desc).mean().item()
+    nll = -log_likelihood(model, x_test, k, chunk, seed=seed, progress=desc, procs=procs).mean().item()
     return {
         "split": "test",
         "images": int(len(x_test)),

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.evaluate import importance_pass, llr_log_likelihoods
+from training.evaluate import Processes, importance_pass, llr_log_likelihoods
 from training.model import VAE
 from vae_contract.formulas import (
     bits_per_dim,
@@ -40,15 +40,22 @@ class ImageStatistics:
 
 
 def image_statistics(
-    model: VAE, x: np.ndarray, k: int, seed: int, maps: bool = False, progress: str | None = None
+    model: VAE,
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    maps: bool = False,
+    progress: str | None = None,
+    procs: Processes | None = None,
 ) -> ImageStatistics:
     """`ImageStatistics` of images x (N, D) at K = k, as the service computes them: one importance pass (and
-    LLR>k's for a model of several latent layers) with the seed's noise."""
+    LLR>k's for a model of several latent layers) with the seed's noise; shared among `procs` where given."""
     xt = torch.from_numpy(x.astype(np.int64))
-    run = importance_pass(model, xt, k, seed=seed, progress=progress, maps=maps)
+    run = importance_pass(model, xt, k, seed=seed, progress=progress, maps=maps, procs=procs)
     llr = None
     if model.layers:
-        ll, ll_k = llr_log_likelihoods(model, xt, k, seed=seed, progress=progress and f"{progress}, LLR>k")
+        desc = progress and f"{progress}, LLR>k"
+        ll, ll_k = llr_log_likelihoods(model, xt, k, seed=seed, progress=desc, procs=procs)
         llr = llr_bits_per_dim(ll, ll_k, x.shape[1])
     return ImageStatistics(
         bits_per_dim(-run.log_likelihood, x.shape[1]),
@@ -122,11 +129,14 @@ def calibrate(
     seed: int = 0,
     default_score: str = "auto",
     progress: bool = False,
+    procs: Processes | None = None,
 ) -> dict[str, Any]:
     """The manifest's calibration block: each score's distribution on the validation split, and the anomaly
-    map's per-pixel statistics, from one importance-sampling pass; "auto" chooses the default score from
-    the same validation images (`choose_default_score`)."""
-    stats = image_statistics(model, x_val, k, seed, maps=True, progress=f"calibration (K={k})" if progress else None)
+    map's per-pixel statistics, from one importance-sampling pass (shared among `procs` where given; every
+    process gets the same block); "auto" chooses the default score from the same validation images
+    (`choose_default_score`)."""
+    desc = f"calibration (K={k})" if progress else None
+    stats = image_statistics(model, x_val, k, seed, maps=True, progress=desc, procs=procs)
     nll, images = stats.nll_bpd, model_images(model, x_val)
     assert stats.expected_nll is not None
     rule = None

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,17 @@ def work_dir(out: Path) -> Path:
     return out.parent / f".{out.name}-work"
 
 
+@contextmanager
+def _keeping_checkpoint(work: Path, log: Log) -> Iterator[None]:
+    """Say where the trained weights are kept when a stage after training fails, so the run can resume."""
+    try:
+        yield
+    except BaseException:
+        if (work / CHECKPOINT_FILE).exists():
+            log(f"the trained weights are kept in {work / CHECKPOINT_FILE}: add --resume to the same command to go on")
+        raise
+
+
 def run(
     cfg: TrainConfig,
     out: Path,
@@ -100,8 +112,8 @@ def run(
     """Train, evaluate, calibrate and export one model version; return its manifest.
 
     `resume` continues from the checkpoint an interrupted run left in `work_dir(out)` (a fresh start
-    where there is none). Under `torchrun` every process trains its slice of each batch and rank 0 alone
-    evaluates, calibrates and writes the version; the other processes return {} after training."""
+    where there is none). Under `torchrun` every process trains, evaluates and calibrates its slice of each
+    batch, and rank 0 alone writes the version; the other processes return {} after calibration."""
     procs = Distributed.from_env()
     if not procs.main:
         log = _silent
@@ -169,29 +181,44 @@ def run(
         # teardown ("terminate called without an active exception", SIGABRT), seen in full suite runs.
         procs.close()
         raise
-    procs.close()  # training was the last collective: rank 0 evaluates, calibrates and exports alone
+    with _keeping_checkpoint(work, log):
+        try:  # every process evaluates and calibrates its slice of every batch; each gets all the numbers
+            log(
+                f"trained {result.epochs_run} epochs ({result.steps} steps) in {result.seconds:.1f} s, "
+                f"{result.stopped_because}; best validation loss {result.best_val_loss:.3f} nats at epoch "
+                f"{result.best_epoch} ({result.weights} weights)"
+            )
+            t0 = time.monotonic()
+            x_test = subsample_rows(data.test, resolved.eval_images or 0, cfg.seed)
+            metrics = evaluate(
+                result.model,
+                torch.from_numpy(x_test),
+                k=cfg.eval_k,
+                chunk=cfg.eval_chunk,
+                seed=cfg.seed,
+                progress=progress,
+                procs=procs,
+            )
+            eval_seconds = time.monotonic() - t0
+            t0 = time.monotonic()
+            x_cal = subsample_rows(data.val, resolved.calibration_images or 0, cfg.seed + 2)
+            calibration = calibrate(
+                result.model,
+                x_cal,
+                k=cfg.eval_k,
+                seed=cfg.seed + 2,
+                default_score=cfg.ood_score,
+                progress=progress,
+                procs=procs,
+            )
+            calibration_seconds = time.monotonic() - t0
+        finally:
+            procs.close()  # calibration was the last collective: rank 0 writes the version alone
     if not procs.main:
         return {}
-    try:
-        log(
-            f"trained {result.epochs_run} epochs ({result.steps} steps) in {result.seconds:.1f} s, "
-            f"{result.stopped_because}; best validation loss {result.best_val_loss:.3f} nats at epoch "
-            f"{result.best_epoch} ({result.weights} weights)"
-        )
-        t0 = time.monotonic()
-        x_test = subsample_rows(data.test, resolved.eval_images or 0, cfg.seed)
-        metrics = evaluate(
-            result.model, torch.from_numpy(x_test), k=cfg.eval_k, chunk=cfg.eval_chunk, seed=cfg.seed, progress=progress
-        )
+    with _keeping_checkpoint(work, log):
         metrics["of_images"] = len(data.test)
-        eval_seconds = time.monotonic() - t0
-        t0 = time.monotonic()
-        x_cal = subsample_rows(data.val, resolved.calibration_images or 0, cfg.seed + 2)
-        calibration = calibrate(
-            result.model, x_cal, k=cfg.eval_k, seed=cfg.seed + 2, default_score=cfg.ood_score, progress=progress
-        )
         calibration["of_images"] = len(data.val)
-        calibration_seconds = time.monotonic() - t0
         extra = {"metrics.jsonl": work / "metrics.jsonl"}
         if plots:
             for name in save_plots(result.model, data.test, work, seed=cfg.seed):
@@ -236,10 +263,6 @@ def run(
             calibration=calibration,
             force=force,
         )
-    except BaseException:
-        if (work / CHECKPOINT_FILE).exists():
-            log(f"the trained weights are kept in {work / CHECKPOINT_FILE}: add --resume to the same command to go on")
-        raise
     shutil.rmtree(work, ignore_errors=True)  # only now: a failure above keeps the checkpoint to resume from
     m = manifest["metrics"]
     log(f"test -ELBO (K=1): {m['neg_elbo']['nats']:.3f} nats = {m['neg_elbo']['bits_per_dim']:.4f} bits/dim")
