@@ -206,9 +206,9 @@ def llr_log_likelihoods(
     return full, part
 
 
-def rows_per_pass(model: VAE) -> int:
-    """(image, sample) rows of one decoder pass within MAX_ELEMENTS floats of outputs and feature maps."""
-    return max(1, MAX_ELEMENTS // model.decoder.floats_per_sample)
+def rows_per_pass(model: VAE, elements: int = MAX_ELEMENTS) -> int:
+    """(image, sample) rows of one decoder pass within `elements` floats of outputs and feature maps."""
+    return max(1, elements // model.decoder.floats_per_sample)
 
 
 def log_likelihood(
