@@ -1,7 +1,8 @@
 """The convolutional default on 32x32 colour images: training throughput against a plain PyTorch loop of the
 same network and loss, and scoring at K=1000 on onnxruntime fp32 and on the fast path the service picks
 (OpenVINO bf16 where the CPU has bf16 instructions), with the fp32 path's share of the machine's
-convolution rate and the fast path's parity with fp32 (nats per image).
+convolution rate and the fast path's parity with fp32 (nats per image). Where loading refuses the bf16
+engine for its parity, that engine is built anyway and its speed and parity reported, labelled refused.
 
 The convolution rate is onnxruntime's fp32 Conv on one representative layer (3x3, 64 -> 64 channels on
 16x16 maps, a batch of 256), taken in the same interleaved rounds as the scoring rates; a graph's
@@ -99,6 +100,20 @@ def layer_flops(model: Any, dim: int) -> dict[str, float]:
     return {"encoder_per_image": counts["encoder"], "decoder_per_sample": counts["decoder"]}
 
 
+REFUSED = "openvino bf16 (refused at load)"
+
+
+def refused_fast_path(version: Path, mv: Any, threads: int) -> Any | None:
+    """The OpenVINO bf16 engine (the manifest's low-precision span) that loading refused for failing its parity
+    check, built anyway so that its speed and parity can be reported; None where loading did not refuse one."""
+    if "parity check failed" not in (mv.scoring.fallback or ""):
+        return None
+    from service.engine import OpenVinoEngine
+
+    spec = mv.manifest["graphs"]["log_weights"]
+    return OpenVinoEngine(version / spec["file"], "bf16", threads, spec.get("low_precision_span"))
+
+
 def trained_version(root: Path, images: np.ndarray, epochs: int = 1) -> Path:
     """The default model for these images, trained `epochs` epochs and exported (bench.training.quick_version)."""
     from bench.training import quick_version
@@ -134,6 +149,9 @@ def measure(threads: int, quick: bool = False) -> dict[str, Any]:
         engines = {"onnxruntime fp32": mv.ref}
         if mv.scoring.engine is not mv.ref:
             engines[mv.scoring.info.label] = mv.scoring.engine
+        refused = refused_fast_path(version, mv, torch.get_num_threads() if threads == 0 else threads)
+        if refused is not None:
+            engines[REFUSED] = refused
         from service.repository import images_per_call
 
         rates: dict[str, dict[str, float]] = {}
@@ -167,4 +185,6 @@ def measure(threads: int, quick: bool = False) -> dict[str, Any]:
             "fast_path": mv.scoring.describe(),
         }
         out["fast_path_parity"] = inprocess.fast_path_parity(version, x, k, threads)
+        if refused is not None:
+            out["refused_fast_path_parity"] = inprocess.parity(mv.ref, refused, REFUSED, mv, x[:32], k)
     return out

@@ -243,7 +243,8 @@ def fast_path_parity(version_dir: Path, x: np.ndarray, k: int, threads: int) -> 
     """|log p(x)| difference of the fast path from fp32, same noise, over the given images (nats)."""
     mv = load(version_dir, threads)
     if mv.scoring.engine is mv.ref:
-        return {"engine": mv.scoring.info.label, "note": "no fast path on this machine: " + mv.scoring.reason}
+        why = mv.scoring.fallback or "no fast path on this machine: " + mv.scoring.reason
+        return {"engine": mv.scoring.info.label, "note": why}
     return parity(mv.ref, mv.scoring.engine, mv.scoring.info.label, mv, x, k)
 
 

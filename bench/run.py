@@ -457,8 +457,12 @@ def conv_lines(c: dict[str, Any]) -> list[str]:
     for b, row in s["images_per_s"].items():
         lines.append(
             f"- batch {b}: "
-            + ", ".join(f"{name} {v}" for name, v in row.items() if not name.startswith(("conv_", "fp32_")))
-            + f" images/s; fp32 share of the conv rate ({row['conv_gflops']} GFLOP/s, onnxruntime 3x3 Conv "
+            + ", ".join(
+                f"{name} {v}" for name, v in row.items() if not name.startswith(("conv_", "fp32_")) and "/" not in name
+            )
+            + " images/s"
+            + "".join(f"; {name} {v}x" for name, v in row.items() if "/" in name)
+            + f"; fp32 share of the conv rate ({row['conv_gflops']} GFLOP/s, onnxruntime 3x3 Conv "
             f"64->64 on 16x16 x 256): **{row['fp32_fraction_of_conv_rate']:.0%}**"
         )
     if "mean_abs_diff_nats" in parity:
@@ -468,6 +472,12 @@ def conv_lines(c: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append(f"- fast path: {parity.get('note', parity)}")
+    refused = c.get("refused_fast_path_parity")
+    if refused:
+        lines.append(
+            f"- {refused['engine']}, measured anyway: parity on {refused['images']} images, K={refused['K']}: mean "
+            f"|d log p| {refused['mean_abs_diff_nats']} nats, worst {refused['worst_abs_diff_nats']} nats"
+        )
     return lines + [""]
 
 
