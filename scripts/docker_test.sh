@@ -10,6 +10,10 @@
 #   FAST_PATH=0               test the image without openvino (compose passes it as a build argument)
 #   DOCKER_TEST_TRAIN=1       also build the train target and run `vae-train --help` in it; where the PyTorch
 #                             CPU index is unreachable: TORCH_INDEX_URL= and the wheel in requirements/wheels/
+#   DOCKER_TEST_COLOUR_MODEL=DIR  also serve this colour model version (e.g. from `vae-train --dataset
+#                             folder:PHOTOS`) as colour/1 beside the shipped digits (through MODELS_DIR) and call
+#                             it in colour: a base64 PNG and a multipart PNG to /score, /sample as an RGB PNG,
+#                             and V2's score model with an N x H x W x 3 tensor
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +43,18 @@ teardown() {
   if [ $rc -eq 0 ]; then say "PASSED"; else say "FAILED (exit $rc)"; fi
 }
 trap teardown EXIT
+
+if [ -n "${DOCKER_TEST_COLOUR_MODEL:-}" ]; then
+  [ -f "$DOCKER_TEST_COLOUR_MODEL/manifest.json" ] || fail "$DOCKER_TEST_COLOUR_MODEL holds no model version"
+  MODELS_TMP=$(mktemp -d)
+  trap 'teardown; rm -rf "$MODELS_TMP"' EXIT
+  mkdir -p "$MODELS_TMP/digits" "$MODELS_TMP/colour"
+  cp -r models/digits/1 "$MODELS_TMP/digits/1"
+  cp -r "$DOCKER_TEST_COLOUR_MODEL" "$MODELS_TMP/colour/1"
+  chmod -R a+rX "$MODELS_TMP"  # the container's user reads the bind mount
+  export MODELS_DIR=$MODELS_TMP
+  say "serving models/digits/1 and $DOCKER_TEST_COLOUR_MODEL (as colour/1) from $MODELS_TMP"
+fi
 
 t=$(now)
 "${compose[@]}" build ${build_flags[@]+"${build_flags[@]}"} api
@@ -114,6 +130,47 @@ for model in call("/v1/models")["models"]:
         engines.add(f"{model['name']}/{version}: {scoring['engine']} {scoring['precision']}")
         if "parity check failed" not in (scoring.get("fallback") or ""):
             assert (scoring["engine"], scoring["precision"]) == expected, (model["name"], version, expected, scoring)
+# a colour model (DOCKER_TEST_COLOUR_MODEL), in colour through the published port
+if "colour" in {m["name"] for m in call("/v1/models")["models"]}:
+    import base64, io, struct, zlib
+
+    def png(rows):  # an 8-bit RGB PNG from rows of (r, g, b) pixels, with the standard library only
+        raw = b"".join(b"\0" + bytes(v for px in row for v in px) for row in rows)
+        chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        ihdr = struct.pack(">IIBBBBB", len(rows[0]), len(rows), 8, 2, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+    meta = call("/v2/models/colour-score")
+    shape = meta["parameters"]["image"]
+    h, w, c = shape["height"], shape["width"], shape["channels"]
+    assert c == 3, shape
+    photo = png([[(255 * x // w, 255 * y // h, 128) for x in range(w)] for y in range(h)])
+    by_json = call("/score", {"model": "colour", "images": [base64.b64encode(photo).decode()], "num_samples": 100})
+    boundary = "vae-docker-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"p.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + photo + (
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ncolour"
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"num_samples\"\r\n\r\n100"
+            f"\r\n--{boundary}--\r\n").encode()
+    req = urllib.request.Request(base + "/score/upload", data=body,
+                                 headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        by_upload = json.load(r)
+    a, b = by_json["results"][0], by_upload["results"][0]
+    assert a["log_likelihood_nats"] == b["log_likelihood_nats"], (a, b)
+    req = urllib.request.Request(base + "/sample", data=json.dumps({"model": "colour", "n": 1, "seed": 1}).encode(),
+                                 headers={"content-type": "application/json", "accept": "image/png"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        sample_png = r.read()
+    width, height, depth, colour_type = struct.unpack(">IIBB", sample_png[16:26])
+    assert (width, height, depth, colour_type) == (w, h, 8, 2), (width, height, depth, colour_type)  # 8-bit RGB
+    pixels = [v * (shape["levels"] - 1) // 255 for row in
+              [[(255 * x // w, 255 * y // h, 128) for x in range(w)] for y in range(h)] for px in row for v in px]
+    v2 = call("/v2/models/colour-score/infer", {"inputs": [
+        {"name": "x", "datatype": "INT64", "shape": [1, h, w, 3], "data": pixels}], "parameters": {"num_samples": 100}})
+    v2_ll = next(o for o in v2["outputs"] if o["name"] == "log_likelihood")["data"][0]
+    print(f"colour/1 ({h}x{w}x3): /score {a['nll_bits_per_dim']:.3f} bits/dim (K=100) by base64 PNG and multipart, "
+          f"/sample an RGB PNG, V2 log p {v2_ll:.1f} nats", file=sys.stderr)
 # Swagger UI from the image's own assets (no CDN)
 for path in ("/docs", "/docs/assets/swagger-ui-bundle.js", "/docs/assets/swagger-ui.css"):
     with urllib.request.urlopen(base + path, timeout=10) as r:

@@ -24,6 +24,7 @@ def _compose(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         "HOST_UID",
         "HOST_GID",
         "FAST_PATH",
+        "MODELS_DIR",
     )
     full_env = {k: v for k, v in os.environ.items() if k not in ours}
     full_env.update(DOCKER_HOST="unix:///nonexistent/docker.sock", **(env or {}))
@@ -94,3 +95,12 @@ def test_the_train_service() -> None:
     # an empty TORCH_INDEX_URL (wheels from requirements/wheels/) reaches the build as empty
     offline = _config("train", env={"TORCH_INDEX_URL": ""})["services"]["train"]
     assert offline["build"]["args"]["TORCH_INDEX_URL"] == ""
+
+
+def test_models_dir_moves_the_model_repository_of_both_services(tmp_path) -> None:
+    services = _config("train", env={"MODELS_DIR": str(tmp_path)})["services"]
+    for name in ("api", "train"):
+        [models] = [v for v in services[name]["volumes"] if v["target"] == "/models"]
+        assert models["source"] == str(tmp_path), name
+    [api_models] = [v for v in services["api"]["volumes"] if v["target"] == "/models"]
+    assert api_models["read_only"] is True

@@ -37,6 +37,7 @@ COVERAGE = [  # (pattern, how the command is exercised)
     (r"make docs", MAKE_TEST),
     (r"make run", RUN_HERE),
     (r"docker compose .*", DOCKER_TEST),
+    (r"MODELS_DIR=\S+ docker compose .*", DOCKER_TEST),  # DOCKER_TEST_COLOUR_MODEL serves through MODELS_DIR
     (r"\.venv/bin/python scripts/make_patches\.py .*", RUN_HERE),
     (r"\.venv/bin/vae-train .*", RUN_HERE),
     (r"\.venv/bin/vae-serve .*", RUN_HERE),
