@@ -63,13 +63,19 @@ def split_name(v2_name: str) -> tuple[str, str]:
     return base, op
 
 
+def ascii_int(text: str) -> int | None:
+    """`text` as a non-negative integer where it is ASCII digits only, else None. (str.isdigit alone also takes
+    superscripts such as '¹', which int() refuses: a 500 that schemathesis found in a version path segment.)"""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def lookup(core: InferenceCore, v2_name: str, version: str | None) -> tuple[ModelVersion, str]:
     base, op = split_name(v2_name)
     number = None
     if version is not None:
-        if not version.isdigit() or int(version) < 1:
+        number = ascii_int(version)
+        if number is None or number < 1:
             raise UnknownModel(f"model {v2_name!r} has no version {version!r}")
-        number = int(version)
     return core.model(base, number), op
 
 
@@ -197,9 +203,10 @@ def parse_request(
     Inference-Header-Content-Length header (binary tensor data follows the JSON header), or None.
     budget: the most arrays, objects and strings the JSON header may hold (413 past it, unparsed)."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        length = ascii_int(header_length)
+        if length is None or length > len(body):
             raise BadRequest(f"{HEADER} must be the byte length of the JSON header within the body")
-        head, rest = body[: int(header_length)], body[int(header_length) :]
+        head, rest = body[:length], body[length:]
     else:
         head, rest = body, b""
     check_json_structure(head, budget)

@@ -185,7 +185,9 @@ def test_bad_binary_framing_is_a_400(client):
     head = (
         b'{"inputs": [{"name": "x", "shape": [1, 64], "datatype": "INT64", "parameters": {"binary_data_size": 512}}]}'
     )
-    for header, tail in [("99999", b""), ("abc", b""), (str(len(head)), b"\x00" * 10), (str(len(head)), b"\x00" * 600)]:
+    cases = [("99999", b""), ("abc", b""), (str(len(head)), b"\x00" * 10), (str(len(head)), b"\x00" * 600)]
+    cases.append((b"\xb9", b""))  # latin-1 for '1' in superscript: str.isdigit takes it, int() does not
+    for header, tail in cases:
         r = client.post(
             "/v2/models/digits-score/infer", content=head + tail, headers={"inference-header-content-length": header}
         )

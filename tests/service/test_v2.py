@@ -89,6 +89,11 @@ def test_v2_errors_are_protocol_shaped(client):
     )
     assert r.status_code == 400 and "unknown outputs" in r.json()["error"]
     assert client.get("/v2/models/digits-score/versions/9").status_code == 404
+    # digits to str.isdigit that int() refuses (a 500 before; schemathesis --seed 1054416319 found it)
+    for version in ("%C2%B9", "%C2%B2", "%E2%91%A0"):  # superscript one and two, circled one
+        r = client.get(f"/v2/models/digits-encode/versions/{version}")
+        assert r.status_code == 404 and set(r.json()) == {"error"}, r.text
+        assert client.get(f"/v2/models/digits-encode/versions/{version}/ready").status_code == 404
     assert client.get("/v2/models/digits/ready").status_code == 404
 
 
