@@ -208,19 +208,24 @@ class ScoringChoice:
         }
 
 
-def check_parity(
-    fast: Any, ref: Any, check: dict[str, Any], latent_dim: int, chunk: int, max_images: int
-) -> dict[str, Any]:
-    """|log p(x)| differences (nats) of a candidate engine against the reference on the manifest's check images."""
+def check_log_likelihoods(
+    engine: Any, check: dict[str, Any], latent_dim: int, chunk: int, max_images: int
+) -> np.ndarray:
+    """An engine's log p(x) (nats) of the manifest's check images, at the check's K and seed."""
     x = np.asarray(check["images"], dtype=np.int64)
     seeds = [int(check["seed"])] * len(x)
+    tasks = score_direct(engine, x, int(check["K"]), seeds, latent_dim, chunk, max_images)
+    return np.array([t.acc.log_likelihood()[0] for t in tasks])
+
+
+def check_parity(
+    fast: Any, ll_ref: np.ndarray, check: dict[str, Any], latent_dim: int, chunk: int, max_images: int
+) -> dict[str, Any]:
+    """|log p(x)| differences (nats) of a candidate engine against the reference's log-likelihoods `ll_ref` of
+    the manifest's check images (`check_log_likelihoods` of the reference, which loading has already run)."""
+    x = np.asarray(check["images"], dtype=np.int64)
     k = int(check["K"])
-    ll_fast = np.array(
-        [t.acc.log_likelihood()[0] for t in score_direct(fast, x, k, seeds, latent_dim, chunk, max_images)]
-    )
-    ll_ref = np.array(
-        [t.acc.log_likelihood()[0] for t in score_direct(ref, x, k, seeds, latent_dim, chunk, max_images)]
-    )
+    ll_fast = check_log_likelihoods(fast, check, latent_dim, chunk, max_images)
     diff = np.abs(ll_fast - ll_ref)
     return {
         "images": int(len(x)),
@@ -231,9 +236,17 @@ def check_parity(
 
 
 def choose_scoring_engine(
-    settings: Settings, version_dir: Path, manifest: dict[str, Any], ref: OrtEngine, chunk: int, max_images: int
+    settings: Settings,
+    version_dir: Path,
+    manifest: dict[str, Any],
+    ref: OrtEngine,
+    chunk: int,
+    max_images: int,
+    ll_ref: np.ndarray,
 ) -> ScoringChoice:
-    """The engine /score runs on for this version, with the reason, the parity figures and any fallback."""
+    """The engine /score runs on for this version, with the reason, the parity figures and any fallback.
+    `ll_ref`: the reference's log-likelihoods of the check images (`check_log_likelihoods`), which loading
+    computed to verify the export: the parity check compares with them instead of scoring them again."""
     reference = ScoringChoice(ref, ref.info, "onnxruntime fp32 (the reference)")
     if settings.engine == "onnxruntime":
         reference.reason = "setting engine=onnxruntime"
@@ -261,7 +274,7 @@ def choose_scoring_engine(
     try:
         span = manifest["graphs"]["log_weights"].get("low_precision_span")
         fast = OpenVinoEngine(graph, precision, settings.threads(), span)
-        parity = check_parity(fast, ref, manifest["check"], noise_width(manifest), chunk, max_images)
+        parity = check_parity(fast, ll_ref, manifest["check"], noise_width(manifest), chunk, max_images)
     except Exception as exc:  # noqa: BLE001 - a fast path that cannot even run falls back, loudly
         reason = f"openvino {precision} failed to load or run: {exc.__class__.__name__}: {exc}"
         log.warning("%s: %s; scoring on onnxruntime fp32", version_dir.name, reason)

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from service.engine import OrtEngine, ScoringChoice, choose_scoring_engine
+from service.engine import OrtEngine, ScoringChoice, check_log_likelihoods, choose_scoring_engine
 from service.errors import NotReady, UnknownModel
 from service.images import ImageFormat
-from service.scoring import chunk_size, score_direct
+from service.scoring import chunk_size
 from service.settings import Settings
 from vae_contract.formulas import (
     ALWAYS_SCORES,
@@ -246,10 +246,8 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
             raise ModelLoadError(f"the decoder graph gives {probs.shape}, expected (2, {dim}, {levels}) finite")
         check = manifest["check"]
         x = np.asarray(check["images"], dtype=np.int64)
-        seeds = [int(check["seed"])] * len(x)
-        tasks = score_direct(ref, x, int(check["K"]), seeds, noise_width(manifest), chunk, check_images_per_call)
+        got = check_log_likelihoods(ref, check, noise_width(manifest), chunk, check_images_per_call)
         t3 = time.perf_counter()
-        got = np.array([t.acc.log_likelihood()[0] for t in tasks])
     except ModelLoadError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -261,7 +259,7 @@ def load_version(version_dir: Path, settings: Settings, name: str, version: int)
             f"onnxruntime does not reproduce the export's check scores: max |diff| {np.max(diffs):.3g} nats over "
             f"{len(x)} images (tolerance 1e-3 nats + 2e-6 of the log-likelihood)"
         )
-    scoring = choose_scoring_engine(settings, version_dir, manifest, ref, chunk, check_images_per_call)
+    scoring = choose_scoring_engine(settings, version_dir, manifest, ref, chunk, check_images_per_call, got)
     blocks = (manifest.get("calibration") or {}).get("scores", {})
     calibrations = {n: ScoreCalibration.from_block(n, block) for n, block in blocks.items()}
     return ModelVersion(
