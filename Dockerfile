@@ -92,7 +92,7 @@ USER 10001:10001
 EXPOSE 8000
 # Ready = the models are loaded, verified and warmed up. urllib: the slim image has no curl. The start period
 # covers the fast-path check at load, which grows with a model's cost: a 32x32 colour conv version was ready
-# after 52 s (the digits after ~6 s); the container is healthy at the first check that passes.
+# after 42 s (the digits after ~6 s); the container is healthy at the first check that passes.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('VAE_PORT', '8000'), timeout=2)"]
 # One uvicorn worker per container: scale with replicas (each keeps its own /metrics).
