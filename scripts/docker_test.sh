@@ -132,7 +132,7 @@ for model in call("/v1/models")["models"]:
             assert (scoring["engine"], scoring["precision"]) == expected, (model["name"], version, expected, scoring)
 # a colour model (DOCKER_TEST_COLOUR_MODEL), in colour through the published port
 if "colour" in {m["name"] for m in call("/v1/models")["models"]}:
-    import base64, io, struct, zlib
+    import base64, struct, zlib
 
     def png(rows):  # an 8-bit RGB PNG from rows of (r, g, b) pixels, with the standard library only
         raw = b"".join(b"\0" + bytes(v for px in row for v in px) for row in rows)
@@ -140,11 +140,15 @@ if "colour" in {m["name"] for m in call("/v1/models")["models"]}:
         ihdr = struct.pack(">IIBBBBB", len(rows[0]), len(rows), 8, 2, 0, 0, 0)
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
-    meta = call("/v2/models/colour-score")
-    shape = meta["parameters"]["image"]
+    def post(path, data, headers):  # the raw answer of a POST that is not a JSON request and reply
+        with urllib.request.urlopen(urllib.request.Request(base + path, data=data, headers=headers), timeout=60) as r:
+            return r.read()
+
+    shape = call("/v2/models/colour-score")["parameters"]["image"]
     h, w, c = shape["height"], shape["width"], shape["channels"]
     assert c == 3, shape
-    photo = png([[(255 * x // w, 255 * y // h, 128) for x in range(w)] for y in range(h)])
+    rows = [[(255 * x // w, 255 * y // h, 128) for x in range(w)] for y in range(h)]
+    photo = png(rows)
     by_json = call("/score", {"model": "colour", "images": [base64.b64encode(photo).decode()], "num_samples": 100})
     boundary = "vae-docker-test"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"p.png\"\r\n"
@@ -152,20 +156,14 @@ if "colour" in {m["name"] for m in call("/v1/models")["models"]}:
             f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ncolour"
             f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"num_samples\"\r\n\r\n100"
             f"\r\n--{boundary}--\r\n").encode()
-    req = urllib.request.Request(base + "/score/upload", data=body,
-                                 headers={"content-type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        by_upload = json.load(r)
+    by_upload = json.loads(post("/score/upload", body, {"content-type": f"multipart/form-data; boundary={boundary}"}))
     a, b = by_json["results"][0], by_upload["results"][0]
     assert a["log_likelihood_nats"] == b["log_likelihood_nats"], (a, b)
-    req = urllib.request.Request(base + "/sample", data=json.dumps({"model": "colour", "n": 1, "seed": 1}).encode(),
-                                 headers={"content-type": "application/json", "accept": "image/png"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        sample_png = r.read()
+    sample_png = post("/sample", json.dumps({"model": "colour", "n": 1, "seed": 1}).encode(),
+                      {"content-type": "application/json", "accept": "image/png"})
     width, height, depth, colour_type = struct.unpack(">IIBB", sample_png[16:26])
     assert (width, height, depth, colour_type) == (w, h, 8, 2), (width, height, depth, colour_type)  # 8-bit RGB
-    pixels = [v * (shape["levels"] - 1) // 255 for row in
-              [[(255 * x // w, 255 * y // h, 128) for x in range(w)] for y in range(h)] for px in row for v in px]
+    pixels = [v * (shape["levels"] - 1) // 255 for row in rows for px in row for v in px]
     v2 = call("/v2/models/colour-score/infer", {"inputs": [
         {"name": "x", "datatype": "INT64", "shape": [1, h, w, 3], "data": pixels}], "parameters": {"num_samples": 100}})
     v2_ll = next(o for o in v2["outputs"] if o["name"] == "log_likelihood")["data"][0]

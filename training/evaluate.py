@@ -206,9 +206,10 @@ def llr_log_likelihoods(
     return full, part
 
 
-def rows_per_pass(model: VAE, elements: int = MAX_ELEMENTS) -> int:
-    """(image, sample) rows of one decoder pass within `elements` floats of outputs and feature maps."""
-    return max(1, elements // model.decoder.floats_per_sample)
+def rows_per_pass(model: VAE, elements: int | None = None) -> int:
+    """(image, sample) rows of one decoder pass within `elements` floats of outputs and feature maps (default
+    MAX_ELEMENTS, read at each call)."""
+    return max(1, (elements or MAX_ELEMENTS) // model.decoder.floats_per_sample)
 
 
 def log_likelihood(

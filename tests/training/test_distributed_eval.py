@@ -34,12 +34,13 @@ from training.config import TrainConfig
 from training.data import prepare_config
 from training.model import VAE
 
-training.evaluate.MAX_ELEMENTS = 7 * 20 * {floats}
 cfg = TrainConfig(hidden=32, latent_dim=4, latent_layers=2, components=3)
 data = prepare_config(cfg)
 resolved = cfg.resolve(data.levels, len(data.train), data.shape)
 torch.manual_seed(0)
 model = VAE(resolved, data.dim, data.levels, data.shape).eval()
+training.evaluate.MAX_ELEMENTS = 7 * 20 * model.decoder.floats_per_sample  # read at each pass: batches of 7
+assert training.evaluate.rows_per_pass(model) // 20 == 7
 x = data.flat("val")[:101].astype(np.int64)
 """
 
@@ -54,17 +55,6 @@ out = {
     "llr_bpd": stats.llr_bpd.tolist(), "expected_nll": stats.expected_nll.tolist(),
 }
 """
-
-
-def floats_per_sample() -> int:
-    from training.config import TrainConfig
-    from training.data import prepare_config
-    from training.model import VAE
-
-    cfg = TrainConfig(hidden=32, latent_dim=4, latent_layers=2, components=3)
-    data = prepare_config(cfg)
-    resolved = cfg.resolve(data.levels, len(data.train), data.shape)
-    return VAE(resolved, data.dim, data.levels, data.shape).decoder.floats_per_sample
 
 
 def close(a, b, rel: float, path: str = "") -> None:
@@ -85,7 +75,7 @@ def close(a, b, rel: float, path: str = "") -> None:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
 def test_two_processes_evaluate_and_calibrate_as_one(tmp_path):
-    setup = SETUP.format(floats=floats_per_sample())
+    setup = SETUP
     worker = tmp_path / "worker.py"
     worker.write_text(
         textwrap.dedent(f"""
