@@ -74,7 +74,7 @@ def close(a, b, rel: float, path: str = "") -> None:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
-def test_two_processes_evaluate_and_calibrate_as_one(tmp_path):
+def test_two_processes_evaluate_and_calibrate_as_one(tmp_path, monkeypatch):
     setup = SETUP
     worker = tmp_path / "worker.py"
     worker.write_text(
@@ -96,6 +96,11 @@ def test_two_processes_evaluate_and_calibrate_as_one(tmp_path):
     two = [json.loads((tmp_path / f"two.{rank}").read_text()) for rank in (0, 1)]
     assert two[0] == two[1]  # every process holds every image's values
 
+    import training.evaluate
+
+    # the setup sets training.evaluate.MAX_ELEMENTS in this process too: put it back after the test (a later
+    # test's batches, and so its noise, would otherwise change)
+    monkeypatch.setattr(training.evaluate, "MAX_ELEMENTS", training.evaluate.MAX_ELEMENTS)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
