@@ -49,7 +49,6 @@ from service.scoring import score_direct
 from service.settings import Settings
 from vae_contract.formulas import (
     ScoreCalibration,
-    anomaly_maps,
     bits_per_dim,
     elbo_gap_bits_per_dim,
     llr_bits_per_dim,
@@ -270,7 +269,7 @@ def score_rows(
     if maps_dir is not None:
         cut = ScoreCalibration.from_block("anomaly_map", calib["anomaly_map"]).threshold(fpr)
         expected = np.concatenate([t.pixels.expected_nll() for t in tasks if t.pixels is not None])
-        maps = anomaly_maps(expected).reshape(len(xs), mv.height, mv.width)
+        maps = mv.anomaly_maps(expected, xs, mv.reconstruction_means(xs) if mv.maps_need_reconstruction else None)
         names = []
         for j, i in enumerate(ok):
             name = f"{first_index + i}.npy"
@@ -324,7 +323,7 @@ def run_header(
 ) -> dict[str, Any]:
     """What the rows of an output depend on; a run resumes an output only when they are all the same."""
     calib = mv.manifest.get("calibration") or {}
-    maps = {"anomaly_maps": str(maps_dir), "anomaly_map_units": "nats"} if maps_dir is not None else {}
+    maps = {"anomaly_maps": str(maps_dir), "anomaly_map_units": mv.map_block["units"]} if maps_dir is not None else {}
     return {
         "model": mv.name,
         "version": mv.version,

@@ -29,9 +29,9 @@ from vae_contract.formulas import (
     ImportanceAccumulator,
     PixelNllAccumulator,
     ScoreCalibration,
-    anomaly_maps,
     bits_per_dim,
     elbo_gap_bits_per_dim,
+    expected_values,
     images_from_probs,
     llr_bits_per_dim,
     needs_llr,
@@ -84,7 +84,7 @@ class DecodeResult:
 class MapResult:
     """Anomaly maps of the scored images (models/README.md, calibration.anomaly_map)."""
 
-    maps: np.ndarray  # (B, H, W), nats (each pixel's expected NLL), higher = more anomalous
+    maps: np.ndarray  # (B, H, W) in `units`, higher = more anomalous (calibration.anomaly_map's definition)
     threshold: float  # a pixel above it is flagged: the validation pixels' 1 - fpr quantile
     fpr: float
     units: str
@@ -327,6 +327,18 @@ class InferenceCore:
         out = await self._run(job, ctx)
         return DecodeResult(mv, out[0], out[1] if with_probs else None)
 
+    async def reconstruction_means(self, mv: ModelVersion, x: np.ndarray, ctx: RequestContext) -> np.ndarray:
+        """E[x|z = mu(x)] (B, D) in levels: the anomaly map's residual part reads x against it. One encoder and
+        one decoder row an image, scheduled like /reconstruct's."""
+        enc = await self.encode(mv, x, ctx)
+
+        def post(piece: tuple[np.ndarray, ...], start: int) -> tuple[np.ndarray, ...]:
+            return (expected_values(piece[0]),)
+
+        job = self._job(RowsJob, "decode", mv, len(x), ctx, inputs=enc.mu, post=post)
+        (means,) = await self._run(job, ctx)
+        return np.asarray(means)
+
     async def sample(self, mv: ModelVersion, n: int, mode: str, seed: int, ctx: RequestContext) -> DecodeResult:
         """n images from the prior: sample i's latent from default_rng([seed, i]), so n=5 is a prefix of n=10."""
         self.check_count(n, "n")
@@ -402,7 +414,8 @@ class InferenceCore:
         if map_calibration is not None:
             map_fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
             expected = np.concatenate([t.pixels.expected_nll() for t in done if t.pixels is not None])
-            values_map = anomaly_maps(expected).reshape(len(x), mv.height, mv.width)
+            means = await self.reconstruction_means(mv, x, ctx) if mv.maps_need_reconstruction else None
+            values_map = mv.anomaly_maps(expected, x, means)
             cut_map = ScoreCalibration.from_block("anomaly_map", map_calibration).threshold(map_fpr)
             maps = MapResult(values_map, cut_map, map_fpr, str(map_calibration["units"]))
         return ScoreResult(

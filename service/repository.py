@@ -30,8 +30,11 @@ from vae_contract.formulas import (
     ALWAYS_SCORES,
     SCORE_NAMES,
     ScoreCalibration,
+    anomaly_maps,
+    expected_values,
     fp32_parity_tolerance,
     raw_scores,
+    residual_maps,
     scores_from_nll,
 )
 from vae_contract.manifest import (
@@ -172,6 +175,29 @@ class ModelVersion:
             elbo_gap_bpd=elbo_gap_bpd,
             compressor=calib["compressor"],
         )
+
+    @property
+    def map_block(self) -> dict[str, Any]:
+        """calibration.anomaly_map (check `has_anomaly_maps` first)."""
+        return dict(self.manifest["calibration"]["anomaly_map"])
+
+    @property
+    def maps_need_reconstruction(self) -> bool:
+        """Whether the version's map has the residual part (`anomaly_maps`), read off the decoder at mu(x)."""
+        return "parts" in self.map_block
+
+    def reconstruction_means(self, x: np.ndarray) -> np.ndarray:
+        """E[x|z = mu(x)] (B, D) in levels, on the reference engine in calls of decode_rows_per_call: the
+        residual part's input where no scheduler runs the calls (vae-score)."""
+        mu = self.ref.encode(x)[0]
+        step = self.decode_rows_per_call
+        return np.concatenate([expected_values(self.ref.decode(mu[i : i + step])) for i in range(0, len(mu), step)])
+
+    def anomaly_maps(self, expected_nll: np.ndarray, x: np.ndarray, means: np.ndarray | None) -> np.ndarray:
+        """Anomaly maps (B, H, W) of rows x (B, D) from their pixels' expected NLLs (B, H x W) and, where the
+        map has the residual part, their `reconstruction_means` (vae_contract.formulas.anomaly_maps)."""
+        residual = residual_maps(x, means, self.levels, self.channels) if means is not None else None
+        return anomaly_maps(expected_nll, residual, (self.height, self.width), self.map_block)
 
     def score_engine(self, maps: bool, llr: bool) -> Any:
         """The engine whose log weights make a score: the fp32 reference's llr graph where the score needs LLR>k

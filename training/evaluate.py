@@ -175,6 +175,18 @@ def importance_pass(
 
 
 @torch.inference_mode()
+def expected_images(model: VAE, x: torch.Tensor) -> np.ndarray:
+    """E[x|z] (N, D) in levels at the posterior mean's z, top layer mu(x), by the decoder graph's per-level
+    probabilities (the residual part of an anomaly map: vae_contract.formulas.residual_maps)."""
+    model.eval()
+    per_image = model.dim * model.levels * (getattr(model.decoder, "components", 1) + 2)
+    batch = max(1, MAX_ELEMENTS // per_image)
+    levels = torch.arange(model.levels, dtype=torch.float32)
+    out = [model.probs(model.encoder(x[i : i + batch])[0]) @ levels for i in range(0, len(x), batch)]
+    return torch.cat(out).double().numpy()
+
+
+@torch.inference_mode()
 def llr_log_likelihoods(
     model: VAE,
     x: torch.Tensor,

@@ -1,8 +1,8 @@
 """The localisation benchmark of `vae-ood-eval`: synthetic defects with known masks on held-out normal images,
 scored by the version's anomaly maps (pixel AUROC, AUPRO) and its default score (image AUROC), per defect kind.
 
-The maps are computed as the service computes them (vae_contract.formulas.anomaly_maps: each pixel's
-posterior-weighted NLL), on torch; writes localisation.png beside the model.
+The maps are computed as the service computes them (vae_contract.formulas.anomaly_maps), on torch; writes
+localisation.png beside the model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from training.defects import MAX_FPR, aupro, auroc, defect_kinds, make_defects
 from training.model import VAE
 from training.ood import image_statistics, scores_of
-from vae_contract.formulas import ScoreCalibration, anomaly_maps
+from vae_contract.formulas import ScoreCalibration
 
 Log = Callable[[str], None]
 
@@ -24,12 +24,11 @@ Log = Callable[[str], None]
 def maps_and_scores(
     model: VAE, images: np.ndarray, calib: dict[str, Any], k: int, seed: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Anomaly maps (N, H, W) and every image score of images (N, H, W, C), from one pass of K samples."""
-    n, h, w, _ = images.shape
-    x = images.reshape(n, -1).astype(np.int64)
+    """Anomaly maps (N, H, W) and every image score of images (N, H, W, C), from one pass of K samples (and the
+    reconstruction at mu(x) the map's residual part reads)."""
+    x = images.reshape(len(images), -1).astype(np.int64)
     stats = image_statistics(model, x, k, seed, maps=True)
-    assert stats.expected_nll is not None
-    maps = anomaly_maps(stats.expected_nll).reshape(n, h, w)
+    maps = stats.anomaly_maps(model, calib["anomaly_map"])
     scores = scores_of(stats, images, calib)
     return maps, scores
 
@@ -119,6 +118,6 @@ def figure(path: Path, examples: dict[str, Any], levels: int, threshold: float) 
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("defect (true mask: green) | anomaly map (flagged at fpr 0.01: cyan)", fontsize=9)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="anomaly map (expected pixel NLL, nats)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="anomaly map (nats of surprise)")
     fig.savefig(path, dpi=90, metadata={"Software": None})
     plt.close(fig)

@@ -13,15 +13,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.evaluate import Processes, importance_pass, llr_log_likelihoods
+from training.evaluate import Processes, expected_images, importance_pass, llr_log_likelihoods
 from training.model import VAE
 from vae_contract.formulas import (
+    anomaly_maps,
     bits_per_dim,
     calibration_block,
     compressed_bits,
     elbo_gap_bits_per_dim,
     llr_bits_per_dim,
     map_calibration_block,
+    residual_maps,
     scores_from_nll,
 )
 
@@ -31,12 +33,33 @@ DEFAULT_FPR = 0.01
 @dataclass(frozen=True)
 class ImageStatistics:
     """What the scores of images (N, D) are made of, at one K: NLL, log p(x) - ELBO and LLR>k (None for a
-    one-layer model) in bits/dim, and each pixel's expected NLL in nats where asked for."""
+    one-layer model) in bits/dim, and where asked for the anomaly map's parts: each pixel's expected NLL in
+    nats and its residual (N, H*W) (vae_contract.formulas.residual_maps)."""
 
     nll_bpd: np.ndarray
     elbo_gap_bpd: np.ndarray
     llr_bpd: np.ndarray | None
     expected_nll: np.ndarray | None = None
+    residual: np.ndarray | None = None
+
+    def anomaly_maps(self, model: VAE, block: dict[str, Any]) -> np.ndarray:
+        """The images' anomaly maps (N, H, W) by the calibration block's definition."""
+        assert self.expected_nll is not None, "computed without maps=True"
+        return anomaly_maps(self.expected_nll, self.residual, map_shape(model), block)
+
+
+def map_shape(model: VAE) -> tuple[int, int]:
+    """The anomaly map's (H, W): the image's, or a square for a model built without a shape."""
+    if model.shape is not None:
+        return model.shape[0], model.shape[1]
+    side = int(round(model.dim**0.5))
+    return side, model.dim // side
+
+
+def pixel_residuals(model: VAE, x: np.ndarray) -> np.ndarray:
+    """Each pixel's residual (N, H*W) against the reconstruction at the posterior mean (the map's residual part)."""
+    expected = expected_images(model, torch.from_numpy(x.astype(np.int64)))
+    return residual_maps(x, expected, model.levels, model.decoder.channels)
 
 
 def image_statistics(
@@ -62,6 +85,7 @@ def image_statistics(
         elbo_gap_bits_per_dim(run.log_likelihood, run.elbo, x.shape[1]),
         llr,
         run.expected_nll,
+        pixel_residuals(model, x) if maps else None,
     )
 
 
@@ -138,7 +162,7 @@ def calibrate(
     desc = f"calibration (K={k})" if progress else None
     stats = image_statistics(model, x_val, k, seed, maps=True, progress=desc, procs=procs)
     nll, images = stats.nll_bpd, model_images(model, x_val)
-    assert stats.expected_nll is not None
+    assert stats.expected_nll is not None and stats.residual is not None
     rule = None
     if default_score == "auto":
         default_score, rule = choose_default_score(nll, images)
@@ -151,7 +175,7 @@ def calibrate(
         **({"default_score_rule": rule} if rule else {}),
         "default_fpr": DEFAULT_FPR,
         **calibration_block(nll, images, stats.llr_bpd, stats.elbo_gap_bpd),
-        "anomaly_map": map_calibration_block(stats.expected_nll, k, seed),
+        "anomaly_map": map_calibration_block(stats.expected_nll, stats.residual, map_shape(model), k, seed),
     }
 
 
@@ -175,7 +199,7 @@ def map_calibration_for(model: VAE, calibration: dict[str, Any], log: Callable[[
     k, seed = int(calibration["K"]), int(calibration["seed"])
     run = importance_pass(model, torch.from_numpy(x_val.astype(np.int64)), k, seed=seed)
     assert run.expected_nll is not None
-    return map_calibration_block(run.expected_nll, k, seed)
+    return map_calibration_block(run.expected_nll, pixel_residuals(model, x_val), map_shape(model), k, seed)
 
 
 def recalibrate(model: VAE, calibration: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:

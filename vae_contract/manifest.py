@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vae_contract.formulas import COMPRESSORS, SCORE_NAMES
+from vae_contract.formulas import COMPRESSORS, MAP_PARTS, SCORE_NAMES
 
 MANIFEST_FORMAT = 3  # 3 added image.channels and image.preprocessing; format 2 manifests (grey) are read too
 MANIFEST_FORMATS = (2, 3)
@@ -148,11 +148,22 @@ class ScoreBlock(_Strict):
     parts: list[str] | None = None  # dose only: the calibrated statistics it combines
 
 
+class MapPartBlock(_Strict):
+    """One part of the anomaly map (vae_contract.formulas.MAP_PARTS): its smoothing and the upper tail of its
+    validation pixels' values."""
+
+    blur_px: float = Field(ge=0)
+    n: int = Field(ge=2)
+    quantiles: QuantileTable
+
+
 class MapCalibration(_Strict):
-    """calibration.anomaly_map: the quantiles of every validation pixel's map value, and thresholds."""
+    """calibration.anomaly_map: the quantiles of every validation pixel's map value, and thresholds; `parts`
+    define the map (versions calibrated before them have none, and their map is the expected NLL)."""
 
     units: str
     definition: str
+    parts: dict[str, MapPartBlock] | None = None
     images: int = Field(ge=2)
     K: int = Field(ge=1)
     n: int = Field(ge=2)  # validation pixel values the quantiles were taken from
@@ -175,6 +186,9 @@ class Calibration(_Strict):
 
     @model_validator(mode="after")
     def _names(self) -> Calibration:
+        parts = self.anomaly_map.parts if self.anomaly_map is not None else None
+        if parts is not None and set(parts) != set(MAP_PARTS):
+            raise ValueError(f"calibration.anomaly_map.parts must be {list(MAP_PARTS)}, got {sorted(parts)}")
         unknown = sorted(set(self.scores) - set(SCORE_NAMES))
         if unknown:
             raise ValueError(f"unknown scores {unknown}; known: {list(SCORE_NAMES)}")

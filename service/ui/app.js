@@ -210,8 +210,8 @@ function legend(hi, threshold) {
   lo.textContent = "0";
   const top = document.createElement("span");
   top.textContent = `${hi.toFixed(1)} nats` + (Number.isFinite(threshold) ? `; threshold ${threshold.toFixed(1)}` : "");
-  box.title = "each pixel's expected NLL (nats); the colour saturates at twice the pixel threshold";
-  box.append("pixel NLL", lo, bar, top);
+  box.title = "each pixel's surprise against normal pixels (nats); the colour saturates at twice the pixel threshold";
+  box.append("pixel surprise", lo, bar, top);
   return box;
 }
 
