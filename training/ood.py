@@ -49,11 +49,14 @@ class ImageStatistics:
 
 
 def map_shape(model: VAE) -> tuple[int, int]:
-    """The anomaly map's (H, W): the image's, or a square for a model built without a shape."""
+    """The anomaly map's (H, W): the image's, or for a checkpoint written before shapes were recorded (grey,
+    square: 8x8 digits, 28x28 MNIST) the square of its D pixels."""
     if model.shape is not None:
         return model.shape[0], model.shape[1]
     side = int(round(model.dim**0.5))
-    return side, model.dim // side
+    if side * side != model.dim:
+        raise ValueError(f"the model records no image shape and its {model.dim} pixels are not a square")
+    return side, side
 
 
 def pixel_residuals(model: VAE, x: np.ndarray) -> np.ndarray:
