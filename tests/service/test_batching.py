@@ -421,17 +421,37 @@ def _beside_a_large_score(c, img: list, body: dict) -> tuple:
     return r, results["big"]
 
 
+def _queued_samples(c) -> float:
+    text = c.get("/metrics").text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_queued_samples ")))
+
+
 def test_work_that_cannot_drain_in_time_is_503_over_http(models_dir, test_images):
     """A queue the measured engine cost says takes longer to drain than a request's share of its deadline
-    refuses it with 503 and Retry-After, instead of a 504 when the deadline passes; the queued work finishes."""
-    img = test_images[0].tolist()
+    refuses it with 503 and Retry-After, instead of a 504 when the deadline passes; the queued work finishes.
+
+    Scores serve the request with the least work left first, so only queued requests no larger than the new
+    one are ahead of it: 24 of the same size (16 images at K=1000, 384,000 samples in all, ~1 s here) queue
+    before it. The new one alone (16,000 samples) would fit in its 0.25 s share of 1 s on a machine up to
+    ~5x slower than ours; the queue ahead of it (at least 288,000 samples) would not on one ~3x faster."""
+    img, n, size = test_images[0].tolist(), 24, 16
+    body = {"images": [img] * size, "num_samples": 1000}
     with make_client(models_dir, engine="onnxruntime") as c:
-        assert c.post("/score", json={"images": [img], "num_samples": 1000}).status_code == 200  # cost learned
-        # 64,000 samples more: done after as many of the large request's, past 0.25 of 1 s on any machine
-        r, big = _beside_a_large_score(c, img, {"images": [img] * 64, "num_samples": 1000, "timeout_s": 1})
+        assert c.post("/score", json=body).status_code == 200  # cost learned
+        results: list = []
+        threads = [threading.Thread(target=lambda: results.append(c.post("/score", json=body))) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for _ in range(1000):
+            if _queued_samples(c) >= 0.75 * n * size * 1000:
+                break
+            time.sleep(0.002)
+        r = c.post("/score", json={**body, "timeout_s": 1})
+        for t in threads:
+            t.join()
         err = error_of(r, 503, "overloaded")
         assert int(r.headers["retry-after"]) >= 1 and "would be done in" in err["message"]
-        assert big.status_code == 200
+        assert [q.status_code for q in results] == [200] * n
         metrics = c.get("/metrics").text
         assert 'vae_rejected_total{op="score"} 1.0' in metrics and "vae_queued_seconds 0.0" in metrics
 
