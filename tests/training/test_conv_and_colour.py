@@ -109,7 +109,8 @@ def test_arch_auto_picks_conv_from_16_pixels_up():
     assert TrainConfig().resolve(2, 48000, (28, 28)).arch == "mlp"  # binary images keep the mlp (72.03 nats)
     assert TrainConfig(arch="conv").resolve(2, 48000, (28, 28)).arch == "conv"  # unless asked
     conv = TrainConfig().resolve(256, 1000, (16, 16))
-    assert (conv.arch, conv.conv_widths, conv.conv_blocks, conv.latent_dim) == ("conv", [16, 32, 64], 1, 16)
+    assert (conv.arch, conv.conv_widths, conv.conv_blocks, conv.latent_dim) == ("conv", [16, 32, 64], 1, 21)
+    assert TrainConfig().resolve(256, 48000, (28, 28)).latent_dim == 64  # one latent per 12 values, at most 64
     colour = TrainConfig().resolve(256, 1000, (32, 32, 3))
     assert (colour.conv_widths, colour.latent_dim) == ([16, 32, 64, 64], 64)
     # a conv decoder runs once per importance sample: K=1 and no dropout, where a small data set's mlp gets both
@@ -132,12 +133,15 @@ def test_arch_auto_picks_conv_from_16_pixels_up():
 
 def test_conv_budgets_follow_the_pixels_a_step_sees():
     """A conv step's cost follows its pixels: the step budget is CONV_PIXEL_BUDGET pixel passes whatever the image
-    size, batches stop doubling at 128, and the K=1000 evaluation covers 500 images; the mlp keeps its 12,000 steps
-    of up to 256 and 2000 / 1000 evaluated images. Flags override every one."""
+    size (up to twice that from 24,000 training images to 48,000), batches stop doubling at 128, and the K=1000
+    evaluation covers 500 images; the mlp keeps its 12,000 steps of up to 256 and 2000 / 1000 evaluated images.
+    Flags override every one."""
     from training.config import CONV_PIXEL_BUDGET, conv_step_budget
 
-    mnist = TrainConfig().resolve(256, 48_000, (28, 28, 1))
-    assert (mnist.arch, mnist.batch_size, mnist.max_steps, mnist.epochs) == ("conv", 128, 3488, 10)
+    mnist = TrainConfig().resolve(256, 48_000, (28, 28, 1))  # twice the pixel passes for 48,000 images
+    assert (mnist.arch, mnist.batch_size, mnist.max_steps, mnist.epochs) == ("conv", 128, 6976, 19)
+    assert conv_step_budget(128, (28, 28), 24_000) == conv_step_budget(128, (28, 28), 100) == 3488
+    assert conv_step_budget(128, (28, 28), 36_000) == 5232 and conv_step_budget(128, (28, 28), 10**6) == 6976
     for shape in [(16, 16, 1), (28, 28, 1), (32, 32, 3), (64, 64, 3), (61, 47, 3)]:
         cfg = TrainConfig().resolve(256, 4000, shape)
         seen = cfg.max_steps * cfg.batch_size * shape[0] * shape[1]
