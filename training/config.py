@@ -38,9 +38,9 @@ CONV_BASE_WIDTH = 16  # "auto": channels at full resolution, doubled at each hal
 CONV_MAX_WIDTH = 64  # ... up to this many
 MLP_STEPS = 12_000  # "auto" step budget of the mlp
 MLP_MAX_BATCH, CONV_MAX_BATCH = 256, 128  # "auto" batch sizes stop doubling here (conv: fastest an image at 128)
-CONV_VALUES_PER_LATENT, CONV_MAX_LATENT = 12, 64  # "auto" conv latent size (`auto_conv_latent`; the README says why)
+CONV_VALUES_PER_LATENT, CONV_MAX_LATENT = 12, 64  # "auto" conv latent size (`auto_conv_latent`; the docs, defaults)
 CONV_PIXEL_BUDGET = 3.5e8  # "auto" step budget of conv networks, in pixel passes (`conv_step_budget`) ...
-CONV_BUDGET_IMAGES = 24_000  # ... times n_train / this, from 1 to 2 (more steps for a large set; README)
+CONV_BUDGET_IMAGES = 24_000  # ... times n_train / this, from 1 to 2 (more steps for a large set; the docs, defaults)
 CONV_EVAL_IMAGES = 500  # "auto" test and calibration images of conv networks (their K passes dominate the run)
 
 
@@ -382,7 +382,7 @@ def conv_step_budget(batch: int, shape: Sequence[int], n_train: int = 0) -> int:
     conv step's cost follows the pixels it sees (each resolution costs about the same, whatever the channels), so
     this is about one training time for any image size (28x28 grey 1.9 ms an image on 2 cores, 32x32 colour
     3.2 ms, batch 128), up to twice that for a large set: the plain budget is 85 epochs of 4,000 32x32 images but
-    only 10 of 48,000 28x28 ones, where the validation loss still fell 3.5 nats in the 10th (8-bit MNIST)."""
+    only 10 of 48,000 28x28 ones, where the validation loss still fell 3.3 nats in the 10th (8-bit MNIST)."""
     scale = min(2.0, max(1.0, n_train / CONV_BUDGET_IMAGES))
     return max(1, math.ceil(CONV_PIXEL_BUDGET * scale / (batch * shape[0] * shape[1])))
 
