@@ -77,6 +77,8 @@ def test_interrupted_twice_and_resumed_is_byte_identical(request, tmp_path_facto
     cfg = TrainConfig(**SMALL)
     out = tmp_path / "d" / "1"
     ckpt = work_dir(out) / CHECKPOINT_FILE
+    # the process's own handlers (Python's default_int_handler, or SIG_IGN where a shell started it in the background)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted, match="SIGINT received: stopped after step 21") as info:
         run(
             cfg,
@@ -88,7 +90,7 @@ def test_interrupted_twice_and_resumed_is_byte_identical(request, tmp_path_facto
             on_step=interrupt_at(21, signal.SIGINT),
         )
     assert info.value.checkpoint == ckpt and ckpt.is_file() and not out.exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # the handlers are put back
     with pytest.raises(ExportError, match="add --resume"):  # not resumed: refused, nothing lost
         run(cfg, out, plots=False, progress=False, log=quiet)
     with pytest.raises(TrainingInterrupted, match="SIGTERM"):
