@@ -377,7 +377,7 @@ def auto_batch_size(n_train: int, largest: int = 256) -> int:
     return int(min(largest, max(64, 2 ** round(math.log2(max(n_train, 1) / 200)))))
 
 
-def conv_step_budget(batch: int, shape: Sequence[int], n_train: int = 0) -> int:
+def conv_step_budget(batch: int, shape: Sequence[int], n_train: int) -> int:
     """Steps of a conv model: CONV_PIXEL_BUDGET pixel passes, times n_train / CONV_BUDGET_IMAGES from 1 to 2. A
     conv step's cost follows the pixels it sees (each resolution costs about the same, whatever the channels), so
     this is about one training time for any image size (28x28 grey 1.9 ms an image on 2 cores, 32x32 colour

@@ -38,6 +38,11 @@ def png_b64(img: np.ndarray, levels: int = 17, mode: str = "L", fmt: str = "PNG"
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def metric_value(text: str, name: str) -> float:
+    """The value of an unlabelled metric in a /metrics page."""
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
 def error_of(resp, status: int, code: str | None = None) -> dict:
     assert resp.status_code == status, resp.text
     err = resp.json()["error"]

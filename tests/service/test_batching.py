@@ -16,7 +16,7 @@ from service.errors import DeadlineExceeded, Overloaded
 from service.metrics import Metrics
 from service.repository import ModelRepository
 from service.settings import Settings
-from tests.service.conftest import error_of, make_client
+from tests.service.conftest import error_of, make_client, metric_value
 
 
 def _calls(core: InferenceCore, op: str) -> tuple[float, float]:
@@ -402,6 +402,10 @@ def test_a_deadline_the_worker_sees_first_is_still_a_deadline(models_dir, test_i
     assert dropped == ["DeadlineExceeded"]  # the worker saw the deadline first
 
 
+def _queued_samples(c) -> float:
+    return metric_value(c.get("/metrics").text, "vae_queued_samples")
+
+
 def _beside_a_large_score(c, img: list, body: dict) -> tuple:
     """(response to `body`, response to the large request) for `body` sent while a /score of 64 images at
     K=5000 (320,000 samples, over a second of fp32 scoring on any machine we know) is queued or running."""
@@ -413,17 +417,12 @@ def _beside_a_large_score(c, img: list, body: dict) -> tuple:
     t = threading.Thread(target=big)
     t.start()
     for _ in range(200):
-        if "vae_queued_samples 0.0" not in c.get("/metrics").text:
+        if _queued_samples(c) > 0:
             break
         time.sleep(0.005)
     r = c.post("/score", json=body)
     t.join()
     return r, results["big"]
-
-
-def _queued_samples(c) -> float:
-    text = c.get("/metrics").text
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_queued_samples ")))
 
 
 def test_work_that_cannot_drain_in_time_is_503_over_http(models_dir, test_images):

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from service.server import OneWriteResponses
-from tests.service.conftest import LiveServer
+from tests.service.conftest import LiveServer, metric_value
 
 
 def request_bytes(path: str, body: dict) -> bytes:
@@ -35,8 +35,7 @@ def closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 def queued(url: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics").read().decode()
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("vae_queued_samples ")))
+    return metric_value(urllib.request.urlopen(url + "/metrics").read().decode(), "vae_queued_samples")
 
 
 def test_the_c_parser_and_loop_are_the_default():

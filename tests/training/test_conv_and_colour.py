@@ -147,7 +147,7 @@ def test_conv_budgets_follow_the_pixels_a_step_sees():
         seen = cfg.max_steps * cfg.batch_size * shape[0] * shape[1]
         assert CONV_PIXEL_BUDGET <= seen < CONV_PIXEL_BUDGET + cfg.batch_size * shape[0] * shape[1]
         assert (cfg.eval_images, cfg.calibration_images) == (500, 500)
-    assert conv_step_budget(64, (10**5, 10**5)) == 1
+    assert conv_step_budget(64, (10**5, 10**5), 4000) == 1
     mlp = TrainConfig().resolve(256, 48_000, (8, 8, 1))
     assert (mlp.batch_size, mlp.max_steps, mlp.eval_images, mlp.calibration_images) == (256, 12_000, 2000, 1000)
     mine = TrainConfig(batch_size=32, max_steps=100, eval_images=0, calibration_images=7).resolve(
