@@ -34,7 +34,7 @@ def measure(version_dir: Path, x: np.ndarray, k: int, threads: int, images: int 
             tasks = score_direct(engine, xb, k, [0] * images, mv.latent_dim, mv.chunk, per_call, pixel_engine, pixels)
             if pixel_engine is not None:  # the map itself: its parts (the residual reads a reconstruction) combined
                 expected = np.concatenate([t.pixels.expected_nll() for t in tasks if t.pixels is not None])
-                mv.anomaly_maps(expected, xb, mv.reconstruction_means(xb) if mv.maps_need_reconstruction else None)
+                mv.anomaly_maps(expected, xb, mv.map_means(expected, xb))
 
         return run, float(images)
 

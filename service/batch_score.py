@@ -269,7 +269,7 @@ def score_rows(
     if maps_dir is not None:
         cut = ScoreCalibration.from_block("anomaly_map", calib["anomaly_map"]).threshold(fpr)
         expected = np.concatenate([t.pixels.expected_nll() for t in tasks if t.pixels is not None])
-        maps = mv.anomaly_maps(expected, xs, mv.reconstruction_means(xs) if mv.maps_need_reconstruction else None)
+        maps = mv.anomaly_maps(expected, xs, mv.map_means(expected, xs))
         names = []
         for j, i in enumerate(ok):
             name = f"{first_index + i}.npy"

@@ -339,6 +339,18 @@ class InferenceCore:
         (means,) = await self._run(job, ctx)
         return np.asarray(means)
 
+    async def map_means(
+        self, mv: ModelVersion, expected_nll: np.ndarray, x: np.ndarray, ctx: RequestContext
+    ) -> np.ndarray | None:
+        """The reconstruction the map's residual part reads rows x against (None: the map has none), scheduled:
+        the steps of vae_contract.maps.map_means, each reconstruction as `reconstruction_means`."""
+        if mv.map_reconstructions == 0:
+            return None
+        means = await self.reconstruction_means(mv, x, ctx)
+        if mv.map_reconstructions == 2:
+            means = await self.reconstruction_means(mv, mv.refilled_images(expected_nll, x, means), ctx)
+        return means
+
     async def sample(self, mv: ModelVersion, n: int, mode: str, seed: int, ctx: RequestContext) -> DecodeResult:
         """n images from the prior: sample i's latent from default_rng([seed, i]), so n=5 is a prefix of n=10."""
         self.check_count(n, "n")
@@ -414,7 +426,7 @@ class InferenceCore:
         if map_calibration is not None:
             map_fpr = fpr if fpr is not None else float(calib.get("default_fpr", DEFAULT_FPR))
             expected = np.concatenate([t.pixels.expected_nll() for t in done if t.pixels is not None])
-            means = await self.reconstruction_means(mv, x, ctx) if mv.maps_need_reconstruction else None
+            means = await self.map_means(mv, expected, x, ctx)
             values_map = mv.anomaly_maps(expected, x, means)
             cut_map = ScoreCalibration.from_block("anomaly_map", map_calibration).threshold(map_fpr)
             maps = MapResult(values_map, cut_map, map_fpr, str(map_calibration["units"]))

@@ -30,11 +30,9 @@ from vae_contract.formulas import (
     ALWAYS_SCORES,
     SCORE_NAMES,
     ScoreCalibration,
-    anomaly_maps,
     expected_values,
     fp32_parity_tolerance,
     raw_scores,
-    residual_maps,
     scores_from_nll,
 )
 from vae_contract.manifest import (
@@ -45,6 +43,7 @@ from vae_contract.manifest import (
     valid_model_name,
     verify_files,
 )
+from vae_contract.maps import anomaly_maps, map_means, map_reconstructions, refilled_images, residual_maps
 
 log = logging.getLogger("vae_serve")
 WORKING_SET = 8  # tensors the size of the decoder's output alive at once in a log_weights call (about)
@@ -182,20 +181,34 @@ class ModelVersion:
         return dict(self.manifest["calibration"]["anomaly_map"])
 
     @property
-    def maps_need_reconstruction(self) -> bool:
-        """Whether the version's map has the residual part (`anomaly_maps`), read off the decoder at mu(x)."""
-        return "parts" in self.map_block
+    def map_reconstructions(self) -> int:
+        """How many reconstructions the version's map reads (vae_contract.maps.map_reconstructions): 0, 1
+        (mu(x)) or 2 (mu(x), then mu of the image with the first pass's flagged pixels refilled)."""
+        return map_reconstructions(self.map_block)
 
     def reconstruction_means(self, x: np.ndarray) -> np.ndarray:
-        """E[x|z = mu(x)] (B, D) in levels, on the reference engine in calls of decode_rows_per_call: the
-        residual part's input where no scheduler runs the calls (vae-score)."""
+        """E[x|z = mu(x)] (B, D) in levels, on the reference engine in calls of decode_rows_per_call, where no
+        scheduler runs the calls (vae-score)."""
         mu = self.ref.encode(x)[0]
         step = self.decode_rows_per_call
         return np.concatenate([expected_values(self.ref.decode(mu[i : i + step])) for i in range(0, len(mu), step)])
 
+    def refilled_images(self, expected_nll: np.ndarray, x: np.ndarray, means: np.ndarray) -> np.ndarray:
+        """Rows x (B, D) with the pixels the map's first pass flags refilled, from their expected NLLs and
+        reconstruction means (vae_contract.maps.refilled_images): the second reconstruction's input."""
+        shape = (self.height, self.width)
+        return refilled_images(x, expected_nll, means, shape, self.map_block, self.levels, self.channels)
+
+    def map_means(self, expected_nll: np.ndarray, x: np.ndarray) -> np.ndarray | None:
+        """The reconstruction (B, D) the map's residual part reads rows x against, on the reference engine
+        (`reconstruction_means`), or None where the map has no residual part (vae_contract.maps.map_means)."""
+        shape = (self.height, self.width)
+        block = self.map_block
+        return map_means(x, expected_nll, self.reconstruction_means, shape, block, self.levels, self.channels)
+
     def anomaly_maps(self, expected_nll: np.ndarray, x: np.ndarray, means: np.ndarray | None) -> np.ndarray:
         """Anomaly maps (B, H, W) of rows x (B, D) from their pixels' expected NLLs (B, H x W) and, where the
-        map has the residual part, their `reconstruction_means` (vae_contract.formulas.anomaly_maps)."""
+        map has the residual part, the reconstruction it reads (`map_means`; vae_contract.maps.anomaly_maps)."""
         residual = residual_maps(x, means, self.levels, self.channels) if means is not None else None
         return anomaly_maps(expected_nll, residual, (self.height, self.width), self.map_block)
 

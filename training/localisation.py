@@ -28,7 +28,7 @@ def maps_and_scores(
     reconstruction at mu(x) the map's residual part reads)."""
     x = images.reshape(len(images), -1).astype(np.int64)
     stats = image_statistics(model, x, k, seed, maps=True)
-    maps = stats.anomaly_maps(model, calib["anomaly_map"])
+    maps = stats.anomaly_maps(model, x, calib["anomaly_map"])
     scores = scores_of(stats, images, calib)
     return maps, scores
 

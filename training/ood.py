@@ -16,16 +16,14 @@ import torch
 from training.evaluate import Processes, expected_images, importance_pass, llr_log_likelihoods
 from training.model import VAE
 from vae_contract.formulas import (
-    anomaly_maps,
     bits_per_dim,
     calibration_block,
     compressed_bits,
     elbo_gap_bits_per_dim,
     llr_bits_per_dim,
-    map_calibration_block,
-    residual_maps,
     scores_from_nll,
 )
+from vae_contract.maps import anomaly_maps, map_calibration_block, map_means, residual_maps
 
 DEFAULT_FPR = 0.01
 
@@ -33,19 +31,22 @@ DEFAULT_FPR = 0.01
 @dataclass(frozen=True)
 class ImageStatistics:
     """What the scores of images (N, D) are made of, at one K: NLL, log p(x) - ELBO and LLR>k (None for a
-    one-layer model) in bits/dim, and where asked for the anomaly map's parts: each pixel's expected NLL in
-    nats and its residual (N, H*W) (vae_contract.formulas.residual_maps)."""
+    one-layer model) in bits/dim, and where asked for the anomaly map's nll part: each pixel's expected NLL
+    in nats (N, H*W)."""
 
     nll_bpd: np.ndarray
     elbo_gap_bpd: np.ndarray
     llr_bpd: np.ndarray | None
     expected_nll: np.ndarray | None = None
-    residual: np.ndarray | None = None
 
-    def anomaly_maps(self, model: VAE, block: dict[str, Any]) -> np.ndarray:
-        """The images' anomaly maps (N, H, W) by the calibration block's definition."""
+    def anomaly_maps(self, model: VAE, x: np.ndarray, block: dict[str, Any]) -> np.ndarray:
+        """The anomaly maps (N, H, W) of the images x (N, D) these are the statistics of, by the calibration
+        block's definition (vae_contract.maps), their residual part read off the model's reconstructions."""
         assert self.expected_nll is not None, "computed without maps=True"
-        return anomaly_maps(self.expected_nll, self.residual, map_shape(model), block)
+        shape, levels, channels = map_shape(model), model.levels, model.decoder.channels
+        means = map_means(x, self.expected_nll, reconstructor(model), shape, block, levels, channels)
+        residual = residual_maps(x, means, levels, channels) if means is not None else None
+        return anomaly_maps(self.expected_nll, residual, shape, block)
 
 
 def map_shape(model: VAE) -> tuple[int, int]:
@@ -59,10 +60,15 @@ def map_shape(model: VAE) -> tuple[int, int]:
     return side, side
 
 
-def pixel_residuals(model: VAE, x: np.ndarray) -> np.ndarray:
-    """Each pixel's residual (N, H*W) against the reconstruction at the posterior mean (the map's residual part)."""
-    expected = expected_images(model, torch.from_numpy(x.astype(np.int64)))
-    return residual_maps(x, expected, model.levels, model.decoder.channels)
+def reconstructor(model: VAE) -> Callable[[np.ndarray], np.ndarray]:
+    """Images (N, D) -> E[x|z = mu(x)] (N, D) in levels: what the anomaly map's residual part reads."""
+    return lambda x: expected_images(model, torch.from_numpy(np.asarray(x, dtype=np.int64)))
+
+
+def map_calibration(model: VAE, x_val: np.ndarray, expected_nll: np.ndarray, k: int, seed: int) -> dict[str, Any]:
+    """calibration.anomaly_map from the validation images x_val (N, D) and their pixels' expected NLLs."""
+    levels, channels = model.levels, model.decoder.channels
+    return map_calibration_block(expected_nll, x_val, reconstructor(model), map_shape(model), levels, channels, k, seed)
 
 
 def image_statistics(
@@ -88,7 +94,6 @@ def image_statistics(
         elbo_gap_bits_per_dim(run.log_likelihood, run.elbo, x.shape[1]),
         llr,
         run.expected_nll,
-        pixel_residuals(model, x) if maps else None,
     )
 
 
@@ -165,7 +170,7 @@ def calibrate(
     desc = f"calibration (K={k})" if progress else None
     stats = image_statistics(model, x_val, k, seed, maps=True, progress=desc, procs=procs)
     nll, images = stats.nll_bpd, model_images(model, x_val)
-    assert stats.expected_nll is not None and stats.residual is not None
+    assert stats.expected_nll is not None
     rule = None
     if default_score == "auto":
         default_score, rule = choose_default_score(nll, images)
@@ -178,7 +183,7 @@ def calibrate(
         **({"default_score_rule": rule} if rule else {}),
         "default_fpr": DEFAULT_FPR,
         **calibration_block(nll, images, stats.llr_bpd, stats.elbo_gap_bpd),
-        "anomaly_map": map_calibration_block(stats.expected_nll, stats.residual, map_shape(model), k, seed),
+        "anomaly_map": map_calibration(model, x_val, stats.expected_nll, k, seed),
     }
 
 
@@ -202,7 +207,7 @@ def map_calibration_for(model: VAE, calibration: dict[str, Any], log: Callable[[
     k, seed = int(calibration["K"]), int(calibration["seed"])
     run = importance_pass(model, torch.from_numpy(x_val.astype(np.int64)), k, seed=seed)
     assert run.expected_nll is not None
-    return map_calibration_block(run.expected_nll, pixel_residuals(model, x_val), map_shape(model), k, seed)
+    return map_calibration(model, x_val, run.expected_nll, k, seed)
 
 
 def recalibrate(model: VAE, calibration: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vae_contract.formulas import COMPRESSORS, MAP_PARTS, SCORE_NAMES
+from vae_contract.formulas import COMPRESSORS, SCORE_NAMES
+from vae_contract.maps import MAP_PARTS
 
 MANIFEST_FORMAT = 3  # 3 added image.channels and image.preprocessing; format 2 manifests (grey) are read too
 MANIFEST_FORMATS = (2, 3)
@@ -157,13 +158,26 @@ class MapPartBlock(_Strict):
     quantiles: QuantileTable
 
 
+class MapRefit(_Strict):
+    """calibration.anomaly_map.refit (vae_contract.maps.refilled_images): the first pass's residual part (read
+    against mu(x)), the first-pass map's threshold that flags `fpr` of the validation pixels, and the fill of
+    flagged values (one per image value, in levels: the validation images' mean)."""
+
+    fpr: float = Field(gt=0, lt=1)
+    threshold: float
+    residual: MapPartBlock
+    fill: list[int]
+
+
 class MapCalibration(_Strict):
     """calibration.anomaly_map: the quantiles of every validation pixel's map value, and thresholds; `parts`
-    define the map (versions calibrated before them have none, and their map is the expected NLL)."""
+    define the map (versions calibrated before them have none, and their map is the expected NLL), and
+    `refit` its second reconstruction (versions calibrated before it read the residual against mu(x))."""
 
     units: str
     definition: str
     parts: dict[str, MapPartBlock] | None = None
+    refit: MapRefit | None = None
     images: int = Field(ge=2)
     K: int = Field(ge=1)
     n: int = Field(ge=2)  # validation pixel values the quantiles were taken from
@@ -189,6 +203,8 @@ class Calibration(_Strict):
         parts = self.anomaly_map.parts if self.anomaly_map is not None else None
         if parts is not None and set(parts) != set(MAP_PARTS):
             raise ValueError(f"calibration.anomaly_map.parts must be {list(MAP_PARTS)}, got {sorted(parts)}")
+        if self.anomaly_map is not None and self.anomaly_map.refit is not None and parts is None:
+            raise ValueError("calibration.anomaly_map.refit needs the map's parts")
         unknown = sorted(set(self.scores) - set(SCORE_NAMES))
         if unknown:
             raise ValueError(f"unknown scores {unknown}; known: {list(SCORE_NAMES)}")
@@ -294,6 +310,9 @@ class Manifest(_Strict):
         if maps is not None and "pixel_log_weights" not in self.graphs:
             raise ValueError("calibration.anomaly_map needs the pixel_log_weights graph")
         dim, levels = self.image.dim, self.image.levels
+        fill = maps.refit.fill if maps is not None and maps.refit is not None else None
+        if fill is not None and (len(fill) != dim or min(fill) < 0 or max(fill) >= levels):
+            raise ValueError(f"calibration.anomaly_map.refit.fill must be {dim} levels in 0..{levels - 1}")
         for img in self.check.images:
             if len(img) != dim or min(img) < 0 or max(img) >= levels:
                 raise ValueError(f"check images must be {dim} grey levels in 0..{levels - 1}")

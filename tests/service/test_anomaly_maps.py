@@ -127,6 +127,37 @@ def test_a_version_exported_before_maps_answers_422(version_dir: Path, tmp_path:
         assert "anomaly_map" not in {o["name"] for o in meta["outputs"]}
 
 
+def test_a_version_calibrated_before_the_second_pass_keeps_its_one_pass_map(
+    version_dir: Path, tmp_path: Path, test_images
+):
+    """A block with parts and no refit (calibrated before the second reconstruction) is served as it was
+    defined: the residual against mu(x) alone, one reconstruction."""
+    from service.batch_score import load_model
+    from service.repository import images_per_call
+    from service.scoring import score_direct
+    from service.settings import Settings
+    from vae_contract.maps import ONE_PASS_MAP_DEFINITION, anomaly_maps, residual_maps
+
+    old = tmp_path / "models" / "old" / "1"
+    shutil.copytree(version_dir, old)
+    manifest, _ = read_manifest(old)
+    block = manifest["calibration"]["anomaly_map"]
+    refit = block.pop("refit")
+    block["parts"]["residual"], block["definition"] = refit["residual"], ONE_PASS_MAP_DEFINITION
+    write_manifest(old, manifest)
+    bad = np.stack([with_defect(img) for img in test_images[:4]])
+    with make_client(tmp_path / "models", engine="onnxruntime") as c:
+        served = np.array([r["anomaly_map"] for r in score(c, bad, seed=3)["results"]])
+    mv = load_model(old, Settings(models_dir=tmp_path / "models", engine="onnxruntime"))
+    assert mv.map_reconstructions == 1
+    x = bad.reshape(4, -1).astype(np.int64)
+    per_call = images_per_call(mv.ref, mv.score_rows, mv.chunk)
+    tasks = score_direct(mv.ref, x, 200, [3] * 4, mv.latent_dim, mv.chunk, per_call, mv.ref, 64)
+    e = np.concatenate([t.pixels.expected_nll() for t in tasks if t.pixels is not None])
+    one_pass = anomaly_maps(e, residual_maps(x, mv.reconstruction_means(x), 17, 1), (8, 8), block)
+    np.testing.assert_allclose(served, one_pass, atol=1e-4)  # /score rounds to 4 decimals
+
+
 def test_v2_score_model_serves_maps_by_parameter_or_output_name(client, test_images):
     meta = client.get("/v2/models/digits-score").json()
     outs = {o["name"]: o for o in meta["outputs"]}

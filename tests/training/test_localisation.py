@@ -9,17 +9,49 @@ import numpy as np
 import pytest
 
 from training.defects import MAX_FPR, MIN_CHANGE, aupro, auroc, defect_kinds, make_defects
-from vae_contract.formulas import (
-    COMPRESSOR,
+from vae_contract.formulas import COMPRESSOR, PixelNllAccumulator, expected_values
+from vae_contract.manifest import Calibration
+from vae_contract.maps import (
+    REFIT_FPR,
     MapPart,
-    PixelNllAccumulator,
     anomaly_maps,
-    expected_values,
     gaussian_blur,
     map_calibration_block,
+    map_means,
+    map_reconstructions,
+    refilled_images,
     residual_maps,
 )
-from vae_contract.manifest import Calibration
+
+LEVELS = 17
+
+
+def blurred_copy(x: np.ndarray) -> np.ndarray:
+    """A stand-in reconstruction of 8x8 grey images (B, 64): each pixel the mean of its 3x3 neighbourhood, so it
+    follows what it is shown, defects included, as a VAE's reconstruction does."""
+    from scipy.ndimage import uniform_filter
+
+    imgs = np.asarray(x, dtype=np.float64).reshape(-1, 8, 8)
+    return uniform_filter(imgs, size=(1, 3, 3), mode="nearest").reshape(len(imgs), -1)
+
+
+def calibrated(e: np.ndarray, x: np.ndarray, shape: tuple[int, int] = (8, 8), k: int = 100) -> dict:
+    return map_calibration_block(e, x, blurred_copy if shape == (8, 8) else lambda v: v * 0.9, shape, LEVELS, 1, k, 0)
+
+
+def maps_of(e: np.ndarray, x: np.ndarray, block: dict) -> np.ndarray:
+    """The maps of images x (B, 64) with expected NLLs e, as the service and training compute them."""
+    means = map_means(x, e, blurred_copy, (8, 8), block, LEVELS, 1)
+    return anomaly_maps(e, residual_maps(x, means, LEVELS, 1) if means is not None else None, (8, 8), block)
+
+
+def validation_like(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n smooth 8x8 images in 0..16 and expected NLLs that vary from pixel to pixel."""
+    from scipy.ndimage import gaussian_filter
+
+    x = np.rint(np.clip(gaussian_filter(rng.random((n, 8, 8)), sigma=(0, 1.5, 1.5)) * 40 - 12, 0, 16))
+    e = rng.gamma(2.0, size=(n, 64)) * np.linspace(0.1, 3, 64)
+    return x.reshape(n, 64).astype(np.int64), e
 
 
 def test_auroc_matches_its_definition():
@@ -76,20 +108,58 @@ def test_pixel_accumulator_in_chunks_equals_one_pass():
 
 def test_map_calibration_tabulates_the_validation_pixels():
     rng = np.random.default_rng(0)
-    e = rng.gamma(2.0, size=(400, 64)) * np.linspace(0.1, 3, 64)
-    r = rng.random((400, 64))
-    block = map_calibration_block(e, r, (8, 8), k=100, seed=0)
-    maps = anomaly_maps(e, r, (8, 8), block)
+    x, e = validation_like(rng, 400)
+    block = calibrated(e, x)
+    maps = maps_of(e, x, block)
     assert maps.shape == (400, 8, 8)
     assert block["n"] == 400 * 64 and block["units"] == "nats" and set(block["parts"]) == {"nll", "residual"}
     assert block["parts"]["residual"]["blur_px"] == 1.0 and block["parts"]["nll"]["blur_px"] == 0.5
+    assert block["refit"]["fpr"] == REFIT_FPR and block["refit"]["residual"]["blur_px"] == 1.0
+    assert block["refit"]["fill"] == [int(v) for v in np.rint(x.mean(0))] and map_reconstructions(block) == 2
     # about 1% (5%) of the validation pixels lie above the 0.01 (0.05) threshold
     assert (maps > block["thresholds"]["0.01"]).mean() == pytest.approx(0.01, abs=0.002)
     assert (maps > block["thresholds"]["0.05"]).mean() == pytest.approx(0.05, abs=0.005)
-    many, many_r = rng.gamma(2.0, size=(400, 784)), rng.random((400, 784))  # 313,600 values: 200,000 tabulated
-    big = map_calibration_block(many, many_r, (28, 28), k=100, seed=0)
-    assert big["n"] == 200_000 and big == map_calibration_block(many, many_r, (28, 28), k=100, seed=0)
+    many = rng.gamma(2.0, size=(400, 784))  # 313,600 values: 200,000 tabulated
+    many_x = rng.integers(0, LEVELS, size=(400, 784))
+    big = calibrated(many, many_x, (28, 28))
+    assert big["n"] == 200_000 and big == calibrated(many, many_x, (28, 28))
     Calibration.model_validate({**_calibration_stub(), "anomaly_map": big})  # the manifest's schema takes it
+
+
+def test_the_first_pass_flags_its_share_of_validation_pixels_and_refills_only_them():
+    rng = np.random.default_rng(4)
+    x, e = validation_like(rng, 400)
+    block = calibrated(e, x)
+    refilled = refilled_images(x, e, blurred_copy(x), (8, 8), block, LEVELS, 1)
+    fill = np.broadcast_to(np.asarray(block["refit"]["fill"]), x.shape)
+    changed = refilled != x
+    assert np.all(refilled[changed] == fill[changed])  # a flagged value becomes the fill, the others stay
+    flagged = (refilled == fill) & (x != fill)  # flagged pixels whose value the fill moved
+    assert 0.005 < flagged.mean() <= REFIT_FPR + 0.002  # REFIT_FPR of the pixels, less those already at the fill
+
+
+def test_the_second_pass_reconstructs_the_image_with_the_first_pass_flags_refilled():
+    """The first pass is the map read against mu(x) with refit's residual table; the pixels it puts above refit's
+    threshold (here mostly a far-level block's) are set to the fill, and the residual reads that image's
+    reconstruction. (What it buys on real models: docs/quality.md's localisation table.)"""
+    rng = np.random.default_rng(5)
+    x, e = validation_like(rng, 400)
+    block = calibrated(e, x)
+    test_x, test_e = validation_like(rng, 50)
+    bad = test_x.reshape(-1, 8, 8).copy()
+    bad[:, 3:5, 3:5] = np.where(bad[:, 3:5, 3:5].mean((1, 2), keepdims=True) > 8, 0, 16)  # a 2x2 block, far level
+    bad = bad.reshape(-1, 64)
+    region = np.zeros((8, 8), dtype=bool)
+    region[3:5, 3:5] = True
+    first_block = {"parts": {"nll": block["parts"]["nll"], "residual": block["refit"]["residual"]}}
+    first = anomaly_maps(test_e, residual_maps(bad, blurred_copy(bad), LEVELS, 1), (8, 8), first_block)
+    flags = first > block["refit"]["threshold"]
+    refilled = refilled_images(bad, test_e, blurred_copy(bad), (8, 8), block, LEVELS, 1)
+    np.testing.assert_array_equal(refilled, np.where(flags.reshape(50, 64), block["refit"]["fill"], bad))
+    # the block is flagged, and less of the rest (the copy's blur spreads the block's residual)
+    assert flags[:, region].mean() > 0.9 and flags[:, region].mean() > 2 * flags[:, ~region].mean()
+    second = map_means(bad, test_e, blurred_copy, (8, 8), block, LEVELS, 1)
+    np.testing.assert_array_equal(second, blurred_copy(refilled))
 
 
 def _calibration_stub() -> dict:
@@ -113,8 +183,9 @@ def test_each_part_of_the_map_reads_its_own_tail():
     """A pixel far out in either part's validation tail is far out in the map; the map ranks by the larger
     surprise, and values past every validation value keep ranking higher (the exponential tail)."""
     rng = np.random.default_rng(1)
-    e, r = rng.gamma(2.0, size=(300, 64)), rng.random((300, 64)) * 0.1
-    block = map_calibration_block(e, r, (8, 8), k=100, seed=0)
+    x, e = validation_like(rng, 300)
+    block = calibrated(e, x)
+    r = residual_maps(x, blurred_copy(x), LEVELS, 1)
     probe_e, probe_r = np.full((4, 64), np.median(e)), np.full((4, 64), np.median(r))
     probe_e[1, 27], probe_r[2, 27], probe_r[3, 27] = 40.0, 5.0, 50.0  # one pixel far out in one part each
     maps = anomaly_maps(probe_e, probe_r, (8, 8), block)
@@ -132,13 +203,35 @@ def test_each_part_of_the_map_reads_its_own_tail():
     assert s[2] == pytest.approx(np.log(100), abs=0.05)  # and 1% above the 0.99 quantile
 
 
+def test_the_manifest_checks_the_refit_block(version_dir: Path):
+    """A refit's fill holds one level per image value, and a refit needs the map's parts."""
+    import copy
+
+    from vae_contract.manifest import ManifestError, validate_manifest
+
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    validate_manifest(manifest)
+    fill = manifest["calibration"]["anomaly_map"]["refit"]["fill"]
+    assert len(fill) == 64 and 0 <= min(fill) and max(fill) < LEVELS
+    for bad_fill in (fill[:-1], [*fill[:-1], LEVELS], [-1, *fill[1:]]):
+        broken = copy.deepcopy(manifest)
+        broken["calibration"]["anomaly_map"]["refit"]["fill"] = bad_fill
+        with pytest.raises(ManifestError, match="refit.fill"):
+            validate_manifest(broken)
+    no_parts = copy.deepcopy(manifest)
+    no_parts["calibration"]["anomaly_map"].pop("parts")
+    with pytest.raises(ManifestError, match="refit needs"):
+        validate_manifest(no_parts)
+
+
 def test_a_block_without_parts_keeps_the_expected_nll_map():
     """Versions calibrated before the residual part keep their map: the expected NLL itself."""
-    e = np.random.default_rng(2).gamma(2.0, size=(3, 64))
+    x, e = validation_like(np.random.default_rng(2), 3)
     legacy = {"units": "nats", "definition": "E_q[-log p(x_p|z)]", "quantiles": {"probs": [0, 1], "values": [0, 1]}}
+    assert map_reconstructions(legacy) == 0 and map_means(x, e, blurred_copy, (8, 8), legacy, LEVELS, 1) is None
     np.testing.assert_array_equal(anomaly_maps(e, None, (8, 8), legacy), e.reshape(3, 8, 8))
     with pytest.raises(ValueError, match="residual"):
-        anomaly_maps(e, None, (8, 8), map_calibration_block(e, e, (8, 8), k=10, seed=0))
+        anomaly_maps(e, None, (8, 8), calibrated(e, x, k=10))
 
 
 def test_gaussian_blur_matches_scipy_and_residuals_sum_channels():
@@ -178,19 +271,32 @@ def test_ood_eval_writes_the_localisation_benchmark(version_dir: Path, tmp_path:
 
 
 def test_the_residual_part_reads_the_same_reconstruction_in_torch_and_in_the_service(version_dir: Path):
-    """vae-ood-eval's maps (torch) and the service's (onnxruntime) read x against the same E[x|z = mu(x)]."""
+    """vae-ood-eval's maps (torch) and the service's (onnxruntime) read x against the same reconstructions: E[x|z =
+    mu(x)], and the second pass's of the same refilled images."""
     import torch
 
     from service.batch_score import load_model
     from service.settings import Settings
     from training.data import prepare
-    from training.evaluate import expected_images
+    from training.evaluate import expected_images, importance_pass
     from training.export import load_checkpoint
+    from training.ood import reconstructor
+    from vae_contract.manifest import read_manifest
 
+    model = load_checkpoint(version_dir)
     x = prepare("digits").test[:20].reshape(20, -1).astype(np.int64)
-    torch_means = expected_images(load_checkpoint(version_dir), torch.from_numpy(x))
+    bad = make_defects(x.reshape(20, 8, 8, 1), LEVELS, "scratch", seed=0)[0].reshape(20, -1).astype(np.int64)
+    torch_means = expected_images(model, torch.from_numpy(x))
     mv = load_model(version_dir, Settings(models_dir=version_dir.parents[1], engine="onnxruntime"))
     service_means = mv.reconstruction_means(x)
     assert torch_means.shape == service_means.shape == (20, 64)
     np.testing.assert_allclose(service_means, torch_means, atol=1e-4)  # in levels, of 17
     assert np.abs(x - torch_means).mean() > 0.1  # a reconstruction, not the image itself
+    block = read_manifest(version_dir)[0]["calibration"]["anomaly_map"]
+    assert map_reconstructions(block) == mv.map_reconstructions == 2
+    e = importance_pass(model, torch.from_numpy(bad), 50, seed=0).expected_nll
+    refilled = mv.refilled_images(e, bad, mv.reconstruction_means(bad))
+    assert (refilled != bad).any()  # the scratches flag pixels
+    torch_second = map_means(bad, e, reconstructor(model), (8, 8), block, LEVELS, 1)
+    np.testing.assert_allclose(mv.map_means(e, bad), torch_second, atol=1e-4)
+    np.testing.assert_allclose(torch_second, expected_images(model, torch.from_numpy(refilled)), atol=1e-4)
