@@ -1,7 +1,7 @@
 """The cost of an anomaly map on top of a score: the same images at the same K, scored with and without maps.
 
 A map request runs the pixel_log_weights graph on the pixel engine (the fast path where its check passed, else
-onnxruntime fp32), then the map's residual part (one encoder and one decoder row an image, on onnxruntime fp32)
+onnxruntime fp32), then the map's residual part (two encoder and two decoder rows an image, on onnxruntime fp32)
 and combines the parts; a plain score runs log_weights on the engine chosen at load (OpenVINO bf16 where the
 CPU has it, else the faster fp32 engine).
 Reported: images/s of each, in interleaved turns, and two ratios: map against the plain score on the same

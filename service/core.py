@@ -328,8 +328,8 @@ class InferenceCore:
         return DecodeResult(mv, out[0], out[1] if with_probs else None)
 
     async def reconstruction_means(self, mv: ModelVersion, x: np.ndarray, ctx: RequestContext) -> np.ndarray:
-        """E[x|z = mu(x)] (B, D) in levels: the anomaly map's residual part reads x against it. One encoder and
-        one decoder row an image, scheduled like /reconstruct's."""
+        """E[x|z = mu(x)] (B, D) in levels (`map_means` reads x against it, or against its refilled image's): one
+        encoder and one decoder row an image, scheduled like /reconstruct's."""
         enc = await self.encode(mv, x, ctx)
 
         def post(piece: tuple[np.ndarray, ...], start: int) -> tuple[np.ndarray, ...]:
