@@ -183,10 +183,14 @@ def refilled_images(
     models better or within 0.004 (docs/quality.md)."""
     refit = block["refit"]
     first = {"parts": {"nll": block["parts"]["nll"], "residual": refit["residual"]}}
-    residual = residual_maps(x, means, levels, channels)
-    flags = anomaly_maps(expected_nll, residual, shape, first).reshape(len(x), -1) > float(refit["threshold"])
-    fill = np.asarray(refit["fill"], dtype=np.int64)
-    return np.where(np.repeat(flags, channels, axis=1), fill, np.asarray(x, dtype=np.int64))
+    first_map = anomaly_maps(expected_nll, residual_maps(x, means, levels, channels), shape, first)
+    return _refilled(x, first_map > float(refit["threshold"]), refit["fill"], channels)
+
+
+def _refilled(x: np.ndarray, flags: np.ndarray, fill: Any, channels: int) -> npt.NDArray[np.int64]:
+    """Images x (B, D) with every value of the flagged pixels (B, H, W) set to fill (D,)."""
+    flagged = np.repeat(flags.reshape(len(x), -1), channels, axis=1)
+    return np.where(flagged, np.asarray(fill, dtype=np.int64), np.asarray(x, dtype=np.int64))
 
 
 def map_means(
@@ -243,18 +247,16 @@ def map_calibration_block(
     nll_part = _part_block(smoothed["nll"], blur["nll"])
     first_part = _part_block(smoothed["residual"], blur["residual"])
     first = anomaly_maps(e, first_residual, shape, {"parts": {"nll": nll_part, "residual": first_part}})
-    refit = {
-        "fpr": REFIT_FPR,
-        "threshold": float(np.quantile(first, 1.0 - REFIT_FPR)),
-        "residual": first_part,
-        "fill": [int(v) for v in np.rint(np.asarray(x, dtype=np.float64).mean(0))],
+    threshold = float(np.quantile(first, 1.0 - REFIT_FPR))
+    fill = [int(v) for v in np.rint(np.asarray(x, dtype=np.float64).mean(0))]
+    residual = residual_maps(x, reconstruct(_refilled(x, first > threshold, fill, channels)), levels, channels)
+    residual_part = _part_block(gaussian_blur(residual.reshape(-1, *shape), blur["residual"]), blur["residual"])
+    block: dict[str, Any] = {
+        "units": MAP_UNITS,
+        "definition": MAP_DEFINITION,
+        "parts": {"nll": nll_part, "residual": residual_part},
+        "refit": {"fpr": REFIT_FPR, "threshold": threshold, "residual": first_part, "fill": fill},
     }
-    block: dict[str, Any] = {"units": MAP_UNITS, "definition": MAP_DEFINITION, "parts": {"nll": nll_part}}
-    block["refit"] = refit
-    refilled = refilled_images(x, e, means, shape, block, levels, channels)
-    residual = residual_maps(x, reconstruct(refilled), levels, channels)
-    smoothed_residual = gaussian_blur(residual.reshape(-1, *shape), blur["residual"])
-    block["parts"]["residual"] = _part_block(smoothed_residual, blur["residual"])
     values = _subsample(anomaly_maps(e, residual, shape, block), seed)
     return {
         **block,
