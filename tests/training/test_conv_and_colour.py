@@ -437,6 +437,41 @@ def test_a_sharp_colour_model_verifies_against_float64_and_a_wrong_decoder_graph
     assert not decoder_probs_check((exact + 2e-4).astype(np.float32), well, exact)["ok"]  # the floor holds
 
 
+def test_the_export_checks_read_a_few_images_at_a_time_and_report_as_over_all_at_once(tmp_path, monkeypatch):
+    """verify's decoder check and the manifest's reference scores run a few images a call (all at once, a 64x64
+    conv model's checks held 10 GB and 15 GB and the default command was killed): the numbers must not depend
+    on how the images are grouped."""
+    import training.export as export
+
+    shape, levels = (16, 16, 3), 256
+    frozen = export.export_ready(perturbed(tiny(shape, levels, conv_widths=[8, 8]), scale=0.05))
+    _export(frozen, tmp_path)
+    x = np.random.default_rng(0).integers(0, levels, (6, math.prod(shape)))
+    whole = export.verify(frozen, tmp_path, x, k=8)
+    monkeypatch.setattr(export, "MAX_ELEMENTS", 8 * math.prod(shape) * levels)  # one image's probabilities a part
+    parts = export.verify(frozen, tmp_path, x, k=8)
+    # torch's float32 convolutions round differently for other batch sizes: the same errors, not the same bits
+    assert parts["max_abs_diff_decoder_probs"] == pytest.approx(whole["max_abs_diff_decoder_probs"], rel=0.25, abs=1e-8)
+    for key, value in whole["decoder_probs_error_vs_float64"].items():
+        assert parts["decoder_probs_error_vs_float64"][key] == pytest.approx(value, rel=0.25, abs=1e-8), key
+    one_call = export.reference_scores(tmp_path, x, frozen.noise_dim, 300, 0, rows=6 * 300)
+    calls: list[tuple[int, ...]] = []
+    sessions = export._sessions
+
+    class Recording:
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, names, feeds):
+            calls.append(feeds["eps"].shape[:2])
+            return self.session.run(names, feeds)
+
+    monkeypatch.setattr(export, "_sessions", lambda out: {"log_weights": Recording(sessions(out)["log_weights"])})
+    grouped = export.reference_scores(tmp_path, x, frozen.noise_dim, 300, 0, rows=20)
+    assert max(k * b for k, b in calls) <= 20 and sum(k * b for k, b in calls) == 6 * 300
+    np.testing.assert_allclose(grouped, one_call, rtol=0, atol=2e-6)
+
+
 def test_the_conv_span_cuts_into_graphs_that_compute_the_whole(tmp_path):
     """Cut at the span (as the service's bf16 path does) and run in fp32: the three parts compute the whole,
     so the span depends on decoder_hidden alone (no shape taken from the graph's inputs)."""
