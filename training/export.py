@@ -516,7 +516,7 @@ def _llr_graph_error(
 def reference_scores(out: Path, x: np.ndarray, noise_dim: int, k: int, seed: int, rows: int) -> list[float]:
     """log p(x) in nats of each image on onnxruntime fp32, with the contract's noise: the manifest's check.
     One call holds at most `rows` (image, sample) rows (`rows_per_pass`): 250 samples of 32 images in one
-    call held more than 24 GB for a 64x64 conv model."""
+    call held 15 GB for a 64x64 conv model, and the default command was killed for memory at 24 GB."""
     sess = _sessions(out)["log_weights"]
     eps = importance_noise(seed, k, noise_dim)
     chunk = max(1, min(250, k, rows))
