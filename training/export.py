@@ -401,10 +401,8 @@ def verify(model: VAE, out: Path, x: np.ndarray, k: int = 64, seed: int = 0) -> 
     eps = np.broadcast_to(importance_noise(seed, k, model.noise_dim)[:, None, :], (k, len(x), model.noise_dim))
     eps = np.ascontiguousarray(eps)
     # a few images a call: K x 256 samples of a conv decoder in one call held 18 GB (32x32 colour)
-    step = max(1, rows_per_pass(model) // k)
-    parts = [slice(i, i + step) for i in range(0, len(x), step)]
-    step_probs = max(1, MAX_ELEMENTS // (8 * model.dim * model.levels))  # the rollout's per-level tensors
-    parts_probs = [slice(i, i + step_probs) for i in range(0, len(x), step_probs)]
+    parts = _groups(len(x), rows_per_pass(model) // k)
+    parts_probs = _groups(len(x), MAX_ELEMENTS // (8 * model.dim * model.levels))  # the rollout's per-level tensors
     model_64 = copy.deepcopy(model).double()
     with torch.no_grad():
         xt = torch.from_numpy(x)
@@ -520,21 +518,20 @@ def reference_scores(out: Path, x: np.ndarray, noise_dim: int, k: int, seed: int
     sess = _sessions(out)["log_weights"]
     eps = importance_noise(seed, k, noise_dim)
     chunk = max(1, min(250, k, rows))
-    group = max(1, rows // chunk)
     scores: list[float] = []
-    for j in range(0, len(x), group):
-        xs = x[j : j + group]
-        acc = ImportanceAccumulator.empty(len(xs))
-        for i in range(0, k, chunk):
-            e = eps[i : i + chunk]
-            acc.add(
-                sess.run(
-                    None,
-                    {"x": xs, "eps": np.ascontiguousarray(np.broadcast_to(e[:, None], (len(e), len(xs), noise_dim)))},
-                )[0]
-            )
+    for s in _groups(len(x), rows // chunk):
+        acc = ImportanceAccumulator.empty(len(x[s]))
+        for e in _groups(k, chunk):
+            noise = np.broadcast_to(eps[e, None], (len(eps[e]), len(x[s]), noise_dim))
+            acc.add(sess.run(None, {"x": x[s], "eps": np.ascontiguousarray(noise)})[0])
         scores += [round(float(v), 6) for v in acc.log_likelihood()]
     return scores
+
+
+def _groups(n: int, size: int) -> list[slice]:
+    """Slices of range(n) of `size` (at least 1) each, the last shorter: the images (or samples) of one call."""
+    size = max(1, size)
+    return [slice(i, i + size) for i in range(0, n, size)]
 
 
 def parse_version_dir(out: Path) -> tuple[str, int]:
