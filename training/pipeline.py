@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.config import ConfigError, TrainConfig
+from training.config import ConfigError, TrainConfig, large_image_note
 from training.data import prepare_config
 from training.evaluate import evaluate, save_plots
 from training.export import ExportError, parse_version_dir, write_version
@@ -152,6 +152,9 @@ def run(
         f"{params / 1e6:.2f} M parameters ({mb:.1f} MB); batch {resolved.batch_size}, at most {resolved.epochs} epochs "
         f"({resolved.max_steps} steps), patience {resolved.patience}, seed {resolved.seed}"
     )
+    note = large_image_note(data.shape, resolved.max_steps, resolved.batch_size)
+    if note and resolved.arch == "conv" and cfg.max_steps is None and cfg.epochs is None:
+        log(note)
     log(
         f"device: {dev.type}, precision {resolved.precision}"
         + (f", {procs.world} processes (batch {resolved.batch_size} split among them)" if procs.active else "")

@@ -131,22 +131,43 @@ def test_arch_auto_picks_conv_from_16_pixels_up():
         TrainConfig(arch="conv").resolve(256, 1000)
 
 
+def test_images_larger_than_any_measured_budget_get_a_note_naming_the_ways_out():
+    """Above 64x64 the capped budget gives fewer image passes than 64x64 crops needed: the run says so, with the
+    steps it will take and the two flags that help; at 64x64 and below it says nothing."""
+    from training.config import large_image_note
+
+    assert large_image_note((64, 64, 3), 2671, 64) is None and large_image_note((28, 28), 3488, 128) is None
+    big = TrainConfig().resolve(256, 2400, (128, 128, 3))
+    note = large_image_note((128, 128, 3), big.max_steps, big.batch_size)
+    assert note is not None and big.max_steps == 668
+    assert "128x128" in note and "668 steps of 64" in note
+    assert "--image-size 64 64" in note and "--max-steps" in note
+
+
 def test_conv_budgets_follow_the_pixels_a_step_sees():
     """A conv step's cost follows its pixels: the step budget is CONV_PIXEL_BUDGET pixel passes whatever the image
-    size (up to twice that from 24,000 training images to 48,000), batches stop doubling at 128, and the K=1000
-    evaluation covers 500 images; the mlp keeps its 12,000 steps of up to 256 and 2000 / 1000 evaluated images.
-    Flags override every one."""
-    from training.config import CONV_PIXEL_BUDGET, conv_step_budget
+    size (up to twice that from 24,000 training images to 48,000, or from 32x32 images to 64x64), batches stop
+    doubling at 128, and the K=1000 evaluation covers 500 images; the mlp keeps its 12,000 steps of up to 256 and
+    2000 / 1000 evaluated images. Flags override every one."""
+    from training.config import CONV_PIXEL_BUDGET, conv_budget_scale, conv_step_budget
 
     mnist = TrainConfig().resolve(256, 48_000, (28, 28, 1))  # twice the pixel passes for 48,000 images
     assert (mnist.arch, mnist.batch_size, mnist.max_steps, mnist.epochs) == ("conv", 128, 6976, 19)
     assert conv_step_budget(128, (28, 28), 24_000) == conv_step_budget(128, (28, 28), 100) == 3488
     assert conv_step_budget(128, (28, 28), 36_000) == 5232 and conv_step_budget(128, (28, 28), 10**6) == 6976
-    for shape in [(16, 16, 1), (28, 28, 1), (32, 32, 3), (64, 64, 3), (61, 47, 3)]:
+    for shape in [(16, 16, 1), (28, 28, 1), (32, 32, 3), (64, 64, 3), (61, 47, 3), (200, 300, 3)]:
         cfg = TrainConfig().resolve(256, 4000, shape)
         seen = cfg.max_steps * cfg.batch_size * shape[0] * shape[1]
-        assert CONV_PIXEL_BUDGET <= seen < CONV_PIXEL_BUDGET + cfg.batch_size * shape[0] * shape[1]
+        budget = CONV_PIXEL_BUDGET * conv_budget_scale(shape, 4000)
+        assert budget <= seen < budget + cfg.batch_size * shape[0] * shape[1]
         assert (cfg.eval_images, cfg.calibration_images) == (500, 500)
+    # Large images get up to twice the pixel passes too: sqrt(H x W) / 32, or the set's scale where larger.
+    assert conv_budget_scale((32, 32), 4000) == conv_budget_scale((28, 28, 1), 100) == 1.0
+    assert conv_budget_scale((48, 48, 3), 100) == 1.5 and conv_budget_scale((64, 64), 4000) == 2.0
+    assert conv_budget_scale((48, 48), 42_000) == 1.75 and conv_budget_scale((28, 28), 36_000) == 1.5
+    assert conv_budget_scale((128, 128), 10**6) == conv_budget_scale((4096, 4096), 100) == 2.0
+    crops64 = TrainConfig().resolve(256, 2400, (64, 64, 1))  # the docs' 64x64 grey crops
+    assert (crops64.batch_size, crops64.max_steps, crops64.epochs) == (64, 2671, 71)
     assert conv_step_budget(64, (10**5, 10**5), 4000) == 1
     mlp = TrainConfig().resolve(256, 48_000, (8, 8, 1))
     assert (mlp.batch_size, mlp.max_steps, mlp.eval_images, mlp.calibration_images) == (256, 12_000, 2000, 1000)
