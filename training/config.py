@@ -167,7 +167,7 @@ class TrainConfig:
         f"optimisation-step budget; the epoch cap is derived from it; auto: {MLP_STEPS:,} for the mlp; conv networks: "
         f"{CONV_PIXEL_BUDGET:.2g} pixel passes (H x W of every image a step sees) / (batch x H x W), times the "
         f"training images / {CONV_BUDGET_IMAGES:,} or sqrt(H x W) / {CONV_BUDGET_SIDE}, the larger, from 1 to 2 (on "
-        "2 cores: ~8 minutes for 4,000 32x32 colour images, 16 for 48,000 28x28 grey ones, ~22 for 2,400 64x64 grey "
+        "2 cores: ~8 minutes for 4,000 32x32 colour images, 16 for 48,000 28x28 grey ones, ~20 for 2,400 64x64 grey "
         "ones)",
         "optimisation",
     )
