@@ -42,7 +42,7 @@ CONV_VALUES_PER_LATENT, CONV_MAX_LATENT = 12, 64  # "auto" conv latent size (`au
 CONV_PIXEL_BUDGET = 3.5e8  # "auto" step budget of conv networks, in pixel passes (`conv_step_budget`) ...
 CONV_BUDGET_IMAGES = 24_000  # ... times n_train / this or sqrt(H x W) / CONV_BUDGET_SIDE, the larger, from 1 to 2 ...
 CONV_BUDGET_SIDE = 32  # ... (more steps for a large set or large images; the docs, defaults)
-CONV_MEASURED_PIXELS = 64 * 64  # the largest images whose default budget was measured (`large_image_note`)
+CONV_MEASURED_SIDE = 64  # the largest images (64x64) whose default budget was measured (`large_image_note`)
 CONV_EVAL_IMAGES = 500  # "auto" test and calibration images of conv networks (their K passes dominate the run)
 
 
@@ -399,16 +399,20 @@ def conv_budget_scale(shape: Sequence[int], n_train: int) -> float:
     return min(2.0, max(1.0, n_train / CONV_BUDGET_IMAGES, side))
 
 
-def large_image_note(shape: Sequence[int], steps: int, batch: int) -> str | None:
-    """What the run says when its conv images are larger than any whose default budget was measured: the capped
-    budget gives them fewer image passes than 64x64 images needed, so it names the two ways out."""
-    if shape[0] * shape[1] <= CONV_MEASURED_PIXELS:
+def large_image_note(requested: TrainConfig, resolved: TrainConfig, shape: Sequence[int]) -> str | None:
+    """What the run says when the automatic conv budget (`requested` set neither max_steps nor epochs) meets
+    images larger than any it was measured on: capped at twice, it gives them fewer image passes than 64x64
+    images needed, so the note names the two ways out. None otherwise."""
+    side = CONV_MEASURED_SIDE
+    auto = requested.max_steps is None and requested.epochs is None
+    if resolved.arch != "conv" or not auto or shape[0] * shape[1] <= side * side:
         return None
     return (
         f"note: {shape[0]}x{shape[1]} images are larger than any the default step budget was measured on: it gives "
-        f"them {steps:,} steps of {batch} (about twice one training time), where 2,400 64x64 crops took about 2,700 "
-        "steps of 64 (half that left their reconstructions flat grey and the anomaly maps missing most blobs). "
-        "Pass --image-size 64 64 to train on smaller copies (uploads are resized the same way), or --max-steps."
+        f"them {resolved.max_steps:,} steps of {resolved.batch_size} (about twice one training time), where 2,400 "
+        f"{side}x{side} crops took about 2,700 steps of 64 (half that left their reconstructions flat grey and the "
+        f"anomaly maps missing most blobs). Pass --image-size {side} {side} to train on smaller copies (uploads are "
+        "resized the same way), or --max-steps."
     )
 
 

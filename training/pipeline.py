@@ -152,8 +152,8 @@ def run(
         f"{params / 1e6:.2f} M parameters ({mb:.1f} MB); batch {resolved.batch_size}, at most {resolved.epochs} epochs "
         f"({resolved.max_steps} steps), patience {resolved.patience}, seed {resolved.seed}"
     )
-    note = large_image_note(data.shape, resolved.max_steps, resolved.batch_size)
-    if note and resolved.arch == "conv" and cfg.max_steps is None and cfg.epochs is None:
+    note = large_image_note(cfg, resolved, data.shape)
+    if note:
         log(note)
     log(
         f"device: {dev.type}, precision {resolved.precision}"

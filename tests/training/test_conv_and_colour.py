@@ -132,16 +132,26 @@ def test_arch_auto_picks_conv_from_16_pixels_up():
 
 
 def test_images_larger_than_any_measured_budget_get_a_note_naming_the_ways_out():
-    """Above 64x64 the capped budget gives fewer image passes than 64x64 crops needed: the run says so, with the
-    steps it will take and the two flags that help; at 64x64 and below it says nothing."""
+    """Above 64x64 the capped automatic budget gives fewer image passes than 64x64 crops needed: the run says so,
+    with the steps it will take and the two flags that help. At 64x64 and below, for the mlp, or when the user
+    chose the budget (--max-steps, --epochs), it says nothing."""
     from training.config import large_image_note
 
-    assert large_image_note((64, 64, 3), 2671, 64) is None and large_image_note((28, 28), 3488, 128) is None
+    def note(shape, requested=None):
+        requested = requested or TrainConfig()
+        return large_image_note(requested, requested.resolve(256, 2400, shape), shape)
+
+    assert note((64, 64, 3)) is None and note((28, 28, 1)) is None and note((60, 68, 1)) is None
     big = TrainConfig().resolve(256, 2400, (128, 128, 3))
-    note = large_image_note((128, 128, 3), big.max_steps, big.batch_size)
-    assert note is not None and big.max_steps == 668
-    assert "128x128" in note and "668 steps of 64" in note
-    assert "--image-size 64 64" in note and "--max-steps" in note
+    text = note((128, 128, 3))
+    assert text is not None and big.max_steps == 668
+    assert "128x128" in text and "668 steps of 64" in text
+    assert "--image-size 64 64" in text and "--max-steps" in text
+    assert note((65, 64, 1)) is not None
+    assert (
+        note((128, 128, 3), TrainConfig(max_steps=5000)) is None and note((128, 128, 3), TrainConfig(epochs=9)) is None
+    )
+    assert note((128, 128, 3), TrainConfig(arch="mlp")) is None
 
 
 def test_conv_budgets_follow_the_pixels_a_step_sees():
