@@ -1,9 +1,11 @@
-"""Write N 8-bit PNG crops (grey, or RGB with --colour) of scikit-learn's bundled sample photos to a folder
-(a seeded, offline stand-in for "my own images" in the README's folder example and the acceptance runs).
+"""Write N 8-bit PNG crops (grey, or RGB with --colour) of scikit-learn's bundled sample photos, or of the
+images given with --photos, to a folder (a seeded, offline stand-in for "my own images" in the README's folder
+example and the acceptance runs).
 
     python scripts/make_patches.py /tmp/patches600 --n 600 --size 28 --seed 0
     python scripts/make_patches.py /tmp/patches600s --scale 4 12   # regions 4-12x larger, box-downscaled
     python scripts/make_patches.py /tmp/colour5000 --n 5000 --size 32 --scale 2 8 --colour
+    python scripts/make_patches.py /tmp/grass --n 3000 --size 32 --photos grass.png   # a texture of your own
 
 Native-resolution crops carry the photos' fine texture and JPEG noise; downscaled regions are smoother.
 """
@@ -29,10 +31,18 @@ def main() -> None:
         help="crop a region MIN..MAX times the size and box-downscale it (default: native-resolution crops)",
     )  # fmt: skip
     ap.add_argument("--colour", action="store_true", help="RGB crops (default: greyscale)")
+    ap.add_argument(
+        "--photos", type=Path, nargs="+", default=None,
+        help="crop these image files instead of scikit-learn's sample photos (china.jpg, flower.jpg)",
+    )  # fmt: skip
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
     mode = "RGB" if args.colour else "L"
-    photos = [np.asarray(Image.fromarray(img).convert(mode)) for img in load_sample_images().images]
+    if args.photos is None:
+        sources = [Image.fromarray(img) for img in load_sample_images().images]
+    else:
+        sources = [Image.open(p) for p in args.photos]
+    photos = [np.asarray(img.convert(mode)) for img in sources]
     args.out.mkdir(parents=True, exist_ok=True)
     s = args.size
     for i in range(args.n):
