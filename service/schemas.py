@@ -156,8 +156,9 @@ class ImageScore(BaseModel):
     anomaly_map: list[list[float]] | None = Field(
         None,
         description="with anomaly_map: H x W, each pixel's surprise in nats against normal pixels (-ln of the "
-        "fraction of validation pixels as unusual, by the larger of the pixel's expected NLL under the posterior and "
-        "its distance from the reconstruction; models/README.md), higher = more anomalous",
+        "fraction of validation pixels as unusual, by the pixel's expected NLL under the posterior or its distance "
+        "from the reconstruction, smoothed or not, whichever is most unusual; models/README.md), higher = more "
+        "anomalous",
     )
     anomaly_mask: list[list[int]] | None = Field(
         None, description="with anomaly_map: H x W of 1 where the map exceeds pixel_threshold, else 0"

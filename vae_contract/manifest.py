@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vae_contract.formulas import COMPRESSORS, SCORE_NAMES
-from vae_contract.maps import MAP_PARTS
+from vae_contract.maps import MAP_PARTS, TWO_PARTS
 
 MANIFEST_FORMAT = 3  # 3 added image.channels and image.preprocessing; format 2 manifests (grey) are read too
 MANIFEST_FORMATS = (2, 3)
@@ -150,7 +150,7 @@ class ScoreBlock(_Strict):
 
 
 class MapPartBlock(_Strict):
-    """One part of the anomaly map (vae_contract.formulas.MAP_PARTS): its smoothing and the upper tail of its
+    """One part of the anomaly map (vae_contract.maps.MAP_PARTS): its smoothing and the upper tail of its
     validation pixels' values."""
 
     blur_px: float = Field(ge=0)
@@ -201,8 +201,11 @@ class Calibration(_Strict):
     @model_validator(mode="after")
     def _names(self) -> Calibration:
         parts = self.anomaly_map.parts if self.anomaly_map is not None else None
-        if parts is not None and set(parts) != set(MAP_PARTS):
-            raise ValueError(f"calibration.anomaly_map.parts must be {list(MAP_PARTS)}, got {sorted(parts)}")
+        if parts is not None and set(parts) not in (set(MAP_PARTS), set(TWO_PARTS)):
+            raise ValueError(
+                f"calibration.anomaly_map.parts must be {list(MAP_PARTS)} (or {list(TWO_PARTS)}, as calibrated "
+                f"before residual_fine), got {sorted(parts)}"
+            )
         if self.anomaly_map is not None and self.anomaly_map.refit is not None and parts is None:
             raise ValueError("calibration.anomaly_map.refit needs the map's parts")
         unknown = sorted(set(self.scores) - set(SCORE_NAMES))

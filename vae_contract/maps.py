@@ -20,6 +20,15 @@ from vae_contract.formulas import CALIBRATION_FPRS, FloatArray, quantile_table
 MAP_UNITS = "nats"
 MAP_DEFINITION = (
     "max over its parts (nll: E_q[-log p(x_p|z)], the pixel's expected NLL in nats under the posterior with the "
+    "score's K importance samples; residual and residual_fine: |x_p - E[x_p|z = mu(x')]| over the level range, "
+    "channels summed, where x' is x with the pixels a first pass flags (the map of nll and residual read with mu(x) "
+    "itself, above refit's threshold) set to refit's fill) of -ln(the fraction of validation pixels whose part is at "
+    "least as large), each part Gaussian-smoothed by its blur_px first (residual_fine: none): nats of surprise "
+    "against normal pixels"
+)
+#: the definition of a block whose residual is read at one scale (calibrated before residual_fine)
+TWO_PART_MAP_DEFINITION = (
+    "max over its parts (nll: E_q[-log p(x_p|z)], the pixel's expected NLL in nats under the posterior with the "
     "score's K importance samples; residual: |x_p - E[x_p|z = mu(x')]| over the level range, channels summed, "
     "where x' is x with the pixels a first pass flags (the same map read with mu(x) itself, above refit's "
     "threshold) set to refit's fill) of -ln(the fraction of validation pixels whose part is at least as large), "
@@ -37,7 +46,11 @@ LEGACY_MAP_DEFINITION = (
     "model) under the posterior, with the self-normalised importance weights of the score's K samples"
 )
 MAX_MAP_SAMPLES = 200_000  # validation pixel scores kept to tabulate the map's quantiles
-MAP_PARTS = ("nll", "residual")
+#: the parts of a map and the per-pixel value each reads: the residual twice, smoothed and not. Blocks calibrated
+#: before residual_fine have the first two (TWO_PARTS), and their maps read as they did
+PART_SOURCES = {"nll": "nll", "residual": "residual", "residual_fine": "residual"}
+MAP_PARTS = tuple(PART_SOURCES)
+TWO_PARTS = ("nll", "residual")
 TAIL_POINTS = 400  # a part's table: quantiles spaced evenly in log(1 - p), dense where the tail is read
 TAIL_FIT = 10  # past the largest validation value, the tail goes on as the exponential through the last 1/TAIL_FIT
 #: the fraction of validation pixels the first pass flags for refilling. Measured against 0.01 and 0.05 on 8-bit
@@ -49,11 +62,13 @@ Reconstruct = Callable[[np.ndarray], np.ndarray]  # images (B, D) in levels -> E
 
 def map_blur(height: int, width: int) -> dict[str, float]:
     """Each part's Gaussian smoothing, sigma in pixels: max(1, short side / 32) for the residual, half that for
-    the NLL. Defects are regions and the residual is noisy pixel to pixel; a thin scratch lives in the NLL part,
-    which a wide blur would spread out. Measured on 8-bit MNIST, the 8x8 digits and 32x32 photo crops against
-    sigma 0.5 for the residual (every defect kind as well or better at 1, but grey crops' scratches) and no blur."""
+    the NLL, none for residual_fine. Defects are regions and the residual is noisy pixel to pixel, so the
+    smoothed residual finds regions; a thin scratch lives in the NLL part and the unsmoothed residual, which a
+    wide blur would spread out. Measured on 8-bit MNIST, the 8x8 digits and 32x32 photo crops against sigma 0.5
+    for the residual (every defect kind as well or better at 1, but grey crops' scratches) and no blur; the
+    unsmoothed reading beside the smoothed one against the smoothed one alone (docs/quality.md)."""
     sigma = max(1.0, min(height, width) / 32.0)
-    return {"nll": sigma / 2.0, "residual": sigma}
+    return {"nll": sigma / 2.0, "residual": sigma, "residual_fine": 0.0}
 
 
 def gaussian_blur(maps: np.ndarray, sigma: float) -> FloatArray:
@@ -124,10 +139,11 @@ class MapPart:
 def map_parts(
     expected_nll: np.ndarray, residual: np.ndarray, shape: tuple[int, int], blur: dict[str, float]
 ) -> dict[str, FloatArray]:
-    """Each part's smoothed map (B, H, W) from the expected NLLs and residuals (B, P)."""
+    """Each part's smoothed map (B, H, W) from the expected NLLs and residuals (B, P), for the parts `blur` names
+    (PART_SOURCES says which value each reads)."""
     h, w = shape
     raw = {"nll": expected_nll, "residual": residual}
-    return {name: gaussian_blur(np.asarray(raw[name]).reshape(-1, h, w), blur[name]) for name in MAP_PARTS}
+    return {name: gaussian_blur(np.asarray(raw[PART_SOURCES[name]]).reshape(-1, h, w), b) for name, b in blur.items()}
 
 
 def anomaly_maps(
@@ -139,21 +155,22 @@ def anomaly_maps(
     """Anomaly maps (B, H, W) by the calibration block's definition, from each pixel's expected NLL (B, P) in
     nats and its residual (B, P) (`residual_maps` against `map_means`).
 
-    A block with `parts` (MAP_DEFINITION): the larger of the two parts' surprises against the validation
-    pixels. Neither part alone localises every defect: the NLL finds thin and colour defects (scratch pixel
-    AUROC 0.985 on photo crops, colour spots 0.991) but reads a flat region as normal, and under the rows
-    context predicts a flat defect's inside from the row above (missing regions 0.52 on grey photo crops,
-    0.86 on 8-bit MNIST); the residual finds regions (0.99 and 0.97) but not a colour spot the reconstruction
-    copies (0.70). A block without parts (versions calibrated before them): the expected NLL itself."""
+    A block with `parts` (MAP_DEFINITION, or TWO_PART_MAP_DEFINITION without residual_fine): the largest of
+    its parts' surprises against the validation pixels. No part alone localises every defect: the NLL finds
+    thin and colour defects (scratch pixel AUROC 0.985 on photo crops, colour spots 0.991) but reads a flat
+    region as normal, and under the rows context predicts a flat defect's inside from the row above (missing
+    regions 0.52 on grey photo crops, 0.86 on 8-bit MNIST); the smoothed residual finds regions (0.99 and 0.97)
+    but not a colour spot the reconstruction copies (0.70), and spreads a thin line the unsmoothed residual
+    keeps. A block without parts (versions calibrated before them): the expected NLL itself."""
     h, w = shape
     if "parts" not in block:
         return np.asarray(expected_nll, dtype=np.float64).reshape(-1, h, w)
     if residual is None:
         raise ValueError("this anomaly map's definition needs the residual part")
-    blur = {name: float(block["parts"][name]["blur_px"]) for name in MAP_PARTS}
+    blur = {name: float(part["blur_px"]) for name, part in block["parts"].items()}
     parts = map_parts(expected_nll, residual, shape, blur)
-    tails = [MapPart.from_block(block["parts"][name]).surprise(parts[name]) for name in MAP_PARTS]
-    return np.asarray(np.maximum(*tails), dtype=np.float64)
+    tails = [MapPart.from_block(block["parts"][name]).surprise(parts[name]) for name in blur]
+    return np.asarray(np.maximum.reduce(tails), dtype=np.float64)
 
 
 def map_reconstructions(block: dict[str, Any]) -> int:
@@ -243,18 +260,18 @@ def map_calibration_block(
     blur = map_blur(*shape)
     means = reconstruct(x)
     first_residual = residual_maps(x, means, levels, channels)
-    smoothed = map_parts(e, first_residual, shape, blur)
+    smoothed = map_parts(e, first_residual, shape, {name: blur[name] for name in TWO_PARTS})
     nll_part = _part_block(smoothed["nll"], blur["nll"])
     first_part = _part_block(smoothed["residual"], blur["residual"])
     first = anomaly_maps(e, first_residual, shape, {"parts": {"nll": nll_part, "residual": first_part}})
     threshold = float(np.quantile(first, 1.0 - REFIT_FPR))
     fill = [int(v) for v in np.rint(np.asarray(x, dtype=np.float64).mean(0))]
     residual = residual_maps(x, reconstruct(_refilled(x, first > threshold, fill, channels)), levels, channels)
-    residual_part = _part_block(gaussian_blur(residual.reshape(-1, *shape), blur["residual"]), blur["residual"])
+    final = map_parts(e, residual, shape, {name: blur[name] for name in MAP_PARTS if name != "nll"})
     block: dict[str, Any] = {
         "units": MAP_UNITS,
         "definition": MAP_DEFINITION,
-        "parts": {"nll": nll_part, "residual": residual_part},
+        "parts": {"nll": nll_part, **{name: _part_block(v, blur[name]) for name, v in final.items()}},
         "refit": {"fpr": REFIT_FPR, "threshold": threshold, "residual": first_part, "fill": fill},
     }
     values = _subsample(anomaly_maps(e, residual, shape, block), seed)

@@ -143,6 +143,7 @@ def test_a_version_calibrated_before_the_second_pass_keeps_its_one_pass_map(
     manifest, _ = read_manifest(old)
     block = manifest["calibration"]["anomaly_map"]
     refit = block.pop("refit")
+    block["parts"].pop("residual_fine")  # one-pass blocks predate it
     block["parts"]["residual"], block["definition"] = refit["residual"], ONE_PASS_MAP_DEFINITION
     write_manifest(old, manifest)
     bad = np.stack([with_defect(img) for img in test_images[:4]])

@@ -12,7 +12,10 @@ from training.defects import MAX_FPR, MIN_CHANGE, aupro, auroc, defect_kinds, ma
 from vae_contract.formulas import COMPRESSOR, PixelNllAccumulator, expected_values
 from vae_contract.manifest import Calibration
 from vae_contract.maps import (
+    MAP_DEFINITION,
+    MAP_PARTS,
     REFIT_FPR,
+    TWO_PART_MAP_DEFINITION,
     MapPart,
     anomaly_maps,
     gaussian_blur,
@@ -112,8 +115,10 @@ def test_map_calibration_tabulates_the_validation_pixels():
     block = calibrated(e, x)
     maps = maps_of(e, x, block)
     assert maps.shape == (400, 8, 8)
-    assert block["n"] == 400 * 64 and block["units"] == "nats" and set(block["parts"]) == {"nll", "residual"}
+    assert block["n"] == 400 * 64 and block["units"] == "nats" and list(block["parts"]) == list(MAP_PARTS)
+    assert list(MAP_PARTS) == ["nll", "residual", "residual_fine"] and block["definition"] == MAP_DEFINITION
     assert block["parts"]["residual"]["blur_px"] == 1.0 and block["parts"]["nll"]["blur_px"] == 0.5
+    assert block["parts"]["residual_fine"]["blur_px"] == 0.0  # the same residual, read unsmoothed
     assert block["refit"]["fpr"] == REFIT_FPR and block["refit"]["residual"]["blur_px"] == 1.0
     assert block["refit"]["fill"] == [int(v) for v in np.rint(x.mean(0))] and map_reconstructions(block) == 2
     # about 1% (5%) of the validation pixels lie above the 0.01 (0.05) threshold
@@ -202,6 +207,37 @@ def test_each_part_of_the_map_reads_its_own_tail():
     assert s[2] == pytest.approx(np.log(100), abs=0.05)  # and 1% above the 0.99 quantile
 
 
+def test_the_unsmoothed_residual_keeps_a_thin_line_the_smoothed_one_spreads():
+    """residual_fine reads the second pass's residual unsmoothed beside the smoothed part: on a 1-pixel line it
+    ranks the line's pixels above their neighbours better than the two-part map does (on real models: scratches
+    on a grass texture from AUPRO 0.829 to 0.871, docs/quality.md). A block calibrated before residual_fine
+    (its two parts) keeps its map, the larger of those two surprises."""
+    rng = np.random.default_rng(6)
+    x, e = validation_like(rng, 400)
+    block = calibrated(e, x)
+    test_x, test_e = validation_like(rng, 60)
+    bad = test_x.reshape(-1, 8, 8).copy()
+    bad[:, 2:6, 4] = np.where(bad[:, 2:6, 4].mean(1, keepdims=True) > 8, 0, 16)  # a vertical line, far level
+    bad = bad.reshape(-1, 64)
+    line = np.zeros((60, 8, 8), dtype=bool)
+    line[:, 2:6, 4] = True
+    beside = np.zeros_like(line)
+    beside[:, 1:7, 3:6] = True
+    beside &= ~line  # the pixels around the line, where a smoothed residual spreads it
+    means = map_means(bad, test_e, blurred_copy, (8, 8), block, LEVELS, 1)
+    residual = residual_maps(bad, means, LEVELS, 1)
+    two = {**block, "definition": TWO_PART_MAP_DEFINITION, "parts": {n: block["parts"][n] for n in MAP_PARTS[:2]}}
+    three_map, two_map = (anomaly_maps(test_e, residual, (8, 8), b) for b in (block, two))
+    surprises = [
+        MapPart.from_block(two["parts"][n]).surprise(gaussian_blur(v.reshape(-1, 8, 8), two["parts"][n]["blur_px"]))
+        for n, v in (("nll", test_e), ("residual", residual))
+    ]
+    np.testing.assert_array_equal(two_map, np.maximum(*surprises))
+    assert np.all(three_map >= two_map)  # a third surprise can only raise a pixel
+    gap = [auroc(m[beside], m[line]) for m in (two_map, three_map)]
+    assert gap[1] > gap[0] + 0.05, gap
+
+
 def test_the_manifest_checks_the_refit_block(version_dir: Path):
     """A refit's fill holds one level per image value, and a refit needs the map's parts."""
     import copy
@@ -221,6 +257,12 @@ def test_the_manifest_checks_the_refit_block(version_dir: Path):
     no_parts["calibration"]["anomaly_map"].pop("parts")
     with pytest.raises(ManifestError, match="refit needs"):
         validate_manifest(no_parts)
+    two_parts = copy.deepcopy(manifest)  # as calibrated before residual_fine: still valid
+    two_parts["calibration"]["anomaly_map"]["parts"].pop("residual_fine")
+    validate_manifest(two_parts)
+    two_parts["calibration"]["anomaly_map"]["parts"].pop("residual")
+    with pytest.raises(ManifestError, match="parts must be"):
+        validate_manifest(two_parts)
 
 
 def test_a_block_without_parts_keeps_the_expected_nll_map():
