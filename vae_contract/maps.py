@@ -67,7 +67,7 @@ def map_blur(height: int, width: int) -> dict[str, float]:
     wide blur would spread out. Measured on 8-bit MNIST, the 8x8 digits and 32x32 photo crops against sigma 0.5
     for the residual (every defect kind as well or better at 1, but grey crops' scratches) and no blur; then
     residual_fine beside the smoothed residual against that residual alone, on those data and three textures:
-    every scratch better, no kind more than 0.004 AUPRO worse (docs/quality.md)."""
+    scratches better on every default model and texture, no kind more than 0.004 AUPRO worse (docs/quality.md)."""
     sigma = max(1.0, min(height, width) / 32.0)
     return {"nll": sigma / 2.0, "residual": sigma, "residual_fine": 0.0}
 
