@@ -16,6 +16,7 @@ from vae_contract.maps import (
     MAP_PARTS,
     REFIT_FPR,
     TWO_PART_MAP_DEFINITION,
+    TWO_PARTS,
     MapPart,
     anomaly_maps,
     gaussian_blur,
@@ -226,7 +227,7 @@ def test_the_unsmoothed_residual_keeps_a_thin_line_the_smoothed_one_spreads():
     beside &= ~line  # the pixels around the line, where a smoothed residual spreads it
     means = map_means(bad, test_e, blurred_copy, (8, 8), block, LEVELS, 1)
     residual = residual_maps(bad, means, LEVELS, 1)
-    two = {**block, "definition": TWO_PART_MAP_DEFINITION, "parts": {n: block["parts"][n] for n in MAP_PARTS[:2]}}
+    two = {**block, "definition": TWO_PART_MAP_DEFINITION, "parts": {n: block["parts"][n] for n in TWO_PARTS}}
     three_map, two_map = (anomaly_maps(test_e, residual, (8, 8), b) for b in (block, two))
     surprises = [
         MapPart.from_block(two["parts"][n]).surprise(gaussian_blur(v.reshape(-1, 8, 8), two["parts"][n]["blur_px"]))
