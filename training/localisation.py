@@ -93,6 +93,18 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def outline(ax: Any, mask: np.ndarray, colour: str, dashed: bool = False) -> None:
+    """The boundary of a boolean (H, W) mask along its pixels' edges, on an imshow axis (pixel centres at
+    integers): contoured on a nearest-neighbour upsampling, so a small image's outlines follow its pixels
+    instead of cutting their corners."""
+    up = 8
+    h, w = mask.shape
+    big = np.kron(np.asarray(mask, dtype=float), np.ones((up, up)))
+    ys, xs = (np.arange(h * up) + 0.5) / up - 0.5, (np.arange(w * up) + 0.5) / up - 0.5
+    style = "dashed" if dashed else "solid"
+    ax.contour(xs, ys, big, levels=[0.5], colors=colour, linewidths=0.9, linestyles=style)
+
+
 def figure(path: Path, examples: dict[str, Any], levels: int, threshold: float) -> None:
     """One row a defect kind: three defective images, each with its map overlaid and the true mask outlined."""
     import matplotlib
@@ -109,15 +121,16 @@ def figure(path: Path, examples: dict[str, Any], levels: int, threshold: float) 
             img = images[j] / (levels - 1)
             shown = img[..., 0] if img.shape[-1] == 1 else img
             row[2 * j].imshow(shown, cmap="gray", vmin=0, vmax=1)
-            row[2 * j].contour(masks[j], levels=[0.5], colors="lime", linewidths=0.8)
+            outline(row[2 * j], masks[j], "lime")
             row[2 * j + 1].imshow(shown, cmap="gray", vmin=0, vmax=1)
             im = row[2 * j + 1].imshow(np.clip(maps[j], 0, top), cmap="inferno", vmin=0, vmax=top, alpha=0.7)
-            row[2 * j + 1].contour(maps[j] > threshold, levels=[0.5], colors="cyan", linewidths=0.8)
+            outline(row[2 * j + 1], masks[j], "lime", dashed=True)
+            outline(row[2 * j + 1], maps[j] > threshold, "cyan")
         row[0].set_ylabel(kind, fontsize=8)
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("defect (true mask: green) | anomaly map (flagged at fpr 0.01: cyan)", fontsize=9)
+    fig.suptitle("defect (true mask: green) | anomaly map (flagged at fpr 0.01: cyan; true mask dashed)", fontsize=9)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="anomaly map (nats of surprise)")
-    fig.savefig(path, dpi=90, metadata={"Software": None})
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
