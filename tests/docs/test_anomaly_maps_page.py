@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,21 +61,21 @@ def test_the_page_says_what_the_shipped_model_answers(shipped: TestClient) -> No
     assert np.argwhere(masks[1]).tolist() == [[4, 4]]  # one pixel, just above the blob (rows 6-7, columns 3-5)
     assert np.argwhere(masks[2]).tolist() == [[3, 6], [3, 7]]  # the scratch's two right-hand pixels
     assert np.argwhere(masks[3]).tolist() == [[0, 5], [2, 4]]  # two of the missing region's five
-    scratch = results[2]
-    row = [round(v, 1) for v in scratch["anomaly_map"][3]]
-    quoted = {
-        f"{scratch['score']:.3f}",
-        f"{scratch['threshold']:.3f}",
-        f"{scratch['p_value']:.3f}",
-        f"{scratch['pixel_threshold']:.3f}",
-        "[" + ", ".join(f"{v:.1f}" for v in row) + "]",
-        "[" + ", ".join(str(int(v)) for v in masks[2][3]) + "]",
-    }
-    text = PAGE.read_text()
-    assert all(q in text for q in quoted), [q for q in quoted if q not in text]
+    # the scratched digit's numbers as the page quotes them: to their printed digits, give or take a few units
+    # of fp32 rounding on another CPU (onnxruntime's kernels differ between instruction sets)
+    scratch, text = results[2], PAGE.read_text()
+    for key in ("score", "threshold", "p_value", "pixel_threshold"):
+        quoted = float(re.search(rf'"{key}": ([0-9.]+)', text).group(1))
+        assert abs(quoted - scratch[key]) < 6e-4, (key, quoted, scratch[key])
+    row = re.search(r"the map's row reads `\[([^\]]+)\]` and the mask's `\[([^\]]+)\]`", text)
+    assert row, "the page no longer quotes the scratch's row"
+    assert np.allclose([float(v) for v in row.group(1).split(",")], scratch["anomaly_map"][3], atol=0.051)
+    assert [int(v) for v in row.group(2).split(",")] == masks[2][3].tolist()
 
 
 def test_the_pages_picture_is_the_apis_answer(shipped: TestClient) -> None:
     r = upload(shipped, accept="image/png")
     assert r.headers["content-type"] == "image/png"
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), np.asarray(Image.open(PICTURE)))
+    got, shown = (np.asarray(Image.open(f), dtype=np.int64) for f in (io.BytesIO(r.content), PICTURE))
+    assert got.shape == shown.shape
+    assert np.abs(got - shown).max() <= 3  # the same picture, to a colour step or so of fp32 rounding
