@@ -432,10 +432,13 @@ def test_work_that_cannot_drain_in_time_is_503_over_http(models_dir, test_images
     Scores serve the request with the least work left first, so only queued requests no larger than the new
     one are ahead of it: 24 of the same size (16 images at K=1000, 384,000 samples in all, ~1 s here) queue
     before it. The new one alone (16,000 samples) would fit in its 0.25 s share of 1 s on a machine up to
-    ~5x slower than ours; the queue ahead of it (at least 288,000 samples) would not on one ~3x faster."""
+    ~5x slower than ours; the queue ahead of it (at least 288,000 samples) would not on one ~3x faster.
+    The server's deadline is 120 s, so that the 24 queue within their own share (30 s) on a slow machine too:
+    under the default 30 s (a 7.5 s share), the one-thread engine of a full run on a 2-core EPYC refused three
+    of them at admission once (for same-sized work, only the queue's drain estimate refuses)."""
     img, n, size = test_images[0].tolist(), 24, 16
     body = {"images": [img] * size, "num_samples": 1000}
-    with make_client(models_dir, engine="onnxruntime") as c:
+    with make_client(models_dir, engine="onnxruntime", request_timeout_s=120.0) as c:
         assert c.post("/score", json=body).status_code == 200  # cost learned
         results: list = []
         threads = [threading.Thread(target=lambda: results.append(c.post("/score", json=body))) for _ in range(n)]
