@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.service.conftest import make_client
+from vae_contract.formulas import pixels_to_levels
 
 REPO = Path(__file__).resolve().parents[2]
 PAGE = REPO / "docs" / "how-to" / "anomaly-maps.md"
@@ -37,8 +38,8 @@ def upload(client: TestClient, **headers: str):
 
 
 def levels_of(name: str) -> np.ndarray:
-    pixels = np.asarray(Image.open(EXAMPLES / f"{name}.png"), dtype=np.float64)
-    return np.floor(pixels * 16 / 255 + 0.5).astype(np.uint8)
+    """An example file's grey levels as the service reads uploads (the contract's pixels_to_levels)."""
+    return pixels_to_levels(np.asarray(Image.open(EXAMPLES / f"{name}.png")), 17)
 
 
 def test_the_examples_are_test_digits_with_the_benchmarks_defects() -> None:
